@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# Builds the real programs the end-to-end bed runs (containerd, its runc shim,
+# ctr, crictl, spire-server, spire-agent) from the Go module proxy, and
+# installs the Debian packages the bed needs (runc, busybox-static, gcc).
+#
+# Executed: builds everything that is missing, then prints the binary dirs.
+# Sourced:  defines nii_build_all and the NII_*_DIR variables (bed.sh does
+#           this) without building anything until nii_build_all is called.
+#
+# Binaries are cached per version under $NII_CACHE/bin/<name>-<version>/ so a
+# warm run costs nothing; GOMODCACHE and GOCACHE stay at the Go defaults so
+# they survive between runs and are shared with every other Go build here.
+# A directory only appears once its build completed (build into a temp dir,
+# then rename), so an interrupted build is simply redone.
+set -euo pipefail
+
+NII_CACHE=${NII_CACHE:-/var/cache/nri-identity-injector}
+NII_CONTAINERD_VERSION=${NII_CONTAINERD_VERSION:-v2.3.4}
+NII_CRICTL_VERSION=${NII_CRICTL_VERSION:-v1.34.0}
+NII_SPIRE_VERSION=${NII_SPIRE_VERSION:-v1.13.3}
+
+NII_CONTAINERD_DIR=$NII_CACHE/bin/containerd-$NII_CONTAINERD_VERSION
+NII_CRICTL_DIR=$NII_CACHE/bin/crictl-$NII_CRICTL_VERSION
+NII_SPIRE_DIR=$NII_CACHE/bin/spire-$NII_SPIRE_VERSION
+export NII_CACHE NII_CONTAINERD_DIR NII_CRICTL_DIR NII_SPIRE_DIR
+
+# The toolchain must be the installed one: the module proxy is reachable but
+# toolchain downloads are not, and a silent toolchain switch would hide a
+# version mismatch behind a network error.
+export GOTOOLCHAIN=local
+
+_nii_go() {
+	if command -v go >/dev/null 2>&1; then
+		command go "$@"
+	else
+		/usr/local/go/bin/go "$@"
+	fi
+}
+
+_nii_log() { printf 'build: %s\n' "$*" >&2; }
+
+# _nii_have_all DIR NAME... : every named binary exists and is executable.
+_nii_have_all() {
+	local dir=$1 name
+	shift
+	for name in "$@"; do
+		[[ -x $dir/$name ]] || return 1
+	done
+}
+
+# _nii_build LABEL DIR "NAMES" FUNC : runs FUNC TMPDIR unless DIR already holds
+# every name, then renames TMPDIR to DIR and prints one timing line.
+_nii_build() {
+	local label=$1 dir=$2 names=$3 func=$4 start tmp
+	# shellcheck disable=SC2086 # names is a space-separated list on purpose
+	if _nii_have_all "$dir" $names; then
+		_nii_log "$label cached (0s) in $dir"
+		return 0
+	fi
+	start=$SECONDS
+	mkdir -p "$(dirname "$dir")"
+	tmp=$(mktemp -d "$dir.tmp.XXXXXX")
+	if ! "$func" "$tmp"; then
+		rm -rf "$tmp"
+		_nii_log "$label FAILED after $((SECONDS - start))s"
+		return 1
+	fi
+	# shellcheck disable=SC2086
+	if ! _nii_have_all "$tmp" $names; then
+		rm -rf "$tmp"
+		_nii_log "$label FAILED: not every binary of '$names' was produced"
+		return 1
+	fi
+	rm -rf "$dir"
+	mv "$tmp" "$dir"
+	_nii_log "$label built in $((SECONDS - start))s in $dir"
+}
+
+_nii_build_containerd() {
+	# CGO off drops only the btrfs snapshotter (the sole cgo user) and gives
+	# static binaries; go install works because v2.3.x's go.mod has no
+	# replace/exclude directives. Never add the no_cri tag.
+	local m=github.com/containerd/containerd/v2/cmd
+	GOBIN=$1 CGO_ENABLED=0 _nii_go install -trimpath -ldflags='-s -w' \
+		"$m/containerd@$NII_CONTAINERD_VERSION" \
+		"$m/containerd-shim-runc-v2@$NII_CONTAINERD_VERSION" \
+		"$m/ctr@$NII_CONTAINERD_VERSION"
+}
+
+_nii_build_crictl() {
+	GOBIN=$1 CGO_ENABLED=0 _nii_go install -trimpath -ldflags='-s -w' \
+		"sigs.k8s.io/cri-tools/cmd/crictl@$NII_CRICTL_VERSION"
+}
+
+_nii_build_spire() {
+	# A direct `go install ...@version` of SPIRE may be refused, so resolve it
+	# through a throwaway tools module (only the main module's directives
+	# count). The module downloads stay in GOMODCACHE; the module dir goes.
+	local gobin=$1 mod rc=0 s=github.com/spiffe/spire/cmd
+	mod=$(mktemp -d "${TMPDIR:-/tmp}/nii-spire-tools.XXXXXX")
+	(
+		cd "$mod"
+		_nii_go mod init example.invalid/tools >/dev/null 2>&1
+		_nii_go get -tool "$s/spire-server@$NII_SPIRE_VERSION" "$s/spire-agent@$NII_SPIRE_VERSION"
+		# The server's sqlite datastore exists only with cgo (bundled
+		# amalgamation, so gcc is enough); without it the server builds but
+		# refuses sqlite3 at run time.
+		GOBIN=$gobin CGO_ENABLED=1 _nii_go install -trimpath -ldflags='-s -w' "$s/spire-server"
+		# The agent needs no cgo; keep it static.
+		GOBIN=$gobin CGO_ENABLED=0 _nii_go install -trimpath -ldflags='-s -w' "$s/spire-agent"
+	) || rc=$?
+	rm -rf "$mod"
+	return "$rc"
+}
+
+# nii_install_packages: runc (the OCI runtime the shim calls), a static busybox
+# (the only content of the test images) and gcc (spire-server's cgo). Debian's
+# containerd is deliberately not installed: its shim would shadow ours.
+nii_install_packages() {
+	local missing=() start=$SECONDS
+	[[ -x /usr/sbin/runc ]] || missing+=(runc)
+	# The images need the *static* busybox; the dynamic one would not run
+	# inside a rootfs that holds nothing else.
+	dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' || missing+=(busybox-static)
+	command -v gcc >/dev/null 2>&1 || missing+=(gcc)
+	if ((${#missing[@]} == 0)); then
+		_nii_log "packages present (0s)"
+		return 0
+	fi
+	# Refresh the lists only when the cached ones cannot satisfy the install.
+	if ! DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"; then
+		apt-get update
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+	fi
+	_nii_log "packages ${missing[*]} installed in $((SECONDS - start))s"
+}
+
+nii_build_all() {
+	local lock
+	nii_install_packages
+	mkdir -p "$NII_CACHE/bin"
+	# Serialise concurrent callers (several test scripts, several sessions):
+	# the second one waits and then finds everything cached.
+	exec {lock}>"$NII_CACHE/.build.lock"
+	flock "$lock"
+	local rc=0
+	_nii_build "containerd $NII_CONTAINERD_VERSION" "$NII_CONTAINERD_DIR" \
+		"containerd containerd-shim-runc-v2 ctr" _nii_build_containerd || rc=1
+	((rc)) || _nii_build "crictl $NII_CRICTL_VERSION" "$NII_CRICTL_DIR" "crictl" _nii_build_crictl || rc=1
+	((rc)) || _nii_build "spire $NII_SPIRE_VERSION" "$NII_SPIRE_DIR" \
+		"spire-server spire-agent" _nii_build_spire || rc=1
+	exec {lock}>&-
+	((rc == 0)) || return 1
+	if [[ -e /usr/bin/containerd-shim-runc-v2 ]]; then
+		_nii_log "warning: /usr/bin/containerd-shim-runc-v2 exists (distro containerd?); the bed pins runtime_path anyway"
+	fi
+}
+
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+	nii_build_all
+	printf 'NII_CONTAINERD_DIR=%s\nNII_CRICTL_DIR=%s\nNII_SPIRE_DIR=%s\n' \
+		"$NII_CONTAINERD_DIR" "$NII_CRICTL_DIR" "$NII_SPIRE_DIR"
+fi
