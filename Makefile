@@ -20,10 +20,10 @@ build:
 
 lint:
 	cargo fmt --all --check
-	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets --all-features -- -D warnings
 
 unit:
-	cargo test --workspace
+	cargo test --workspace --all-features
 
 conformance:
 	tests/conformance/run.sh

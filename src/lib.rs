@@ -4,3 +4,5 @@
 //! artifact writer → container.
 
 pub mod annotation;
+pub mod config;
+pub mod metrics;

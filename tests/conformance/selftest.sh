@@ -26,7 +26,7 @@ while read -r module test fault; do
   if (cd "$here/$module" && STANDIN_FAULT="$fault" go test -count=1 -run "^${test}\$" . > "$tmp/neg.log" 2>&1); then
     echo "FAIL $module $test passed despite fault '$fault'"; bad=1
   elif grep -q -- "--- FAIL: $test" "$tmp/neg.log"; then
-    echo "ok   $module $test catches '$fault': $(grep -m1 -E '^\s+\S+_test.go:[0-9]+: ' "$tmp/neg.log" | sed 's/^\s*//' | cut -c1-150)"
+    echo "ok   $module $test catches '$fault': $(grep -E '^\s+\S+_test.go:[0-9]+: ' "$tmp/neg.log" | grep -v -E -- 'after launch|unsplit|chunk|took|----' | head -1 | sed 's/^\s*//' | cut -c1-150)"
   else
     echo "FAIL $module $test did not run properly with fault '$fault'"; tail -20 "$tmp/neg.log"; bad=1
   fi

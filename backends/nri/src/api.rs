@@ -161,7 +161,8 @@ impl FromIterator<Event> for EventSet {
 /// (containerd 2.2 and CRI-O 1.34 brought NRI v0.10). Anything unrecognised gets the
 /// conservative v0.6 set, which every runtime accepts.
 pub fn valid_events(nri_version: &str, runtime_name: &str, runtime_version: &str) -> u32 {
-    if let Some((major, minor)) = parse_version(nri_version) {
+    // Runtimes built without module information report "0.0.0-unknown": not a version.
+    if let Some((major, minor)) = parse_version(nri_version).filter(|v| *v != (0, 0)) {
         return if (major, minor) >= (0, 10) {
             EVENTS_SINCE_V0_10
         } else {

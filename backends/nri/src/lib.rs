@@ -15,12 +15,5 @@ pub use plugin::{Context, CreateReply, Delivery, Plugin, RuntimeInfo};
 pub use runner::{Backoff, ConnectionState, DEFAULT_SOCKET_PATH, Options, Runner, SocketSource};
 pub use session::RuntimeClient;
 
-/// Test helpers shared with this crate's integration tests.
-#[doc(hidden)]
-pub mod __private {
-    pub use crate::mux::{MAX_OUT_PAYLOAD, encode_frames, read_frame};
-    pub use crate::ttrpc::{Decoder, Kind, encode};
-    pub mod envelope {
-        pub use crate::api::ttrpc::*;
-    }
-}
+#[cfg(feature = "testing")]
+pub mod testing;

@@ -1,8 +1,6 @@
 //! The plugin side of NRI against a fake runtime over a real unix socket: registration,
 //! the handshake traps, dispatch, framing limits, concurrency, reconnects and shutdown.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -12,7 +10,7 @@ use nri_plugin::api::{Container, ContainerAdjustment, ContainerUpdate, KeyValue,
 use nri_plugin::{
     Backoff, Code, ConnectionState, Context, CreateReply, Delivery, Options, Plugin, Runner, Status,
 };
-use support::*;
+use nri_plugin::testing::*;
 use tokio::sync::{Barrier, Mutex, watch};
 use tokio_util::sync::CancellationToken;
 

@@ -297,9 +297,12 @@ func (h *harness) waitRegistered(timeout time.Duration) time.Duration {
 			if h.pluginExited() {
 				exited = fmt.Sprintf(" (plugin process exited: %v)", h.cmd.ProcessState)
 			}
-			h.tb.Fatalf("plugin did not register and synchronize within %v%s; failed syncs: %s "+
-				"(no failed sync: RegisterPlugin or Configure failed, see the runtime log)",
-				timeout, exited, summarize(failures))
+			hint := ""
+			if len(failures) == 0 {
+				hint = " (so RegisterPlugin or Configure failed: see the runtime log)"
+			}
+			h.tb.Fatalf("plugin did not register and synchronize within %v%s; failed syncs: %s%s",
+				timeout, exited, summarize(failures), hint)
 			return 0
 		}
 	}

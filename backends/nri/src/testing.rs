@@ -1,9 +1,7 @@
-//! A fake NRI runtime for this crate's tests: the runtime side of the multiplexer over a real
-//! unix socket. It cannot reproduce the Go runtime's quirks (tests/conformance does that
+//! A fake NRI runtime for plugin tests (feature `testing`): the runtime side of the
+//! multiplexer over a real unix socket. It cannot reproduce the Go runtime's quirks (tests/conformance does that
 //! against the real library), so it asserts them explicitly instead: every frame the plugin
 //! sends is checked against the 4096-byte limit.
-
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -11,10 +9,11 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nri_plugin::__private::envelope::{Request, Response, Status as WireStatus};
-use nri_plugin::__private::{Decoder, Kind, encode, encode_frames, read_frame};
-use nri_plugin::api::v1alpha1 as pb;
-use nri_plugin::{Code, Status};
+use crate::api::ttrpc::{Request, Response, Status as WireStatus};
+use crate::api::v1alpha1 as pb;
+use crate::mux::{encode_frames, read_frame};
+use crate::ttrpc::{Decoder, Kind, encode};
+use crate::{Code, Status};
 use prost::Message;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
@@ -26,18 +25,10 @@ pub fn temp_socket(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "nri-t-{}-{tag}-{}",
         std::process::id(),
-        fastrand_u64()
+        fastrand::u64(..)
     ));
     std::fs::create_dir_all(&dir).unwrap();
     dir.join("nri.sock")
-}
-
-fn fastrand_u64() -> u64 {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
 }
 
 pub struct FakeRuntime {

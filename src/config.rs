@@ -1,0 +1,381 @@
+//! Daemon configuration: a pure function of its sources, defaults < file < environment <
+//! flags, validated before anything starts.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use nri_identity_backends::{NamingMode, RuntimeKind};
+use serde::{Deserialize, Serialize};
+
+/// Prefix of the environment variables that override the file, e.g.
+/// `NRI_IDENTITY_AGENT_SOCKET=/run/spire/admin.sock`.
+pub const ENV_PREFIX: &str = "NRI_IDENTITY_";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Attestation {
+    Pid,
+    Selectors,
+}
+
+impl From<Attestation> for NamingMode {
+    fn from(a: Attestation) -> Self {
+        match a {
+            Attestation::Pid => NamingMode::Pid,
+            Attestation::Selectors => NamingMode::Selectors,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Runtime {
+    Containerd,
+    #[serde(rename = "cri-o")]
+    CriO,
+    Kata,
+}
+
+impl From<Runtime> for RuntimeKind {
+    fn from(r: Runtime) -> Self {
+        match r {
+            Runtime::Containerd => RuntimeKind::Containerd,
+            Runtime::CriO => RuntimeKind::CriO,
+            Runtime::Kata => RuntimeKind::Kata,
+        }
+    }
+}
+
+/// Everything the daemon can be told. Field names are the file keys (TOML) and, upper-cased
+/// with [`ENV_PREFIX`], the environment variables.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The container runtime whose NRI socket we serve.
+    pub runtime: Runtime,
+    /// The runtime's NRI socket. A runtime that launched us hands over a socket instead.
+    pub nri_socket: PathBuf,
+    /// NRI plugin name and two-digit index.
+    pub plugin_name: String,
+    pub plugin_index: String,
+    /// The SPIRE agent's admin socket (Delegated Identity API).
+    pub agent_socket: PathBuf,
+    /// Further agent sockets that annotations may name. By default only `agent_socket`:
+    /// a pod must never point the daemon at an arbitrary host socket.
+    pub allowed_agent_sockets: Vec<PathBuf>,
+    /// Host directory under which `<pod-uid>/<container-id>/` directories are created.
+    pub artifact_root: PathBuf,
+    /// How long StartContainer may wait for the first SVID. Must stay below the runtime's
+    /// request timeout (2 s by default), or the runtime drops the plugin and starts the
+    /// container without identity.
+    pub first_svid_timeout_ms: u64,
+    /// How workloads are named to the agent when the pod does not say: `pid` or
+    /// `selectors`. Unset: the runtime backend's default.
+    pub attestation: Option<Attestation>,
+    pub log_format: LogFormat,
+    /// A tracing filter, e.g. `info` or `nri_identity_injector=debug,info`.
+    pub log_level: String,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served; unset disables them.
+    pub http_address: Option<SocketAddr>,
+    /// How long SIGTERM waits for in-flight work before exiting.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            runtime: Runtime::Containerd,
+            nri_socket: PathBuf::from(nri_plugin::DEFAULT_SOCKET_PATH),
+            plugin_name: "identity-injector".into(),
+            plugin_index: "10".into(),
+            agent_socket: PathBuf::from("/run/spire/admin/admin.sock"),
+            allowed_agent_sockets: Vec::new(),
+            artifact_root: PathBuf::from("/run/nri-identity-injector"),
+            first_svid_timeout_ms: 1500,
+            attestation: None,
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+            http_address: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            drain_timeout_ms: 5000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("{field}: {problem}")]
+    Invalid { field: &'static str, problem: String },
+}
+
+fn invalid(field: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field, problem: problem.into() }
+}
+
+impl Config {
+    /// Builds the configuration from defaults, an optional TOML file, the environment
+    /// (through `env`, so tests need not touch the process environment) and flag overrides.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(invalid("config", format!("{} does not exist", file.display())));
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        let vars: Vec<(String, String)> = env
+            .into_iter()
+            .filter_map(|(k, v)| k.strip_prefix(ENV_PREFIX).map(|k| (k.to_ascii_lowercase(), v)))
+            .collect();
+        figment = figment.merge(EnvPairs(vars));
+        figment = figment.merge(Serialized::defaults(flags));
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let name_ok = !self.plugin_name.is_empty()
+            && self.plugin_name.chars().all(|c| c.is_ascii_alphanumeric() || "_.+-".contains(c));
+        if !name_ok {
+            return Err(invalid("plugin_name", "use letters, digits and _.+-"));
+        }
+        if self.plugin_index.len() != 2 || !self.plugin_index.chars().all(|c| c.is_ascii_digit()) {
+            return Err(invalid("plugin_index", "must be exactly two digits"));
+        }
+        for (field, path) in [
+            ("nri_socket", &self.nri_socket),
+            ("agent_socket", &self.agent_socket),
+            ("artifact_root", &self.artifact_root),
+        ] {
+            if !path.is_absolute() {
+                return Err(invalid(field, format!("{} is not an absolute path", path.display())));
+            }
+        }
+        if self.artifact_root == Path::new("/") {
+            return Err(invalid("artifact_root", "must not be /"));
+        }
+        if let Some(p) = self.allowed_agent_sockets.iter().find(|p| !p.is_absolute()) {
+            return Err(invalid("allowed_agent_sockets", format!("{} is not an absolute path", p.display())));
+        }
+        if !(50..=10_000).contains(&self.first_svid_timeout_ms) {
+            return Err(invalid("first_svid_timeout_ms", "must be between 50 and 10000"));
+        }
+        if self.drain_timeout_ms > 120_000 {
+            return Err(invalid("drain_timeout_ms", "must be at most 120000"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
+            return Err(invalid("log_level", format!("{:?} is not a valid filter", self.log_level)));
+        }
+        if matches!(self.runtime, Runtime::CriO | Runtime::Kata) {
+            return Err(invalid("runtime", "only containerd is supported in this version"));
+        }
+        Ok(())
+    }
+
+    pub fn first_svid_timeout(&self) -> Duration {
+        Duration::from_millis(self.first_svid_timeout_ms)
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+
+    /// The annotation policy: which agent sockets pods may name.
+    pub fn annotation_policy(&self) -> crate::annotation::Policy {
+        self.allowed_agent_sockets
+            .iter()
+            .fold(crate::annotation::Policy::new(&self.agent_socket), |p, a| p.allow_agent_address(a))
+    }
+
+    /// The configuration as a TOML document, e.g. for `config` output.
+    pub fn to_toml(&self) -> String {
+        let mut out = String::new();
+        let value = figment::value::Value::serialize(self).unwrap_or(figment::value::Value::from(0));
+        if let Some(dict) = value.into_dict() {
+            for (k, v) in dict {
+                if matches!(v, figment::value::Value::Empty(..)) {
+                    continue;
+                }
+                out.push_str(&format!("{k} = {}\n", toml_value(&v)));
+            }
+        }
+        out
+    }
+}
+
+fn toml_value(v: &figment::value::Value) -> String {
+    use figment::value::Value;
+    match v {
+        Value::String(_, s) => format!("{s:?}"),
+        Value::Num(_, n) => n.to_u128().map(|n| n.to_string()).unwrap_or_else(|| format!("{n:?}")),
+        Value::Bool(_, b) => b.to_string(),
+        Value::Array(_, a) => format!("[{}]", a.iter().map(toml_value).collect::<Vec<_>>().join(", ")),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Flag values; unset flags leave lower sources alone.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nri_socket: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_socket: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub artifact_root: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plugin_index: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_address: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<Attestation>,
+}
+
+const STRING_FIELDS: &[&str] = &[
+    "runtime",
+    "nri_socket",
+    "plugin_name",
+    "plugin_index",
+    "agent_socket",
+    "artifact_root",
+    "attestation",
+    "log_format",
+    "log_level",
+    "http_address",
+];
+
+/// Environment pairs as a figment provider, parsed like figment's own `Env` (so lists and
+/// numbers work) but from a given set rather than the process environment.
+struct EnvPairs(Vec<(String, String)>);
+
+impl figment::Provider for EnvPairs {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named("environment").interpolater(|_, k| format!("{ENV_PREFIX}{}", k.join("_").to_ascii_uppercase()))
+    }
+
+    fn data(&self) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        let mut dict = figment::value::Dict::new();
+        for (k, v) in &self.0 {
+            // String fields stay strings ("09" is an index, not the number 9); the rest
+            // parse as figment's own Env provider would (numbers, lists).
+            let value = if STRING_FIELDS.contains(&k.as_str()) {
+                figment::value::Value::from(v.clone())
+            } else {
+                v.parse().unwrap_or_else(|_| figment::value::Value::from(v.clone()))
+            };
+            dict.insert(k.clone(), value);
+        }
+        Ok(figment::Profile::Default.collect(dict))
+    }
+}
+
+// Keeps figment's Env type referenced for readers looking for the env provider: ours differs
+// only in taking the variables as an argument.
+#[allow(dead_code)]
+type _FigmentEnv = Env;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn write(name: &str, body: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("nii-config-{}-{name}.toml", std::process::id()));
+        std::fs::write(&p, body).unwrap();
+        p
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load(None, vec![], &Overrides::default()).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn precedence_is_defaults_then_file_then_env_then_flags() {
+        let f = write("prec", "agent_socket = \"/file.sock\"\nplugin_index = \"20\"\nlog_level = \"debug\"\n");
+        let e = env(&[("NRI_IDENTITY_PLUGIN_INDEX", "09"), ("NRI_IDENTITY_LOG_LEVEL", "warn"), ("OTHER", "x")]);
+        let flags = Overrides { log_level: Some("error".into()), ..Default::default() };
+        let c = Config::load(Some(&f), e, &flags).unwrap();
+        assert_eq!(c.agent_socket, PathBuf::from("/file.sock"), "file over defaults");
+        assert_eq!(c.plugin_index, "09", "env over file");
+        assert_eq!(c.log_level, "error", "flags over env");
+    }
+
+    #[test]
+    fn env_lists_and_numbers_parse() {
+        let e = env(&[
+            ("NRI_IDENTITY_ALLOWED_AGENT_SOCKETS", "[\"/a.sock\", \"/b.sock\"]"),
+            ("NRI_IDENTITY_FIRST_SVID_TIMEOUT_MS", "900"),
+        ]);
+        let c = Config::load(None, e, &Overrides::default()).unwrap();
+        assert_eq!(c.allowed_agent_sockets, vec![PathBuf::from("/a.sock"), PathBuf::from("/b.sock")]);
+        assert_eq!(c.first_svid_timeout(), Duration::from_millis(900));
+    }
+
+    #[test]
+    fn bad_configuration_is_refused_with_the_field_named() {
+        let cases: &[(&str, &str)] = &[
+            ("plugin_index = \"1\"", "plugin_index"),
+            ("plugin_name = \"a b\"", "plugin_name"),
+            ("agent_socket = \"relative.sock\"", "agent_socket"),
+            ("artifact_root = \"/\"", "artifact_root"),
+            ("first_svid_timeout_ms = 5", "first_svid_timeout_ms"),
+            ("log_level = \"[\"", "log_level"),
+            ("no_such_key = 1", "no_such_key"),
+            ("first_svid_timeout_ms = \"soon\"", "first_svid_timeout_ms"),
+            ("runtime = \"docker\"", "runtime"),
+        ];
+        for (body, field) in cases {
+            let f = write("bad", body);
+            let err = Config::load(Some(&f), vec![], &Overrides::default()).unwrap_err().to_string();
+            assert!(err.contains(field), "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_missing_config_file_is_an_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/x.toml")), vec![], &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("does not exist"));
+    }
+
+    #[test]
+    fn the_annotation_policy_allows_the_configured_sockets_only() {
+        let c = Config { allowed_agent_sockets: vec!["/other.sock".into()], ..Config::default() };
+        let p = c.annotation_policy();
+        assert_eq!(p.default_agent_address(), Path::new("/run/spire/admin/admin.sock"));
+        assert_eq!(p.allowed_agent_addresses().len(), 2);
+    }
+
+    #[test]
+    fn rendered_defaults_load_back_to_the_same_configuration() {
+        let rendered = Config::default().to_toml();
+        let f = write("roundtrip", &rendered);
+        let c = Config::load(Some(&f), vec![], &Overrides::default()).unwrap();
+        assert_eq!(c, Config::default(), "{rendered}");
+    }
+}
