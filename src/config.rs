@@ -117,11 +117,17 @@ pub enum ConfigError {
     #[error("{0}")]
     Load(#[from] Box<figment::Error>),
     #[error("{field}: {problem}")]
-    Invalid { field: &'static str, problem: String },
+    Invalid {
+        field: &'static str,
+        problem: String,
+    },
 }
 
 fn invalid(field: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field, problem: problem.into() }
+    ConfigError::Invalid {
+        field,
+        problem: problem.into(),
+    }
 }
 
 impl Config {
@@ -135,13 +141,19 @@ impl Config {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(file) = file {
             if !file.exists() {
-                return Err(invalid("config", format!("{} does not exist", file.display())));
+                return Err(invalid(
+                    "config",
+                    format!("{} does not exist", file.display()),
+                ));
             }
             figment = figment.merge(Toml::file_exact(file));
         }
         let vars: Vec<(String, String)> = env
             .into_iter()
-            .filter_map(|(k, v)| k.strip_prefix(ENV_PREFIX).map(|k| (k.to_ascii_lowercase(), v)))
+            .filter_map(|(k, v)| {
+                k.strip_prefix(ENV_PREFIX)
+                    .map(|k| (k.to_ascii_lowercase(), v))
+            })
             .collect();
         figment = figment.merge(EnvPairs(vars));
         figment = figment.merge(Serialized::defaults(flags));
@@ -152,7 +164,10 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let name_ok = !self.plugin_name.is_empty()
-            && self.plugin_name.chars().all(|c| c.is_ascii_alphanumeric() || "_.+-".contains(c));
+            && self
+                .plugin_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.+-".contains(c));
         if !name_ok {
             return Err(invalid("plugin_name", "use letters, digits and _.+-"));
         }
@@ -165,26 +180,41 @@ impl Config {
             ("artifact_root", &self.artifact_root),
         ] {
             if !path.is_absolute() {
-                return Err(invalid(field, format!("{} is not an absolute path", path.display())));
+                return Err(invalid(
+                    field,
+                    format!("{} is not an absolute path", path.display()),
+                ));
             }
         }
         if self.artifact_root == Path::new("/") {
             return Err(invalid("artifact_root", "must not be /"));
         }
         if let Some(p) = self.allowed_agent_sockets.iter().find(|p| !p.is_absolute()) {
-            return Err(invalid("allowed_agent_sockets", format!("{} is not an absolute path", p.display())));
+            return Err(invalid(
+                "allowed_agent_sockets",
+                format!("{} is not an absolute path", p.display()),
+            ));
         }
         if !(50..=10_000).contains(&self.first_svid_timeout_ms) {
-            return Err(invalid("first_svid_timeout_ms", "must be between 50 and 10000"));
+            return Err(invalid(
+                "first_svid_timeout_ms",
+                "must be between 50 and 10000",
+            ));
         }
         if self.drain_timeout_ms > 120_000 {
             return Err(invalid("drain_timeout_ms", "must be at most 120000"));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
-            return Err(invalid("log_level", format!("{:?} is not a valid filter", self.log_level)));
+            return Err(invalid(
+                "log_level",
+                format!("{:?} is not a valid filter", self.log_level),
+            ));
         }
         if matches!(self.runtime, Runtime::CriO | Runtime::Kata) {
-            return Err(invalid("runtime", "only containerd is supported in this version"));
+            return Err(invalid(
+                "runtime",
+                "only containerd is supported in this version",
+            ));
         }
         Ok(())
     }
@@ -199,15 +229,17 @@ impl Config {
 
     /// The annotation policy: which agent sockets pods may name.
     pub fn annotation_policy(&self) -> crate::annotation::Policy {
-        self.allowed_agent_sockets
-            .iter()
-            .fold(crate::annotation::Policy::new(&self.agent_socket), |p, a| p.allow_agent_address(a))
+        self.allowed_agent_sockets.iter().fold(
+            crate::annotation::Policy::new(&self.agent_socket),
+            |p, a| p.allow_agent_address(a),
+        )
     }
 
     /// The configuration as a TOML document, e.g. for `config` output.
     pub fn to_toml(&self) -> String {
         let mut out = String::new();
-        let value = figment::value::Value::serialize(self).unwrap_or(figment::value::Value::from(0));
+        let value =
+            figment::value::Value::serialize(self).unwrap_or(figment::value::Value::from(0));
         if let Some(dict) = value.into_dict() {
             for (k, v) in dict {
                 if matches!(v, figment::value::Value::Empty(..)) {
@@ -224,9 +256,15 @@ fn toml_value(v: &figment::value::Value) -> String {
     use figment::value::Value;
     match v {
         Value::String(_, s) => format!("{s:?}"),
-        Value::Num(_, n) => n.to_u128().map(|n| n.to_string()).unwrap_or_else(|| format!("{n:?}")),
+        Value::Num(_, n) => n
+            .to_u128()
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| format!("{n:?}")),
         Value::Bool(_, b) => b.to_string(),
-        Value::Array(_, a) => format!("[{}]", a.iter().map(toml_value).collect::<Vec<_>>().join(", ")),
+        Value::Array(_, a) => format!(
+            "[{}]",
+            a.iter().map(toml_value).collect::<Vec<_>>().join(", ")
+        ),
         other => format!("{other:?}"),
     }
 }
@@ -271,10 +309,13 @@ struct EnvPairs(Vec<(String, String)>);
 
 impl figment::Provider for EnvPairs {
     fn metadata(&self) -> figment::Metadata {
-        figment::Metadata::named("environment").interpolater(|_, k| format!("{ENV_PREFIX}{}", k.join("_").to_ascii_uppercase()))
+        figment::Metadata::named("environment")
+            .interpolater(|_, k| format!("{ENV_PREFIX}{}", k.join("_").to_ascii_uppercase()))
     }
 
-    fn data(&self) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
         let mut dict = figment::value::Dict::new();
         for (k, v) in &self.0 {
             // String fields stay strings ("09" is an index, not the number 9); the rest
@@ -282,7 +323,8 @@ impl figment::Provider for EnvPairs {
             let value = if STRING_FIELDS.contains(&k.as_str()) {
                 figment::value::Value::from(v.clone())
             } else {
-                v.parse().unwrap_or_else(|_| figment::value::Value::from(v.clone()))
+                v.parse()
+                    .unwrap_or_else(|_| figment::value::Value::from(v.clone()))
             };
             dict.insert(k.clone(), value);
         }
@@ -300,7 +342,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn write(name: &str, body: &str) -> PathBuf {
@@ -317,11 +362,25 @@ mod tests {
 
     #[test]
     fn precedence_is_defaults_then_file_then_env_then_flags() {
-        let f = write("prec", "agent_socket = \"/file.sock\"\nplugin_index = \"20\"\nlog_level = \"debug\"\n");
-        let e = env(&[("NRI_IDENTITY_PLUGIN_INDEX", "09"), ("NRI_IDENTITY_LOG_LEVEL", "warn"), ("OTHER", "x")]);
-        let flags = Overrides { log_level: Some("error".into()), ..Default::default() };
+        let f = write(
+            "prec",
+            "agent_socket = \"/file.sock\"\nplugin_index = \"20\"\nlog_level = \"debug\"\n",
+        );
+        let e = env(&[
+            ("NRI_IDENTITY_PLUGIN_INDEX", "09"),
+            ("NRI_IDENTITY_LOG_LEVEL", "warn"),
+            ("OTHER", "x"),
+        ]);
+        let flags = Overrides {
+            log_level: Some("error".into()),
+            ..Default::default()
+        };
         let c = Config::load(Some(&f), e, &flags).unwrap();
-        assert_eq!(c.agent_socket, PathBuf::from("/file.sock"), "file over defaults");
+        assert_eq!(
+            c.agent_socket,
+            PathBuf::from("/file.sock"),
+            "file over defaults"
+        );
         assert_eq!(c.plugin_index, "09", "env over file");
         assert_eq!(c.log_level, "error", "flags over env");
     }
@@ -329,11 +388,17 @@ mod tests {
     #[test]
     fn env_lists_and_numbers_parse() {
         let e = env(&[
-            ("NRI_IDENTITY_ALLOWED_AGENT_SOCKETS", "[\"/a.sock\", \"/b.sock\"]"),
+            (
+                "NRI_IDENTITY_ALLOWED_AGENT_SOCKETS",
+                "[\"/a.sock\", \"/b.sock\"]",
+            ),
             ("NRI_IDENTITY_FIRST_SVID_TIMEOUT_MS", "900"),
         ]);
         let c = Config::load(None, e, &Overrides::default()).unwrap();
-        assert_eq!(c.allowed_agent_sockets, vec![PathBuf::from("/a.sock"), PathBuf::from("/b.sock")]);
+        assert_eq!(
+            c.allowed_agent_sockets,
+            vec![PathBuf::from("/a.sock"), PathBuf::from("/b.sock")]
+        );
         assert_eq!(c.first_svid_timeout(), Duration::from_millis(900));
     }
 
@@ -352,22 +417,35 @@ mod tests {
         ];
         for (body, field) in cases {
             let f = write("bad", body);
-            let err = Config::load(Some(&f), vec![], &Overrides::default()).unwrap_err().to_string();
+            let err = Config::load(Some(&f), vec![], &Overrides::default())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(field), "{body}: {err}");
         }
     }
 
     #[test]
     fn a_missing_config_file_is_an_error() {
-        let err = Config::load(Some(Path::new("/nonexistent/x.toml")), vec![], &Overrides::default()).unwrap_err();
+        let err = Config::load(
+            Some(Path::new("/nonexistent/x.toml")),
+            vec![],
+            &Overrides::default(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("does not exist"));
     }
 
     #[test]
     fn the_annotation_policy_allows_the_configured_sockets_only() {
-        let c = Config { allowed_agent_sockets: vec!["/other.sock".into()], ..Config::default() };
+        let c = Config {
+            allowed_agent_sockets: vec!["/other.sock".into()],
+            ..Config::default()
+        };
         let p = c.annotation_policy();
-        assert_eq!(p.default_agent_address(), Path::new("/run/spire/admin/admin.sock"));
+        assert_eq!(
+            p.default_agent_address(),
+            Path::new("/run/spire/admin/admin.sock")
+        );
         assert_eq!(p.allowed_agent_addresses().len(), 2);
     }
 

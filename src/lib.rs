@@ -1,8 +1,15 @@
 //! nri-identity-injector: the identity engine and the daemon around it.
 //!
-//! Data path: runtime event (NRI backend) → [`engine`] → identity source (SPIRE) →
-//! artifact writer → container.
+//! Data path: runtime event ([`nri`], the containerd NRI backend) → [`engine`] → identity
+//! source ([`spire`]) → artifact writer ([`artifacts`], through [`host`]) → container.
 
 pub mod annotation;
+pub mod artifacts;
 pub mod config;
+pub mod daemon;
+pub mod engine;
+pub mod host;
+pub mod http;
 pub mod metrics;
+pub mod nri;
+pub mod spire;

@@ -53,7 +53,9 @@ impl Metrics {
             }
         }
         self.first_svid.count.fetch_add(1, Ordering::Relaxed);
-        self.first_svid.sum_micros.fetch_add(time_to_first.as_micros() as u64, Ordering::Relaxed);
+        self.first_svid
+            .sum_micros
+            .fetch_add(time_to_first.as_micros() as u64, Ordering::Relaxed);
     }
 
     pub fn rotated(&self) {
@@ -61,11 +63,21 @@ impl Metrics {
     }
 
     pub fn failure(&self, kind: &'static str) {
-        *self.failures.lock().unwrap_or_else(|p| p.into_inner()).entry(kind).or_default() += 1;
+        *self
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(kind)
+            .or_default() += 1;
     }
 
     pub fn failures(&self, kind: &str) -> u64 {
-        self.failures.lock().unwrap_or_else(|p| p.into_inner()).get(kind).copied().unwrap_or(0)
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(kind)
+            .copied()
+            .unwrap_or(0)
     }
 
     pub fn set_active(&self, n: usize) {
@@ -74,11 +86,17 @@ impl Metrics {
 
     /// Records when a container's current SVID expires (Unix seconds).
     pub fn set_expiry(&self, container: &str, expires_at: i64) {
-        self.expiries.lock().unwrap_or_else(|p| p.into_inner()).insert(container.to_owned(), expires_at);
+        self.expiries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(container.to_owned(), expires_at);
     }
 
     pub fn forget(&self, container: &str) {
-        self.expiries.lock().unwrap_or_else(|p| p.into_inner()).remove(container);
+        self.expiries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(container);
     }
 
     pub fn identities_served(&self) -> u64 {
@@ -90,27 +108,83 @@ impl Metrics {
         let gauge = |o: &mut String, name: &str, help: &str, v: String| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         };
-        gauge(&mut o, "nri_identity_nri_registered", "1 while registered and synchronized with the runtime.", self.nri_ready.load(Ordering::Relaxed).to_string());
-        gauge(&mut o, "nri_identity_agent_reachable", "1 while the SPIRE agent answers.", self.agent_ready.load(Ordering::Relaxed).to_string());
-        gauge(&mut o, "nri_identity_active_identities", "Containers whose identity is kept fresh.", self.active.load(Ordering::Relaxed).to_string());
-        let soonest = self.expiries.lock().unwrap_or_else(|p| p.into_inner()).values().min().copied();
+        gauge(
+            &mut o,
+            "nri_identity_nri_registered",
+            "1 while registered and synchronized with the runtime.",
+            self.nri_ready.load(Ordering::Relaxed).to_string(),
+        );
+        gauge(
+            &mut o,
+            "nri_identity_agent_reachable",
+            "1 while the SPIRE agent answers.",
+            self.agent_ready.load(Ordering::Relaxed).to_string(),
+        );
+        gauge(
+            &mut o,
+            "nri_identity_active_identities",
+            "Containers whose identity is kept fresh.",
+            self.active.load(Ordering::Relaxed).to_string(),
+        );
+        let soonest = self
+            .expiries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .min()
+            .copied();
         if let Some(exp) = soonest {
-            gauge(&mut o, "nri_identity_soonest_expiry_seconds", "Seconds until the soonest-expiring delivered SVID expires.", (exp - now_unix).to_string());
+            gauge(
+                &mut o,
+                "nri_identity_soonest_expiry_seconds",
+                "Seconds until the soonest-expiring delivered SVID expires.",
+                (exp - now_unix).to_string(),
+            );
         }
-        let _ = writeln!(o, "# HELP nri_identity_served_total Identities delivered for the first time.\n# TYPE nri_identity_served_total counter\nnri_identity_served_total {}", self.identities_served.load(Ordering::Relaxed));
-        let _ = writeln!(o, "# HELP nri_identity_rotations_total Identity files rewritten after a rotation or bundle change.\n# TYPE nri_identity_rotations_total counter\nnri_identity_rotations_total {}", self.rotations.load(Ordering::Relaxed));
-        let _ = writeln!(o, "# HELP nri_identity_failures_total Failures by kind.\n# TYPE nri_identity_failures_total counter");
-        for (kind, n) in self.failures.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        let _ = writeln!(
+            o,
+            "# HELP nri_identity_served_total Identities delivered for the first time.\n# TYPE nri_identity_served_total counter\nnri_identity_served_total {}",
+            self.identities_served.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "# HELP nri_identity_rotations_total Identity files rewritten after a rotation or bundle change.\n# TYPE nri_identity_rotations_total counter\nnri_identity_rotations_total {}",
+            self.rotations.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "# HELP nri_identity_failures_total Failures by kind.\n# TYPE nri_identity_failures_total counter"
+        );
+        for (kind, n) in self
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             let _ = writeln!(o, "nri_identity_failures_total{{kind=\"{kind}\"}} {n}");
         }
         let h = &self.first_svid;
-        let _ = writeln!(o, "# HELP nri_identity_time_to_first_svid_seconds From the start event to the files on disk.\n# TYPE nri_identity_time_to_first_svid_seconds histogram");
+        let _ = writeln!(
+            o,
+            "# HELP nri_identity_time_to_first_svid_seconds From the start event to the files on disk.\n# TYPE nri_identity_time_to_first_svid_seconds histogram"
+        );
         for (i, le) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(o, "nri_identity_time_to_first_svid_seconds_bucket{{le=\"{le}\"}} {}", h.counts[i].load(Ordering::Relaxed));
+            let _ = writeln!(
+                o,
+                "nri_identity_time_to_first_svid_seconds_bucket{{le=\"{le}\"}} {}",
+                h.counts[i].load(Ordering::Relaxed)
+            );
         }
         let count = h.count.load(Ordering::Relaxed);
-        let _ = writeln!(o, "nri_identity_time_to_first_svid_seconds_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(o, "nri_identity_time_to_first_svid_seconds_sum {}", h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(
+            o,
+            "nri_identity_time_to_first_svid_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            o,
+            "nri_identity_time_to_first_svid_seconds_sum {}",
+            h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
         let _ = writeln!(o, "nri_identity_time_to_first_svid_seconds_count {count}");
         o
     }

@@ -52,9 +52,7 @@ t=$(_bed_ms)
 ctr_json=$(bed_ctr_json idu sh -c 'id -u')
 cid=$("$CRICTL" create "$pod_id" "$ctr_json" "$pod_json")
 "$CRICTL" start "$cid" >/dev/null
-bed_wait 30 "container idu to exit" \
-	test -n "$("$CRICTL" ps -a -q --id "$cid" --state exited)" ||
-	fail "container idu did not exit"
+bed_wait_exited "$cid" 30 || fail "container idu did not exit"
 step "create+start+exit of 'id -u' container" "$t"
 
 code=$("$CRICTL" inspect -o go-template --template '{{.status.exitCode}}' "$cid")
@@ -66,7 +64,7 @@ echo "smoke: container ran as uid $out (exit $code)"
 # A running container, left for teardown to deal with.
 sleeper=$("$CRICTL" create "$pod_id" "$(bed_ctr_json sleeper sleep 3600)" "$pod_json")
 "$CRICTL" start "$sleeper" >/dev/null
-[[ -n $("$CRICTL" ps -q --id "$sleeper" --state running) ]] || fail "sleeper is not running"
+[[ $(bed_ctr_state "$sleeper") == CONTAINER_RUNNING ]] || fail "sleeper is not running"
 
 if [[ ${NII_SMOKE_FAIL:-0} == 1 ]]; then
 	fail "injected failure (NII_SMOKE_FAIL=1) with pod $pod_id still running"
@@ -91,6 +89,22 @@ svid=$(setpriv --reuid=1001 --regid=1001 --clear-groups \
 	fail "uid 1001 could not fetch an X.509 SVID: $svid"
 grep -q "spiffe://$E2E_TD/smoke" <<<"$svid" || fail "unexpected SVID: $svid"
 step "uid 1001 fetched spiffe://$E2E_TD/smoke" "$t"
+
+# --- restarts: containers outlive containerd; the agent keeps its identity --
+t=$(_bed_ms)
+bed_restart_containerd
+[[ $(bed_ctr_state "$sleeper") == CONTAINER_RUNNING ]] || fail "sleeper did not survive the containerd restart"
+out=$("$CRICTL" exec -s "$sleeper" id -u)
+[[ $out == 1001 ]] || fail "exec in sleeper printed '$out', expected 1001"
+step "containerd restarted, sleeper still running" "$t"
+
+t=$(_bed_ms)
+bed_restart_agent
+bed_wait_entry "$eid"
+svid=$(setpriv --reuid=1001 --regid=1001 --clear-groups \
+	"$SPIRE_AGENT" api fetch x509 -socketPath "$AGENT_SOCK" -timeout 10s 2>&1) ||
+	fail "uid 1001 could not fetch an X.509 SVID after the agent restart: $svid"
+step "spire-agent restarted without a new join token" "$t"
 
 # The admin socket exists apart from the public one (Delegated Identity API).
 [[ -S $ADMIN_SOCK ]] || fail "no admin socket at $ADMIN_SOCK"

@@ -13,14 +13,27 @@ pub struct Target {
     pub protos: &'static [&'static str],
     pub include: &'static str,
     pub out_dir: &'static str,
+    /// Also generate gRPC client and server code (tonic) for the schema's services.
+    pub grpc: bool,
 }
 
-pub const TARGETS: &[Target] = &[Target {
-    name: "nri",
-    protos: &["nri.proto", "ttrpc.proto"],
-    include: "backends/nri/proto",
-    out_dir: "backends/nri/src/generated",
-}];
+pub const TARGETS: &[Target] = &[
+    Target {
+        name: "nri",
+        protos: &["nri.proto", "ttrpc.proto"],
+        include: "backends/nri/proto",
+        out_dir: "backends/nri/src/generated",
+        grpc: false,
+    },
+    Target {
+        name: "spire",
+        protos: &["delegatedidentity.proto", "types.proto"],
+        include: "proto/spire",
+        out_dir: "src/spire/generated",
+        // The client talks to the agent; the server half backs the fake agent in tests.
+        grpc: true,
+    },
+];
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -37,12 +50,23 @@ pub fn generate(root: &Path) -> Result<Vec<(PathBuf, String)>> {
         let fds = protox::compile(target.protos, [&include])
             .with_context(|| format!("compiling the {} schema", target.name))?;
         let tmp = tempdir(target.name)?;
-        prost_build::Config::new()
+        let mut config = prost_build::Config::new();
+        config
             .out_dir(&tmp)
             // BTreeMap keeps maps deterministic in logs and tests.
-            .btree_map(["."])
-            .compile_fds(fds)
-            .with_context(|| format!("generating {}", target.name))?;
+            .btree_map(["."]);
+        if target.grpc {
+            tonic_prost_build::configure()
+                .build_client(true)
+                .build_server(true)
+                // Callers build their own channels (e.g. over a unix socket): no `connect()`.
+                .build_transport(false)
+                .out_dir(&tmp)
+                .compile_fds_with_config(fds, config)
+        } else {
+            config.compile_fds(fds)
+        }
+        .with_context(|| format!("generating {}", target.name))?;
         let mut entries: Vec<_> = std::fs::read_dir(&tmp)?.collect::<Result<_, _>>()?;
         entries.sort_by_key(|e| e.file_name());
         for entry in entries {

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use nri_plugin::api::v1alpha1 as pb;
 use nri_plugin::api::{Container, ContainerAdjustment, ContainerUpdate, KeyValue, PodSandbox};
+use nri_plugin::testing::*;
 use nri_plugin::{
     Backoff, Code, ConnectionState, Context, CreateReply, Delivery, Options, Plugin, Runner, Status,
 };
-use nri_plugin::testing::*;
 use tokio::sync::{Barrier, Mutex, watch};
 use tokio_util::sync::CancellationToken;
 

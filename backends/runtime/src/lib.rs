@@ -60,7 +60,11 @@ pub struct PodInfo {
 impl PodInfo {
     /// The pod's directory name: its UID, or its sandbox ID where a runtime reports no UID.
     pub fn key(&self) -> &str {
-        if self.uid.is_empty() { &self.id } else { &self.uid }
+        if self.uid.is_empty() {
+            &self.id
+        } else {
+            &self.uid
+        }
     }
 }
 
@@ -122,9 +126,15 @@ pub enum BackendError {
     #[error("the container has no process yet (PID 0), so it cannot be named by PID")]
     NoPid,
     #[error("{runtime} cannot name workloads by PID: {why}")]
-    PidModeUnsupported { runtime: RuntimeKind, why: &'static str },
+    PidModeUnsupported {
+        runtime: RuntimeKind,
+        why: &'static str,
+    },
     #[error("{runtime} does not report {what}, which selectors mode needs")]
-    MissingMetadata { runtime: RuntimeKind, what: &'static str },
+    MissingMetadata {
+        runtime: RuntimeKind,
+        what: &'static str,
+    },
 }
 
 /// The policy of one runtime.
@@ -236,8 +246,14 @@ mod tests {
 
     #[test]
     fn runtime_names_parse_once_into_kinds() {
-        assert_eq!(RuntimeKind::from_nri_runtime_name("containerd"), Some(RuntimeKind::Containerd));
-        assert_eq!(RuntimeKind::from_nri_runtime_name("cri-o"), Some(RuntimeKind::CriO));
+        assert_eq!(
+            RuntimeKind::from_nri_runtime_name("containerd"),
+            Some(RuntimeKind::Containerd)
+        );
+        assert_eq!(
+            RuntimeKind::from_nri_runtime_name("cri-o"),
+            Some(RuntimeKind::CriO)
+        );
         assert_eq!(RuntimeKind::from_nri_runtime_name("docker"), None);
     }
 
@@ -253,13 +269,19 @@ mod tests {
 
     #[test]
     fn containerd_delivers_pid_identities_at_start() {
-        assert_eq!(Containerd.delivery_point(NamingMode::Pid), DeliveryPoint::StartContainer);
+        assert_eq!(
+            Containerd.delivery_point(NamingMode::Pid),
+            DeliveryPoint::StartContainer
+        );
         assert_eq!(Containerd.default_mode(), NamingMode::Pid);
     }
 
     #[test]
     fn pod_key_falls_back_to_the_sandbox_id() {
-        let mut p = PodInfo { id: "sb".into(), ..Default::default() };
+        let mut p = PodInfo {
+            id: "sb".into(),
+            ..Default::default()
+        };
         assert_eq!(p.key(), "sb");
         p.uid = "u-1".into();
         assert_eq!(p.key(), "u-1");

@@ -92,7 +92,11 @@ _bed_alive() {
 bed_spawn() {
 	local name=$1 pid
 	shift
-	"$@" >>"$E2E/logs/$name.log" 2>&1 </dev/null {_BED_LOCK_FD}>&- &
+	if [[ -n ${_BED_LOCK_FD:-} ]]; then
+		"$@" >>"$E2E/logs/$name.log" 2>&1 </dev/null {_BED_LOCK_FD}>&- &
+	else
+		"$@" >>"$E2E/logs/$name.log" 2>&1 </dev/null &
+	fi
 	pid=$!
 	echo "$pid $(_bed_starttime "$pid" || echo 0)" >"$E2E/pids/$name"
 	echo "$pid"
@@ -104,6 +108,16 @@ bed_pid() {
 	[[ -r $E2E/pids/$1 ]] || return 1
 	read -r pid st <"$E2E/pids/$1"
 	_bed_alive "$pid" && [[ $(_bed_starttime "$pid") == "$st" ]] && echo "$pid"
+}
+
+# _bed_rotate_log NAME : keep the log of a process about to be restarted as
+# NAME.log.<n>, so that waits on NAME.log (bed_wait_entry, a grep for plugin
+# registration) only see what the new process wrote.
+_bed_rotate_log() {
+	local n=1
+	[[ -e $E2E/logs/$1.log ]] || return 0
+	while [[ -e $E2E/logs/$1.log.$n ]]; do n=$((n + 1)); done
+	mv "$E2E/logs/$1.log" "$E2E/logs/$1.log.$n"
 }
 
 # bed_stop NAME [TIMEOUT_S] : SIGTERM the recorded process, SIGKILL it after
@@ -119,7 +133,10 @@ bed_stop() {
 		if _bed_alive "$pid"; then
 			_bed_log "$name ($pid) ignored SIGTERM for ${timeout}s; killing"
 			kill -KILL "$pid" 2>/dev/null || true
-			while _bed_alive "$pid"; do sleep 0.1; done
+			for ((i = 0; i < 100; i++)); do
+				_bed_alive "$pid" || break
+				sleep 0.1
+			done
 		fi
 		# Reap it if it is our child, quietly (no "Terminated" report).
 		wait "$pid" 2>/dev/null || true
@@ -211,6 +228,9 @@ server {
   data_dir     = "$E2E/spire/server/data"
   log_level    = "DEBUG"
   $ttl
+  # Agents only see entries once the server's in-memory entry cache reloads
+  # (default every 5s), whatever the agent's sync_interval: 1s here.
+  experimental { cache_reload_interval = "1s" }
 }
 plugins {
   DataStore "sql" {
@@ -288,15 +308,20 @@ bed_restart_containerd() {
 	local t
 	t=$(_bed_ms)
 	bed_stop containerd 30
+	_bed_rotate_log containerd
 	_bed_start_containerd || return 1
 	_bed_log "containerd restarted in $(_bed_since "$t")"
 }
 
 _bed_import_images() {
-	local out
+	local out img
 	python3 "$_BED_LIB/mkimage.py" "$E2E/images" >/dev/null || return 1
-	"$CTR" images import "$E2E/images/pause.tar" >/dev/null || return 1
-	"$CTR" images import "$E2E/images/e2e-busybox.tar" >/dev/null || return 1
+	for img in pause e2e-busybox; do
+		# Quiet unless it fails: ctr echoes containerd's cgroup v1 deprecation
+		# warning on every call.
+		out=$("$CTR" images import "$E2E/images/$img.tar" 2>&1) ||
+			_bed_die "ctr images import $img.tar: $out" || return 1
+	done
 	out=$("$CRICTL" images) || return 1
 	if ! grep -q 'registry.k8s.io/pause  *3\.10\.2' <<<"$out" ||
 		! grep -q 'docker.io/library/e2e-busybox  *1 ' <<<"$out"; then
@@ -336,6 +361,7 @@ bed_restart_agent() {
 	local t
 	t=$(_bed_ms)
 	bed_stop spire-agent 30
+	_bed_rotate_log spire-agent
 	# No token: the agent re-uses its SVID and key from the disk KeyManager.
 	_bed_start_agent || return 1
 	_bed_log "spire-agent restarted in $(_bed_since "$t")"
@@ -448,6 +474,17 @@ EOF
 	echo "$f"
 }
 
+# bed_ctr_state CID : CONTAINER_CREATED, CONTAINER_RUNNING, CONTAINER_EXITED...
+bed_ctr_state() {
+	"$CRICTL" inspect -o go-template --template '{{.status.state}}' "$1"
+}
+
+# bed_wait_exited CID [TIMEOUT_S] : wait until the container has exited.
+bed_wait_exited() {
+	bed_wait "${2:-30}" "container $1 to exit" _bed_is_exited "$1"
+}
+_bed_is_exited() { [[ $(bed_ctr_state "$1") == CONTAINER_EXITED ]]; }
+
 # ---------------------------------------------------------------- up / down
 
 bed_up() {
@@ -475,7 +512,7 @@ bed_up() {
 	SPIRE_AGENT=$NII_SPIRE_DIR/spire-agent
 	export E2E E2E_RUN_ID CONTAINERD_SOCK NRI_SOCK SPIRE_SERVER_SOCK AGENT_SOCK \
 		ADMIN_SOCK CRICTL CTR SPIRE_SERVER SPIRE_AGENT
-	mkdir -p "$E2E"/{bin,containerd,nri/plugins,nri/conf.d,logs/pods,specs,images,cni/bin,cni/net.d} \
+	mkdir -p "$E2E"/{bin,pids,containerd,nri/plugins,nri/conf.d,logs/pods,specs,images,cni/bin,cni/net.d} \
 		"$E2E"/spire/{server/data,agent/data,public,admin}
 	chmod 0755 "$E2E/spire" "$E2E/spire/public"
 	: >"$E2E/spire/entries"
@@ -485,10 +522,13 @@ bed_up() {
 
 	t=$(_bed_ms)
 	_bed_start_containerd || return 1
-	if grep -E 'Ignoring unknown key in TOML|failed to load plugin' "$E2E/logs/containerd.log" >&2; then
-		_bed_die "containerd rejected part of the config (see above)"
+	# containerd only warns about misspelt keys: make that fatal here.
+	if grep 'Ignoring unknown key in TOML' "$E2E/logs/containerd.log" >&2; then
+		_bed_die "containerd ignored part of the config (see above)"
 		return 1
 	fi
+	# Informational: CRI and NRI themselves were proven by the waits above.
+	grep 'failed to load plugin' "$E2E/logs/containerd.log" >&2 || true
 	_bed_log "containerd ready in $(_bed_since "$t")"
 
 	t=$(_bed_ms)
@@ -510,13 +550,21 @@ _bed_mounts() {
 	while read -r _ _ _ _ mp _; do
 		# mountinfo escapes space, tab, newline and backslash as octal.
 		mp=$(printf '%b' "$mp")
-		[[ $mp == "$E2E" || $mp == "$E2E"/* ]] && echo "$mp"
+		if [[ $mp == "$E2E" || $mp == "$E2E"/* ]]; then
+			echo "$mp"
+		fi
 	done </proc/self/mountinfo | sort -r
 }
 
 # Every cgroup (v1 and v2) mount point of this host.
 _bed_cgroup_roots() {
 	awk '$9 == "cgroup" || $9 == "cgroup2" { print $5 }' /proc/self/mountinfo | sort -u
+}
+
+# _bed_regex STRING : STRING as an extended regex matching itself literally.
+_bed_regex() {
+	# shellcheck disable=SC2001 # a bracket expression is clearer than a loop
+	sed 's/[][\\.*^$+?(){}|]/\\&/g' <<<"$1"
 }
 
 # PIDs of processes that belong to this run: in its cgroups, or with the
@@ -532,17 +580,22 @@ _bed_run_pids() {
 	{
 		for root in $(_bed_cgroup_roots); do
 			[[ -d $root/kubepods/nii-e2e-$E2E_RUN_ID ]] || continue
-			find "$root/kubepods/nii-e2e-$E2E_RUN_ID" -name cgroup.procs -exec cat {} + 2>/dev/null
+			find "$root/kubepods/nii-e2e-$E2E_RUN_ID" -name cgroup.procs -exec cat {} + 2>/dev/null || true
 		done
-		grep -lsF -- "$E2E/" /proc/[0-9]*/cmdline | cut -d/ -f3
+		# The dot in brackets keeps this grep from matching its own
+		# command line.
+		grep -lsE -- "$(_bed_regex "${E2E%.*}")[.]$E2E_RUN_ID/" /proc/[0-9]*/cmdline | cut -d/ -f3 || true
 	} | sort -un | while read -r p; do
-		[[ $keep == *" $p "* ]] || echo "$p"
+		if [[ $keep != *" $p "* ]]; then
+			echo "$p"
+		fi
 	done
 }
 
 # bed_down [STATUS] : tear everything down; safe to call repeatedly, after a
 # partial bed_up, or from another shell with E2E set. A non-zero STATUS keeps
-# a copy of the logs (E2E_KEEP_LOGS=0 disables) for post-mortems.
+# a copy of the logs for post-mortems in ${E2E_TMPDIR:-/tmp}/nii-e2e-logs.<run>
+# (E2E_KEEP_LOGS=0: never, E2E_KEEP_LOGS=always: also on success).
 bed_down() {
 	local status=${1:-0} t name mp root p keep i
 	[[ -n ${E2E:-} && -d $E2E ]] || return 0
@@ -570,6 +623,8 @@ bed_down() {
 		[[ -n $keep ]] || break
 		_bed_log "killing leftover processes: ${keep//$'\n'/ }"
 		for p in $keep; do kill -KILL "$p" 2>/dev/null || true; done
+		# Reap our own children quietly (no "Killed" job reports).
+		for p in $keep; do wait "$p" 2>/dev/null || true; done
 		sleep 0.5
 	done
 	# Rootfs overlays and sandbox shm normally go with the pods.
@@ -586,10 +641,10 @@ bed_down() {
 		# Shared parent: goes only once empty (rmdir refuses otherwise).
 		rmdir "$root/kubepods" 2>/dev/null || true
 	done
-	if [[ $status != 0 && ${E2E_KEEP_LOGS:-1} != 0 && -d $E2E/logs ]]; then
+	if [[ -d $E2E/logs ]] && [[ ${E2E_KEEP_LOGS:-1} == always || ($status != 0 && ${E2E_KEEP_LOGS:-1} != 0) ]]; then
 		keep=${E2E_TMPDIR:-/tmp}/nii-e2e-logs.$E2E_RUN_ID
 		rm -rf "$keep"
-		cp -a "$E2E/logs" "$keep" 2>/dev/null && _bed_log "failed (status $status): logs kept in $keep"
+		cp -a "$E2E/logs" "$keep" 2>/dev/null && _bed_log "status $status: logs kept in $keep"
 	fi
 	# --one-file-system: never descend into something still mounted.
 	rm -rf --one-file-system "$E2E" || _bed_log "cannot remove $E2E"

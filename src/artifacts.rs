@@ -1,0 +1,705 @@
+//! Turns identity material into the files a workload reads, and writes them through
+//! [`HostOps`].
+//!
+//! # Files
+//!
+//! The names and modes come from the pod's annotation ([`FileSet`], already validated there):
+//!
+//! | content | PEM blocks |
+//! |---|---|
+//! | SVID chain | `CERTIFICATE`, leaf first |
+//! | private key | one `PRIVATE KEY` (PKCS#8) |
+//! | combined credentials | the `PRIVATE KEY` first, then the chain (KEP-4317, draft SPIFFE delivery) |
+//! | trust bundle | `CERTIFICATE`s of the SVID's trust domain, plus every federated domain's with [`FederatedBundles::Append`] |
+//! | `<trust-domain>.x509.pem` | one per federated trust domain with [`FederatedBundles::Separate`], bundle mode |
+//!
+//! With [`FederatedBundles::Separate`], a `*.x509.pem` file of a trust domain that is no
+//! longer federated is deleted (de-federation by deletion, as in the draft standard). The
+//! annotation module reserves that suffix in this mode, so no file the pod named can match.
+//!
+//! # How a write happens
+//!
+//! [`ArtifactWriter::write`] first **stages** every file: a temp file per output, created
+//! `O_EXCL`, given its final mode, owner and (optionally) SELinux label, written and
+//! `fsync`ed, in the order key, certificates, bundles. Only when all are staged does it
+//! **commit**: `renameat` of each over its final name in the same order, then removal of
+//! stale federated bundles, then `fsync` of the directory. Consequences:
+//!
+//! * a reader never sees a half-written file, only the old one or the new one;
+//! * if staging fails (disk full, an injected failure, …) every temp file is removed and
+//!   **all** previous files are untouched;
+//! * if a rename fails (practically only when something else took the name, e.g. a
+//!   directory), the remaining temp files are removed, earlier renames stay, and the error
+//!   says how many files were committed; the next write repairs the set;
+//! * the directory itself is never replaced, only files in it, because runtimes like Kata
+//!   share the directory by inode.
+//!
+//! Writes into one directory must be serialized by the caller (one delivery task per
+//! container): the writer sweeps leftover `.tmp-*` files from an interrupted earlier write,
+//! which would include a concurrent writer's.
+//!
+//! # Key and certificate consistency for readers
+//!
+//! The key is renamed into place before the certificate that needs it, but two renames are
+//! two moments, and each file is always complete while the pairing can be off:
+//!
+//! * a reader that opens the certificate, then the key, can get the old certificate with the
+//!   new key when both renames fall between its two opens;
+//! * a reader that opens the key, then the certificate, can get the old key with the new
+//!   certificate the same way;
+//! * with two rotations in quick succession, either order can mix generations.
+//!
+//! The window is the few microseconds between two `renameat` calls. Workloads avoid it by
+//! either
+//!
+//! * using the **combined** layout ([`FileSet::Combined`]): key and chain are in one file,
+//!   replaced by one rename, so one `open` always yields a matching pair; or
+//! * reading both files, checking that the leaf certificate's public key matches the private
+//!   key, and reading both again if not (a mismatch resolves as soon as the writer has done
+//!   its back-to-back renames).
+//!
+//! # Secrets
+//!
+//! The PEM of the private key is rendered straight into a [`Zeroizing`] buffer allocated at
+//! its exact final size (so no reallocation leaves a copy behind) and base64-encoded in place
+//! without stack buffers. [`RenderedFiles`] wipes every buffer when dropped;
+//! [`ArtifactWriter::deliver`] renders, writes and drops in one call.
+
+#![forbid(unsafe_code)]
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::annotation::{
+    FEDERATED_BUNDLE_SUFFIX, FederatedBundles, FileContent, FileSet, IdentityRequest,
+    MAX_FILE_NAME_BYTES, OutputFile,
+};
+use crate::host::{
+    DirHandle, FileAttrs, HostError, HostOps, Owner, SELINUX_XATTR, TEMP_PREFIX, validate_component,
+};
+
+const CERTIFICATE_LABEL: &str = "CERTIFICATE";
+const PRIVATE_KEY_LABEL: &str = "PRIVATE KEY";
+/// A PEM label and the DER items rendered under it.
+type PemBlocks<'a> = (&'a str, &'a [Vec<u8>]);
+
+/// 48 input bytes make one 64-character base64 line, the PEM convention (RFC 7468).
+const PEM_LINE_INPUT: usize = 48;
+
+/// X.509 identity material for one workload, as the identity source delivers it.
+pub struct Material {
+    /// DER certificates, leaf first.
+    pub chain: Vec<Vec<u8>>,
+    /// The leaf's private key, PKCS#8 DER.
+    pub key: Zeroizing<Vec<u8>>,
+    /// DER CA certificates of the SVID's own trust domain.
+    pub own_bundle: Vec<Vec<u8>>,
+    /// DER CA certificates per federated trust domain (the name without `spiffe://`).
+    pub federated: BTreeMap<String, Vec<Vec<u8>>>,
+}
+
+impl fmt::Debug for Material {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Material")
+            .field("chain_certs", &self.chain.len())
+            .field("key", &"<redacted>")
+            .field("own_bundle_certs", &self.own_bundle.len())
+            .field("federated", &self.federated.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Why material could not be rendered or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error("the certificate chain is empty")]
+    EmptyChain,
+    #[error("the private key is empty")]
+    EmptyKey,
+    #[error("the trust bundle of the svid's trust domain is empty")]
+    EmptyBundle,
+    #[error(
+        "federated trust domain {name:?} cannot name a file (expected a-z, 0-9, '.', '-', '_', not starting with '.')"
+    )]
+    InvalidTrustDomain { name: String },
+    #[error("output file name {name:?} is not a single path component")]
+    InvalidFileName {
+        name: String,
+        #[source]
+        source: HostError,
+    },
+    #[error("output file name {name:?} is used twice")]
+    DuplicateFileName { name: String },
+    #[error("pem encoding of {name} overflowed its buffer")]
+    PemEncoding { name: String },
+    #[error("creating the artifact directory for pod {pod_uid} container {container_id}")]
+    CreateDir {
+        pod_uid: String,
+        container_id: String,
+        #[source]
+        source: HostError,
+    },
+    #[error("labelling the artifact directory {dir}")]
+    LabelDir {
+        dir: PathBuf,
+        #[source]
+        source: HostError,
+    },
+    #[error("listing {dir}")]
+    List {
+        dir: PathBuf,
+        #[source]
+        source: HostError,
+    },
+    #[error("removing leftover temporary file {name} in {dir}")]
+    Sweep {
+        dir: PathBuf,
+        name: String,
+        #[source]
+        source: HostError,
+    },
+    #[error("staging {name} in {dir}; previous files are untouched")]
+    Stage {
+        dir: PathBuf,
+        name: String,
+        #[source]
+        source: HostError,
+    },
+    #[error("replacing {name} in {dir} after {committed} file(s) were replaced")]
+    Commit {
+        dir: PathBuf,
+        name: String,
+        committed: usize,
+        #[source]
+        source: HostError,
+    },
+    #[error("removing stale federated bundle {name} in {dir}")]
+    RemoveStale {
+        dir: PathBuf,
+        name: String,
+        #[source]
+        source: HostError,
+    },
+    #[error("syncing {dir}")]
+    Sync {
+        dir: PathBuf,
+        #[source]
+        source: HostError,
+    },
+    #[error("removing the artifact directory for pod {pod_uid} container {container_id}")]
+    Remove {
+        pod_uid: String,
+        container_id: String,
+        #[source]
+        source: HostError,
+    },
+}
+
+// === rendering ===
+
+/// What a rendered file holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RenderedKind {
+    PrivateKey,
+    KeyAndChain,
+    SvidChain,
+    TrustBundle,
+    FederatedBundle { trust_domain: String },
+}
+
+impl RenderedKind {
+    /// Whether the file holds the private key.
+    pub fn is_secret(&self) -> bool {
+        matches!(self, Self::PrivateKey | Self::KeyAndChain)
+    }
+}
+
+/// One file ready to be written.
+pub struct RenderedFile {
+    name: String,
+    mode: u32,
+    kind: RenderedKind,
+    contents: Zeroizing<Vec<u8>>,
+}
+
+impl RenderedFile {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn mode(&self) -> u32 {
+        self.mode
+    }
+
+    pub fn kind(&self) -> &RenderedKind {
+        &self.kind
+    }
+
+    pub fn contents(&self) -> &[u8] {
+        &self.contents
+    }
+}
+
+impl fmt::Debug for RenderedFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RenderedFile")
+            .field("name", &self.name)
+            .field("mode", &format_args!("{:04o}", self.mode))
+            .field("kind", &self.kind)
+            .field("len", &self.contents.len())
+            .finish()
+    }
+}
+
+/// The files of one delivery, in write order (key, certificates, bundles, federated bundles).
+/// Every buffer is wiped on drop.
+#[derive(Debug)]
+pub struct RenderedFiles {
+    files: Vec<RenderedFile>,
+    federated: FederatedBundles,
+}
+
+impl RenderedFiles {
+    /// Renders `material` into the files `request` asks for.
+    pub fn for_request(
+        request: &IdentityRequest,
+        material: &Material,
+    ) -> Result<Self, ArtifactError> {
+        Self::render(&request.files, request.federated_bundles, material)
+    }
+
+    /// Renders `material` into `files`, placing federated bundles as `federated` says.
+    pub fn render(
+        files: &FileSet,
+        federated: FederatedBundles,
+        material: &Material,
+    ) -> Result<Self, ArtifactError> {
+        if material.chain.is_empty() {
+            return Err(ArtifactError::EmptyChain);
+        }
+        if material.key.is_empty() {
+            return Err(ArtifactError::EmptyKey);
+        }
+        if material.own_bundle.is_empty() {
+            return Err(ArtifactError::EmptyBundle);
+        }
+        let mut out = Vec::new();
+        for file in files.files() {
+            out.push(render_output(file, federated, material)?);
+        }
+        if federated == FederatedBundles::Separate {
+            let mode = match files {
+                FileSet::SpiffeHelper { bundle, .. } | FileSet::Combined { bundle, .. } => {
+                    bundle.mode.bits()
+                }
+            };
+            for (trust_domain, certs) in &material.federated {
+                let name = federated_file_name(trust_domain)?;
+                let contents = pem_blocks(&name, &[(CERTIFICATE_LABEL, certs.as_slice())])?;
+                out.push(RenderedFile {
+                    name,
+                    mode,
+                    kind: RenderedKind::FederatedBundle {
+                        trust_domain: trust_domain.clone(),
+                    },
+                    contents,
+                });
+            }
+        }
+        let mut seen = BTreeSet::new();
+        for file in &out {
+            check_file_name(&file.name)?;
+            if !seen.insert(file.name.as_str()) {
+                return Err(ArtifactError::DuplicateFileName {
+                    name: file.name.clone(),
+                });
+            }
+        }
+        Ok(Self {
+            files: out,
+            federated,
+        })
+    }
+
+    /// The files, in write order.
+    pub fn files(&self) -> &[RenderedFile] {
+        &self.files
+    }
+
+    /// The file named `name`.
+    pub fn get(&self, name: &str) -> Option<&RenderedFile> {
+        self.files.iter().find(|f| f.name == name)
+    }
+
+    /// How federated bundles were placed.
+    pub fn federated_bundles(&self) -> FederatedBundles {
+        self.federated
+    }
+}
+
+impl Zeroize for RenderedFiles {
+    /// Wipes every buffer (the files stay, empty).
+    fn zeroize(&mut self) {
+        for file in &mut self.files {
+            file.contents.zeroize();
+        }
+    }
+}
+
+fn render_output(
+    file: &OutputFile,
+    federated: FederatedBundles,
+    material: &Material,
+) -> Result<RenderedFile, ArtifactError> {
+    let key = std::slice::from_ref(&*material.key);
+    let (kind, blocks): (RenderedKind, Vec<PemBlocks<'_>>) = match file.content {
+        FileContent::PrivateKey => (RenderedKind::PrivateKey, vec![(PRIVATE_KEY_LABEL, key)]),
+        FileContent::KeyAndChain => (
+            RenderedKind::KeyAndChain,
+            vec![
+                (PRIVATE_KEY_LABEL, key),
+                (CERTIFICATE_LABEL, material.chain.as_slice()),
+            ],
+        ),
+        FileContent::SvidChain => (
+            RenderedKind::SvidChain,
+            vec![(CERTIFICATE_LABEL, material.chain.as_slice())],
+        ),
+        FileContent::TrustBundle => {
+            let mut blocks = vec![(CERTIFICATE_LABEL, material.own_bundle.as_slice())];
+            if federated == FederatedBundles::Append {
+                for certs in material.federated.values() {
+                    blocks.push((CERTIFICATE_LABEL, certs.as_slice()));
+                }
+            }
+            (RenderedKind::TrustBundle, blocks)
+        }
+    };
+    Ok(RenderedFile {
+        name: file.name.clone(),
+        mode: file.mode.bits(),
+        contents: pem_blocks(&file.name, &blocks)?,
+        kind,
+    })
+}
+
+/// `<trust-domain>.x509.pem`, refusing anything that is not a plain trust domain name: the
+/// names come from the agent, and a `/` or a leading `.` (our temp prefix) must never reach
+/// the file system.
+fn federated_file_name(trust_domain: &str) -> Result<String, ArtifactError> {
+    let valid = !trust_domain.is_empty()
+        && !trust_domain.starts_with('.')
+        && trust_domain.len() + FEDERATED_BUNDLE_SUFFIX.len() <= MAX_FILE_NAME_BYTES
+        && trust_domain
+            .bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_'));
+    if !valid {
+        return Err(ArtifactError::InvalidTrustDomain {
+            name: trust_domain.chars().take(MAX_FILE_NAME_BYTES).collect(),
+        });
+    }
+    Ok(format!("{trust_domain}{FEDERATED_BUNDLE_SUFFIX}"))
+}
+
+/// The annotation module validated the names; this is the writer's own guard that nothing
+/// lands outside the directory.
+fn check_file_name(name: &str) -> Result<(), ArtifactError> {
+    validate_component(name).map_err(|source| ArtifactError::InvalidFileName {
+        name: name.to_owned(),
+        source,
+    })
+}
+
+/// Length of one PEM block: header, base64 in 64-character lines each ending in `\n`, footer.
+fn pem_len(label: &str, der_len: usize) -> usize {
+    let b64 = der_len.div_ceil(3) * 4;
+    let lines = b64.div_ceil(64);
+    let header = "-----BEGIN ".len() + label.len() + "-----\n".len();
+    let footer = "-----END ".len() + label.len() + "-----\n".len();
+    header + b64 + lines + footer
+}
+
+/// Renders the DER items of `blocks` as consecutive PEM blocks into one buffer of exactly the
+/// final size.
+fn pem_blocks(
+    name: &str,
+    blocks: &[(&str, &[Vec<u8>])],
+) -> Result<Zeroizing<Vec<u8>>, ArtifactError> {
+    let total = blocks
+        .iter()
+        .flat_map(|(label, ders)| ders.iter().map(|der| pem_len(label, der.len())))
+        .sum();
+    let mut out = Zeroizing::new(Vec::with_capacity(total));
+    for (label, ders) in blocks {
+        for der in *ders {
+            push_pem(&mut out, label, der).ok_or_else(|| ArtifactError::PemEncoding {
+                name: name.to_owned(),
+            })?;
+        }
+    }
+    // The buffer never grew past `total` (growing would have left a copy of the old
+    // allocation behind); the tests check that `pem_len` is exact.
+    Ok(out)
+}
+
+/// Appends one PEM block, base64-encoding straight into `out` (no intermediate buffer that
+/// would hold key material). `None` only if the encoder disagrees with our line arithmetic.
+fn push_pem(out: &mut Vec<u8>, label: &str, der: &[u8]) -> Option<()> {
+    out.extend_from_slice(b"-----BEGIN ");
+    out.extend_from_slice(label.as_bytes());
+    out.extend_from_slice(b"-----\n");
+    for chunk in der.chunks(PEM_LINE_INPUT) {
+        let start = out.len();
+        let encoded = chunk.len().div_ceil(3) * 4;
+        out.resize(start + encoded, 0);
+        let written = STANDARD.encode_slice(chunk, out.get_mut(start..)?).ok()?;
+        if written != encoded {
+            return None;
+        }
+        out.push(b'\n');
+    }
+    out.extend_from_slice(b"-----END ");
+    out.extend_from_slice(label.as_bytes());
+    out.extend_from_slice(b"-----\n");
+    Some(())
+}
+
+// === impl ArtifactWriter ===
+
+/// `<root>/<pod-uid>/<container-id>/`, opened; the bind-mount source for the container.
+#[derive(Debug, Clone)]
+pub struct ArtifactDir {
+    handle: DirHandle,
+    pod_uid: String,
+    container_id: String,
+}
+
+impl ArtifactDir {
+    /// Host path of the directory (the bind-mount source).
+    pub fn path(&self) -> &Path {
+        self.handle.path()
+    }
+
+    pub fn handle(&self) -> &DirHandle {
+        &self.handle
+    }
+
+    pub fn pod_uid(&self) -> &str {
+        &self.pod_uid
+    }
+
+    pub fn container_id(&self) -> &str {
+        &self.container_id
+    }
+}
+
+/// Creates per-container directories under one root and writes identity files into them.
+#[derive(Debug, Clone)]
+pub struct ArtifactWriter {
+    host: Arc<dyn HostOps>,
+    root: PathBuf,
+    selinux_label: Option<String>,
+}
+
+impl ArtifactWriter {
+    /// A writer for directories under `root` (e.g. `/run/nri-identity-injector`).
+    pub fn new(host: Arc<dyn HostOps>, root: impl Into<PathBuf>) -> Self {
+        Self {
+            host,
+            root: root.into(),
+            selinux_label: None,
+        }
+    }
+
+    /// Labels every container directory and every file with this SELinux context (e.g.
+    /// `system_u:object_r:container_file_t:s0`). Runtimes never relabel NRI-added mounts, so
+    /// on SELinux hosts the files must carry a label containers may read.
+    pub fn with_selinux_label(mut self, label: impl Into<String>) -> Self {
+        self.selinux_label = Some(label.into());
+        self
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn host(&self) -> &Arc<dyn HostOps> {
+        &self.host
+    }
+
+    /// Opens `<root>/<pod_uid>/<container_id>/`, creating it as needed (see
+    /// [`HostOps::create_container_dir`]), and labels it when a label is configured.
+    pub fn create_dir(
+        &self,
+        pod_uid: &str,
+        container_id: &str,
+    ) -> Result<ArtifactDir, ArtifactError> {
+        let handle = self
+            .host
+            .create_container_dir(&self.root, pod_uid, container_id)
+            .map_err(|source| ArtifactError::CreateDir {
+                pod_uid: pod_uid.to_owned(),
+                container_id: container_id.to_owned(),
+                source,
+            })?;
+        if let Some(label) = &self.selinux_label {
+            self.host
+                .set_xattr(&handle, None, SELINUX_XATTR, label.as_bytes())
+                .map_err(|source| ArtifactError::LabelDir {
+                    dir: handle.path().to_path_buf(),
+                    source,
+                })?;
+        }
+        Ok(ArtifactDir {
+            handle,
+            pod_uid: pod_uid.to_owned(),
+            container_id: container_id.to_owned(),
+        })
+    }
+
+    /// Writes `files` into `dir`, staged then committed (see the module documentation), each
+    /// owned by `owner` when given, then syncs the directory. With
+    /// [`FederatedBundles::Separate`], removes `*.x509.pem` files not in `files`.
+    pub fn write(
+        &self,
+        dir: &ArtifactDir,
+        files: &RenderedFiles,
+        owner: Option<Owner>,
+    ) -> Result<(), ArtifactError> {
+        let handle = &dir.handle;
+        let dir_path = || handle.path().to_path_buf();
+        let mut current = BTreeSet::new();
+        for file in &files.files {
+            check_file_name(&file.name)?;
+            current.insert(file.name.as_str());
+        }
+
+        let existing = self.list(handle)?;
+        for name in existing
+            .iter()
+            .filter(|n| n.starts_with(TEMP_PREFIX) && !current.contains(n.as_str()))
+        {
+            self.host
+                .unlink(handle, name)
+                .map_err(|source| ArtifactError::Sweep {
+                    dir: dir_path(),
+                    name: name.clone(),
+                    source,
+                })?;
+        }
+
+        let mut staged: Vec<(String, &RenderedFile)> = Vec::with_capacity(files.files.len());
+        for file in &files.files {
+            let attrs = FileAttrs {
+                mode: file.mode,
+                owner,
+                selinux_label: self.selinux_label.as_deref(),
+            };
+            match self.host.create_temp(handle, &file.contents, attrs) {
+                Ok(temp) => staged.push((temp, file)),
+                Err(source) => {
+                    self.discard(handle, &staged);
+                    return Err(ArtifactError::Stage {
+                        dir: dir_path(),
+                        name: file.name.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+
+        for (committed, (temp, file)) in staged.iter().enumerate() {
+            if let Err(source) = self.host.rename(handle, temp, &file.name) {
+                self.discard(handle, staged.get(committed..).unwrap_or_default());
+                // Make the renames that did happen durable; the rename error is the news.
+                let _ = self.host.fsync_dir(handle);
+                return Err(ArtifactError::Commit {
+                    dir: dir_path(),
+                    name: file.name.clone(),
+                    committed,
+                    source,
+                });
+            }
+        }
+
+        if files.federated == FederatedBundles::Separate {
+            let stale = self.list(handle)?.into_iter().filter(|n| {
+                n.ends_with(FEDERATED_BUNDLE_SUFFIX)
+                    && !n.starts_with(TEMP_PREFIX)
+                    && !current.contains(n.as_str())
+            });
+            for name in stale {
+                self.host
+                    .unlink(handle, &name)
+                    .map_err(|source| ArtifactError::RemoveStale {
+                        dir: dir_path(),
+                        name: name.clone(),
+                        source,
+                    })?;
+            }
+        }
+
+        self.host
+            .fsync_dir(handle)
+            .map_err(|source| ArtifactError::Sync {
+                dir: dir_path(),
+                source,
+            })
+    }
+
+    /// Renders `material` for `request`, writes it, and wipes the rendered buffers.
+    pub fn deliver(
+        &self,
+        dir: &ArtifactDir,
+        request: &IdentityRequest,
+        material: &Material,
+        owner: Option<Owner>,
+    ) -> Result<(), ArtifactError> {
+        let files = RenderedFiles::for_request(request, material)?;
+        self.write(dir, &files, owner)
+        // `files` drops here, zeroizing every buffer.
+    }
+
+    /// Removes `dir` with its contents, and the pod directory if it is left empty.
+    pub fn remove(&self, dir: &ArtifactDir) -> Result<(), ArtifactError> {
+        self.remove_container(&dir.pod_uid, &dir.container_id)
+    }
+
+    /// Removes `<root>/<pod_uid>/<container_id>/` (see [`HostOps::remove_container_dir`]),
+    /// e.g. after a restart, when no [`ArtifactDir`] is at hand. Missing is not an error.
+    pub fn remove_container(&self, pod_uid: &str, container_id: &str) -> Result<(), ArtifactError> {
+        self.host
+            .remove_container_dir(&self.root, pod_uid, container_id)
+            .map_err(|source| ArtifactError::Remove {
+                pod_uid: pod_uid.to_owned(),
+                container_id: container_id.to_owned(),
+                source,
+            })
+    }
+
+    fn list(&self, handle: &DirHandle) -> Result<Vec<String>, ArtifactError> {
+        self.host
+            .list(handle)
+            .map_err(|source| ArtifactError::List {
+                dir: handle.path().to_path_buf(),
+                source,
+            })
+    }
+
+    /// Removes staged temp files after a failure. Best effort: the failure that got us here is
+    /// the error to report, and the next write sweeps whatever is left.
+    fn discard(&self, handle: &DirHandle, staged: &[(String, &RenderedFile)]) {
+        for (temp, _) in staged {
+            let _ = self.host.unlink(handle, temp);
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! The daemon: wires configuration, the engine, the NRI connection, health endpoints and
+//! signal handling together.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nri_identity_backends::{AnyBackend, NamingMode, RuntimeKind};
+use nri_plugin::{ConnectionState, Options, Runner};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::engine::{Engine, EngineConfig};
+use crate::host::RealHost;
+use crate::metrics::Metrics;
+use crate::nri::IdentityPlugin;
+use crate::spire::{ApiConfig, DelegatedIdentityApi};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("runtime {0} has no backend in this build")]
+    NoBackend(RuntimeKind),
+    #[error("cannot listen on {addr} for health and metrics: {source}")]
+    Http {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Nri(#[from] nri_plugin::Error),
+}
+
+/// Runs until SIGTERM/SIGINT (or `shutdown` is cancelled).
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    let kind = RuntimeKind::from(config.runtime);
+    let backend = AnyBackend::for_kind(kind).ok_or(DaemonError::NoBackend(kind))?;
+    let metrics = Arc::new(Metrics::default());
+    let mut engine_cfg = EngineConfig::new(&config.artifact_root, config.annotation_policy());
+    engine_cfg.first_svid_timeout = config.first_svid_timeout();
+    engine_cfg.default_mode = config.attestation.map(NamingMode::from);
+    let engine = Engine::new(
+        engine_cfg,
+        DelegatedIdentityApi::new(ApiConfig::default()),
+        Arc::new(RealHost::new()),
+        backend,
+        metrics.clone(),
+    );
+
+    let mut options =
+        Options::new(&config.plugin_name, &config.plugin_index).socket_path(&config.nri_socket);
+    options = options.from_env()?;
+    let runner = Runner::new(Arc::new(IdentityPlugin::new(engine.clone())), options)?;
+
+    if let Some(addr) = config.http_address {
+        let listener = crate::http::bind(addr)
+            .await
+            .map_err(|source| DaemonError::Http { addr, source })?;
+        info!(%addr, "serving /healthz, /readyz and /metrics");
+        tokio::spawn(crate::http::serve(
+            listener,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
+
+    // Readiness follows the runtime connection...
+    let mut state = runner.state();
+    let m = metrics.clone();
+    tokio::spawn(async move {
+        loop {
+            let ready = state.borrow_and_update().is_ready();
+            m.set_nri_ready(ready);
+            if let ConnectionState::Disconnected { reason } = &*state.borrow() {
+                warn!(%reason, "not connected to the runtime");
+            }
+            if state.changed().await.is_err() {
+                m.set_nri_ready(false);
+                return;
+            }
+        }
+    });
+    // ...and whether the agent answers.
+    let probe_engine = engine.clone();
+    let probe_stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            let ok = probe_engine.probe_agent().await;
+            if last != Some(ok) {
+                if ok {
+                    info!("the SPIRE agent answers")
+                } else {
+                    warn!("the SPIRE agent does not answer")
+                }
+                last = Some(ok);
+            }
+            tokio::select! {
+                _ = probe_stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(if ok { 10 } else { 2 })) => {}
+            }
+        }
+    });
+
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = int.recv() => info!("SIGINT: shutting down"),
+            _ = signals.cancelled() => {}
+        }
+        signals.cancel();
+    });
+
+    let result = runner.run(shutdown.clone()).await;
+    shutdown.cancel();
+    let drained = engine.shutdown(config.drain_timeout()).await;
+    if drained {
+        info!("stopped gracefully");
+    } else {
+        warn!(
+            timeout_ms = config.drain_timeout_ms,
+            "drain timed out; exiting anyway"
+        );
+    }
+    // Files stay in place: containers keep their identity across a daemon restart, and the
+    // next instance resumes rotation from the runtime's Synchronize.
+    result.map_err(DaemonError::from)
+}

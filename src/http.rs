@@ -1,0 +1,102 @@
+//! `/healthz`, `/readyz` and `/metrics` over a minimal HTTP/1.1 server: three fixed GET
+//! endpoints do not justify an HTTP stack in a daemon sized in single MiB.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::metrics::Metrics;
+
+/// Serves until `shutdown`. Readiness: registered with the runtime and the agent answers.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    loop {
+        let (mut stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(error) => {
+                    warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await
+            {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let path = request.split_whitespace().nth(1).unwrap_or("");
+            let (status, body) = respond(path, &metrics);
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            if let Err(error) = stream.write_all(response.as_bytes()).await {
+                debug!(%peer, %error, "writing an HTTP response failed");
+            }
+        });
+    }
+}
+
+pub fn respond(path: &str, metrics: &Metrics) -> (&'static str, String) {
+    match path {
+        "/healthz" => ("200 OK", "ok\n".into()),
+        "/readyz" => {
+            let (nri, agent) = (metrics.nri_ready(), metrics.agent_ready());
+            let body = format!("nri: {}\nagent: {}\n", word(nri), word(agent));
+            if nri && agent {
+                ("200 OK", body)
+            } else {
+                ("503 Service Unavailable", body)
+            }
+        }
+        "/metrics" => {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            ("200 OK", metrics.render(now))
+        }
+        _ => ("404 Not Found", "not found\n".into()),
+    }
+}
+
+fn word(ok: bool) -> &'static str {
+    if ok { "ready" } else { "not ready" }
+}
+
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_when_registered_and_the_agent_answers() {
+        let m = Metrics::default();
+        assert_eq!(respond("/readyz", &m).0, "503 Service Unavailable");
+        m.set_nri_ready(true);
+        assert_eq!(respond("/readyz", &m).0, "503 Service Unavailable");
+        m.set_agent_ready(true);
+        assert_eq!(respond("/readyz", &m).0, "200 OK");
+        assert_eq!(respond("/healthz", &m).0, "200 OK");
+        assert!(
+            respond("/metrics", &m)
+                .1
+                .contains("nri_identity_served_total")
+        );
+        assert_eq!(respond("/nope", &m).0, "404 Not Found");
+    }
+}

@@ -1,0 +1,196 @@
+//! The NRI backend: turns runtime events into engine calls and engine errors into NRI
+//! statuses. This is the one place where errors become wire codes.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use nri_identity_backends::{ContainerInfo, PodInfo};
+use nri_plugin::api::{Container, ContainerAdjustment, ContainerUpdate, Mount, PodSandbox};
+use nri_plugin::{Code, Context, CreateReply, Plugin, RuntimeInfo, Status};
+use tracing::{debug, info, warn};
+
+use crate::engine::{ContainerError, Engine, EngineError};
+use crate::spire::IdentitySource;
+
+/// The daemon as an NRI plugin.
+pub struct IdentityPlugin<S> {
+    engine: Engine<S>,
+}
+
+impl<S> IdentityPlugin<S> {
+    pub fn new(engine: Engine<S>) -> Self {
+        IdentityPlugin { engine }
+    }
+}
+
+pub fn pod_info(pod: &PodSandbox) -> PodInfo {
+    PodInfo {
+        id: pod.id.clone(),
+        uid: pod.uid.clone(),
+        name: pod.name.clone(),
+        namespace: pod.namespace.clone(),
+        labels: pod.labels.clone(),
+        annotations: pod.annotations.clone(),
+        runtime_handler: pod.runtime_handler.clone(),
+    }
+}
+
+pub fn container_info(c: &Container) -> ContainerInfo {
+    ContainerInfo {
+        id: c.id.clone(),
+        name: c.name.clone(),
+        pid: (c.pid > 0).then_some(c.pid as i32),
+        user: c.user.as_ref().map(|u| (u.uid, u.gid)),
+        labels: c.labels.clone(),
+        annotations: c.annotations.clone(),
+        cgroups_path: c
+            .linux
+            .as_ref()
+            .map(|l| l.cgroups_path.clone())
+            .unwrap_or_default(),
+        image: c.image.as_ref().map(|i| i.name.clone()).unwrap_or_default(),
+        mounts: c
+            .mounts
+            .iter()
+            .map(|m| (PathBuf::from(&m.destination), PathBuf::from(&m.source)))
+            .collect(),
+        running: c.state == nri_plugin::api::v1alpha1::ContainerState::ContainerRunning as i32,
+    }
+}
+
+/// The single mapping from engine errors to the status the runtime sees. containerd fails
+/// CreateContainer and StartContainer on any status; the code tells operators what kind of
+/// problem it is.
+pub fn status(e: &ContainerError) -> Status {
+    let code = match &*e.error {
+        EngineError::InvalidAnnotation(_) | EngineError::NoSuchHint { .. } => Code::InvalidArgument,
+        EngineError::UnexpectedSpiffeId { .. } => Code::PermissionDenied,
+        EngineError::Agent { .. }
+        | EngineError::NoIdentity { .. }
+        | EngineError::NoBundle { .. } => Code::Unavailable,
+        EngineError::MissingMount
+        | EngineError::Backend(_)
+        | EngineError::ProcessGone { .. }
+        | EngineError::ProcessMoved { .. }
+        | EngineError::MissingTrustDomain { .. }
+        | EngineError::SelectorsUnavailable => Code::FailedPrecondition,
+        EngineError::Host(_) | EngineError::Artifacts(_) => Code::Internal,
+    };
+    Status::new(code, format!("nri-identity-injector: {e}"))
+}
+
+#[nri_plugin::plugin]
+impl<S: IdentitySource> Plugin for IdentityPlugin<S> {
+    async fn configure(&self, _ctx: &Context, runtime: &RuntimeInfo) -> Result<(), Status> {
+        info!(runtime = %runtime.name, version = %runtime.version, nri_version = %runtime.nri_version,
+            request_timeout_ms = runtime.request_timeout.as_millis() as u64, "connected to the runtime");
+        Ok(())
+    }
+
+    async fn synchronize(
+        &self,
+        _ctx: &Context,
+        pods: Vec<PodSandbox>,
+        containers: Vec<Container>,
+    ) -> Result<Vec<ContainerUpdate>, Status> {
+        let index: BTreeMap<&str, usize> = pods
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.id.as_str(), i))
+            .collect();
+        let pod_infos: Vec<PodInfo> = pods.iter().map(pod_info).collect();
+        let containers_idx: Vec<(ContainerInfo, Option<usize>)> = containers
+            .iter()
+            .map(|c| {
+                (
+                    container_info(c),
+                    index.get(c.pod_sandbox_id.as_str()).copied(),
+                )
+            })
+            .collect();
+        let infos: Vec<ContainerInfo> = containers_idx.iter().map(|(c, _)| c.clone()).collect();
+        let lookup: BTreeMap<String, usize> = containers_idx
+            .iter()
+            .filter_map(|(c, i)| i.map(|i| (c.id.clone(), i)))
+            .collect();
+        self.engine
+            .synchronize(&pod_infos, &infos, |c| lookup.get(&c.id).copied());
+        debug!(
+            pods = pods.len(),
+            containers = containers.len(),
+            "synchronized"
+        );
+        Ok(Vec::new())
+    }
+
+    async fn create_container(
+        &self,
+        _ctx: &Context,
+        pod: PodSandbox,
+        c: Container,
+    ) -> Result<CreateReply, Status> {
+        let (pod, c) = (pod_info(&pod), container_info(&c));
+        match self.engine.create_container(&pod, &c) {
+            Ok(None) => Ok(CreateReply::default()),
+            Ok(Some(m)) => {
+                let mount = Mount {
+                    destination: m.destination.to_string_lossy().into_owned(),
+                    r#type: m.kind.to_owned(),
+                    source: m.source.to_string_lossy().into_owned(),
+                    options: m.options.iter().map(|o| (*o).to_owned()).collect(),
+                };
+                Ok(ContainerAdjustment {
+                    mounts: vec![mount],
+                    ..Default::default()
+                }
+                .into())
+            }
+            Err(e) => {
+                warn!(error = %e, "refusing the container");
+                Err(status(&e))
+            }
+        }
+    }
+
+    async fn start_container(
+        &self,
+        ctx: &Context,
+        pod: PodSandbox,
+        c: Container,
+    ) -> Result<(), Status> {
+        let (pod, c) = (pod_info(&pod), container_info(&c));
+        self.engine
+            .start_container(&pod, &c, ctx.deadline())
+            .await
+            .map_err(|e| {
+                warn!(error = %e, "failing the start");
+                status(&e)
+            })
+    }
+
+    async fn stop_container(
+        &self,
+        _ctx: &Context,
+        _pod: PodSandbox,
+        c: Container,
+    ) -> Result<Vec<ContainerUpdate>, Status> {
+        self.engine.stop_container(&container_info(&c));
+        Ok(Vec::new())
+    }
+
+    async fn remove_container(
+        &self,
+        _ctx: &Context,
+        pod: PodSandbox,
+        c: Container,
+    ) -> Result<(), Status> {
+        self.engine
+            .remove_container(&pod_info(&pod), &container_info(&c));
+        Ok(())
+    }
+
+    async fn remove_pod_sandbox(&self, _ctx: &Context, pod: PodSandbox) -> Result<(), Status> {
+        self.engine.remove_pod(&pod_info(&pod));
+        Ok(())
+    }
+}

@@ -1,0 +1,405 @@
+//! [`DelegatedIdentityApi`]: the production [`IdentitySource`], a gRPC client of the SPIRE
+//! agent's Delegated Identity API over its admin unix socket.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tokio_stream::Stream;
+use tonic::transport::{Channel, Endpoint, Uri};
+use zeroize::Zeroizing;
+
+use super::proto::api::agent::delegatedidentity::v1::{
+    SubscribeToX509BundlesRequest, SubscribeToX509BundlesResponse, SubscribeToX509sviDsRequest,
+    SubscribeToX509sviDsResponse, delegated_identity_client::DelegatedIdentityClient,
+};
+use super::proto::api::types;
+use super::{
+    BundleSet, BundleStream, DecodeError, IdentitySource, SourceError, SvidStream, SvidUpdate,
+    Workload, X509Svid, split_der_certificates,
+};
+
+/// Tuning of [`DelegatedIdentityApi`].
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// Bound on dialling the socket and setting up HTTP/2. A local socket answers at once or
+    /// not at all, so this only needs to cover a loaded node.
+    pub connect_timeout: Duration,
+    /// Largest message accepted from the agent. gRPC's (and tonic's) 4 MiB default is too small
+    /// for workloads with many identities (spire#3965).
+    pub max_decoding_message_size: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(3),
+            max_decoding_message_size: 16 << 20,
+        }
+    }
+}
+
+/// Talks to SPIRE agents over their admin sockets.
+///
+/// One HTTP/2 connection per agent path is cached and shared by every subscription to that
+/// agent (the agent authenticates the connecting process once per connection and again per
+/// call, so fewer connections mean less work for it). A connection that failed is dropped from
+/// the cache and redialled on the next call.
+#[derive(Default)]
+pub struct DelegatedIdentityApi {
+    config: ApiConfig,
+    channels: Mutex<HashMap<PathBuf, Channel>>,
+}
+
+impl DelegatedIdentityApi {
+    pub fn new(config: ApiConfig) -> Self {
+        Self {
+            config,
+            channels: Mutex::default(),
+        }
+    }
+
+    async fn client(&self, agent: &Path) -> Result<DelegatedIdentityClient<Channel>, SourceError> {
+        let channel = match self.cached(agent) {
+            Some(channel) => channel,
+            None => {
+                let channel = connect(agent, self.config.connect_timeout).await?;
+                // Two concurrent first calls may both dial; the later insert wins and the
+                // other connection closes when its calls end. Harmless and rare.
+                self.lock().insert(agent.to_owned(), channel.clone());
+                channel
+            }
+        };
+        Ok(DelegatedIdentityClient::new(channel)
+            .max_decoding_message_size(self.config.max_decoding_message_size))
+    }
+
+    fn cached(&self, agent: &Path) -> Option<Channel> {
+        self.lock().get(agent).cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Channel>> {
+        // The map stays consistent even if a holder panicked: every operation is one call.
+        self.channels.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Maps the failure of a call (not of a stream item). A status carrying a source error
+    /// was made up by tonic from a transport failure, not sent by the agent: report it as a
+    /// connection problem and forget the connection.
+    fn call_failed(&self, agent: &Path, status: tonic::Status) -> SourceError {
+        if std::error::Error::source(&status).is_some() {
+            self.lock().remove(agent);
+            return SourceError::Connect {
+                path: agent.to_owned(),
+                source: Box::new(status),
+            };
+        }
+        status.into()
+    }
+}
+
+impl IdentitySource for DelegatedIdentityApi {
+    async fn subscribe_svids(
+        &self,
+        agent: &Path,
+        workload: &Workload,
+    ) -> Result<SvidStream, SourceError> {
+        let request = svid_request(workload)?;
+        let mut client = self.client(agent).await?;
+        let stream = client
+            .subscribe_to_x509svi_ds(request)
+            .await
+            .map_err(|status| self.call_failed(agent, status))?
+            .into_inner();
+        Ok(Box::pin(Updates::new(stream, svid_update)))
+    }
+
+    async fn subscribe_bundles(&self, agent: &Path) -> Result<BundleStream, SourceError> {
+        let mut client = self.client(agent).await?;
+        let stream = client
+            .subscribe_to_x509_bundles(SubscribeToX509BundlesRequest {})
+            .await
+            .map_err(|status| self.call_failed(agent, status))?
+            .into_inner();
+        Ok(Box::pin(Updates::new(stream, bundle_set)))
+    }
+
+    async fn probe(&self, agent: &Path) -> Result<(), SourceError> {
+        // A bare connect: proves the agent is listening without costing it an attestation.
+        match tokio::time::timeout(self.config.connect_timeout, UnixStream::connect(agent)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(connect_error(agent, e)),
+            Err(_) => Err(connect_error(
+                agent,
+                timeout_error(self.config.connect_timeout),
+            )),
+        }
+    }
+}
+
+async fn connect(agent: &Path, timeout: Duration) -> Result<Channel, SourceError> {
+    let path: Arc<Path> = agent.into();
+    let connector = tower::service_fn(move |_: Uri| {
+        let path = Arc::clone(&path);
+        async move { UnixStream::connect(&*path).await.map(TokioIo::new) }
+    });
+    // The URI only fills the :authority header; the connector ignores it.
+    let endpoint = Endpoint::from_static("http://localhost").connect_timeout(timeout);
+    // tonic's connect timeout covers only the connector; bound the HTTP/2 setup as well.
+    match tokio::time::timeout(timeout, endpoint.connect_with_connector(connector)).await {
+        Ok(Ok(channel)) => Ok(channel),
+        Ok(Err(e)) => Err(connect_error(agent, e)),
+        Err(_) => Err(connect_error(agent, timeout_error(timeout))),
+    }
+}
+
+fn connect_error(
+    agent: &Path,
+    source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> SourceError {
+    SourceError::Connect {
+        path: agent.to_owned(),
+        source: source.into(),
+    }
+}
+
+fn timeout_error(timeout: Duration) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("no answer within {timeout:?}"),
+    )
+}
+
+fn svid_request(workload: &Workload) -> Result<SubscribeToX509sviDsRequest, SourceError> {
+    // Refused here rather than by the agent: 0 means "no PID" on the wire, a negative PID is
+    // never valid, and an empty selector set would be read as "neither given".
+    match workload {
+        Workload::Pid(pid) if *pid <= 0 => {
+            Err(SourceError::InvalidWorkload("PID must be positive"))
+        }
+        Workload::Pid(pid) => Ok(SubscribeToX509sviDsRequest {
+            selectors: Vec::new(),
+            pid: *pid,
+        }),
+        Workload::Selectors(selectors) if selectors.is_empty() => {
+            Err(SourceError::InvalidWorkload("selector set is empty"))
+        }
+        Workload::Selectors(selectors) => Ok(SubscribeToX509sviDsRequest {
+            selectors: selectors
+                .iter()
+                .map(|s| types::Selector {
+                    r#type: s.kind.clone(),
+                    value: s.value.clone(),
+                })
+                .collect(),
+            pid: 0,
+        }),
+    }
+}
+
+/// Converts one SVID message. Unusable SVIDs are dropped rather than failing the message: the
+/// others in the set are still good, and the agent itself never sends such entries.
+fn svid_update(response: SubscribeToX509sviDsResponse) -> Result<SvidUpdate, SourceError> {
+    let mut svids = Vec::with_capacity(response.x509_svids.len());
+    for with_key in response.x509_svids {
+        // Wrapped first so that the key is wiped even when the SVID is dropped below.
+        let private_key = Zeroizing::new(with_key.x509_svid_key);
+        let Some(svid) = with_key.x509_svid else {
+            tracing::warn!("SPIRE agent sent an SVID entry without an SVID; ignored");
+            continue;
+        };
+        let Some(id) = svid.id.filter(|id| !id.trust_domain.is_empty()) else {
+            tracing::warn!("SPIRE agent sent an SVID without a SPIFFE ID; ignored");
+            continue;
+        };
+        let spiffe_id = spiffe_id(&id.trust_domain, &id.path);
+        if svid.cert_chain.is_empty() || svid.cert_chain.iter().any(Vec::is_empty) {
+            tracing::warn!(%spiffe_id, "SPIRE agent sent an SVID with an empty certificate chain; ignored");
+            continue;
+        }
+        if private_key.is_empty() {
+            tracing::warn!(%spiffe_id, "SPIRE agent sent an SVID without a private key; ignored");
+            continue;
+        }
+        svids.push(X509Svid {
+            spiffe_id,
+            cert_chain: svid.cert_chain,
+            private_key,
+            expires_at: svid.expires_at,
+            hint: svid.hint,
+        });
+    }
+    Ok(SvidUpdate {
+        svids,
+        federates_with: response
+            .federates_with
+            .iter()
+            .map(|td| trust_domain_id(td))
+            .collect(),
+    })
+}
+
+fn bundle_set(response: SubscribeToX509BundlesResponse) -> Result<BundleSet, SourceError> {
+    let mut bundles = std::collections::BTreeMap::new();
+    for (key, der) in response.ca_certificates {
+        let trust_domain = trust_domain_id(&key);
+        let certs = split_der_certificates(&der).map_err(|source| DecodeError::Bundle {
+            trust_domain: trust_domain.clone(),
+            source,
+        })?;
+        bundles.insert(trust_domain, certs);
+    }
+    Ok(BundleSet { bundles })
+}
+
+/// `spiffe://<td><path>`; the agent sends paths with their leading `/`, but a bare one is
+/// accepted so that the result is always a well-formed ID.
+fn spiffe_id(trust_domain: &str, path: &str) -> String {
+    if path.is_empty() || path.starts_with('/') {
+        format!("spiffe://{trust_domain}{path}")
+    } else {
+        format!("spiffe://{trust_domain}/{path}")
+    }
+}
+
+/// The agent keys bundles and lists federated domains as `spiffe://<td>`, although the proto
+/// comments speak of trust domain names; accept both and always give the ID form.
+fn trust_domain_id(key: &str) -> String {
+    if key.starts_with("spiffe://") {
+        key.to_owned()
+    } else {
+        format!("spiffe://{key}")
+    }
+}
+
+/// Adapts a tonic stream to the seam's contract: converted items, every error final, and an
+/// explicit [`SourceError::StreamEnded`] when the agent ends the stream cleanly.
+struct Updates<T, U> {
+    /// `None` once an error was returned; dropping the tonic stream cancels the call.
+    inner: Option<tonic::Streaming<T>>,
+    convert: fn(T) -> Result<U, SourceError>,
+}
+
+impl<T, U> Updates<T, U> {
+    fn new(inner: tonic::Streaming<T>, convert: fn(T) -> Result<U, SourceError>) -> Self {
+        Self {
+            inner: Some(inner),
+            convert,
+        }
+    }
+}
+
+impl<T, U> Stream for Updates<T, U> {
+    type Item = Result<U, SourceError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let error = match ready!(Pin::new(inner).poll_next(cx)) {
+            Some(Ok(message)) => match (this.convert)(message) {
+                Ok(update) => return Poll::Ready(Some(Ok(update))),
+                Err(e) => e,
+            },
+            // A status with a source was made up by tonic from a transport failure; one
+            // from the agent has none.
+            Some(Err(status)) if std::error::Error::source(&status).is_some() => {
+                SourceError::Disconnected(Box::new(status))
+            }
+            Some(Err(status)) => status.into(),
+            None => SourceError::StreamEnded,
+        };
+        this.inner = None;
+        Poll::Ready(Some(Err(error)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spire::Selector;
+    use crate::spire::proto::api::agent::delegatedidentity::v1::X509svidWithKey;
+
+    fn wire_svid(td: &str, path: &str, chain: Vec<Vec<u8>>, key: &[u8]) -> X509svidWithKey {
+        X509svidWithKey {
+            x509_svid: Some(types::X509svid {
+                cert_chain: chain,
+                id: Some(types::Spiffeid {
+                    trust_domain: td.into(),
+                    path: path.into(),
+                }),
+                expires_at: 1_700_000_000,
+                hint: "h".into(),
+            }),
+            x509_svid_key: key.to_vec(),
+        }
+    }
+
+    #[test]
+    fn requests_refuse_what_the_wire_cannot_express() {
+        for bad in [
+            Workload::Pid(0),
+            Workload::Pid(-3),
+            Workload::Selectors(vec![]),
+        ] {
+            let err = svid_request(&bad).unwrap_err();
+            assert_eq!(err.kind(), "invalid_workload");
+            assert!(!err.is_retryable());
+        }
+        let by_pid = svid_request(&Workload::Pid(7)).unwrap();
+        assert_eq!((by_pid.pid, by_pid.selectors.len()), (7, 0));
+        let by_sel =
+            svid_request(&Workload::Selectors(vec![Selector::new("unix", "uid:0")])).unwrap();
+        assert_eq!(by_sel.pid, 0);
+        assert_eq!(by_sel.selectors[0].r#type, "unix");
+        assert_eq!(by_sel.selectors[0].value, "uid:0");
+    }
+
+    #[test]
+    fn svid_messages_are_validated_and_ids_formed() {
+        let response = SubscribeToX509sviDsResponse {
+            x509_svids: vec![
+                wire_svid("example.org", "/web", vec![vec![0x30, 0]], b"key"),
+                wire_svid("example.org", "/nochain", vec![], b"key"),
+                wire_svid("example.org", "/emptycert", vec![vec![]], b"key"),
+                wire_svid("example.org", "/nokey", vec![vec![0x30, 0]], b""),
+                wire_svid("", "/notd", vec![vec![0x30, 0]], b"key"),
+                X509svidWithKey {
+                    x509_svid: None,
+                    x509_svid_key: b"key".to_vec(),
+                },
+                wire_svid("example.org", "bare", vec![vec![0x30, 0]], b"key"),
+            ],
+            federates_with: vec!["spiffe://other.org".into(), "bare.org".into()],
+        };
+        let update = svid_update(response).unwrap();
+        let ids: Vec<_> = update.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
+        assert_eq!(
+            ids,
+            ["spiffe://example.org/web", "spiffe://example.org/bare"]
+        );
+        assert_eq!(update.svids[0].hint, "h");
+        assert_eq!(update.svids[0].expires_at, 1_700_000_000);
+        assert_eq!(&update.svids[0].private_key[..], b"key");
+        assert_eq!(
+            update.federates_with,
+            ["spiffe://other.org", "spiffe://bare.org"]
+        );
+        assert!(!format!("{:?}", update.svids[0]).contains("107, 101, 121"));
+    }
+
+    #[test]
+    fn malformed_bundles_are_decode_errors() {
+        let mut ca_certificates = std::collections::BTreeMap::new();
+        ca_certificates.insert("spiffe://example.org".to_owned(), vec![0x30, 0x05, 1]);
+        let err = bundle_set(SubscribeToX509BundlesResponse { ca_certificates }).unwrap_err();
+        assert_eq!(err.kind(), "decode");
+        assert!(err.to_string().contains("spiffe://example.org"), "{err}");
+    }
+}

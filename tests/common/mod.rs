@@ -1,0 +1,381 @@
+//! A test bed for the daemon's own integration tests: the real engine and NRI plugin, a
+//! fake NRI runtime and a fake SPIRE agent over temporary unix sockets, real files in a
+//! temporary artifact root, and fake processes (so PIDs and cgroups are scriptable without
+//! real containers).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nri_identity_backends::{AnyBackend, RuntimeKind};
+use nri_identity_injector::annotation::Policy;
+use nri_identity_injector::engine::{Engine, EngineConfig};
+use nri_identity_injector::host::{
+    DirHandle, FileAttrs, HostError, HostOps, Owner, Pidfd, RealHost, RecordingHost,
+};
+use nri_identity_injector::metrics::Metrics;
+use nri_identity_injector::nri::IdentityPlugin;
+use nri_identity_injector::spire::fake::{FakeAgent, TestCa, WorkloadKey};
+use nri_identity_injector::spire::{ApiConfig, DelegatedIdentityApi, SvidUpdate, X509Svid};
+use nri_plugin::api::v1alpha1 as pb;
+use nri_plugin::testing::{FakeRuntime, PluginConn, RuntimeSettings, temp_socket};
+use nri_plugin::{Backoff, ConnectionState, Options, Runner, Status};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Real files, fake processes.
+#[derive(Debug)]
+pub struct MixedHost {
+    pub files: RealHost,
+    pub procs: RecordingHost,
+}
+
+impl HostOps for MixedHost {
+    fn open_root(&self, root: &Path) -> Result<DirHandle, HostError> {
+        self.files.open_root(root)
+    }
+    fn ensure_dir(
+        &self,
+        parent: &DirHandle,
+        name: &str,
+        mode: u32,
+    ) -> Result<DirHandle, HostError> {
+        self.files.ensure_dir(parent, name, mode)
+    }
+    fn open_dir(&self, parent: &DirHandle, name: &str) -> Result<Option<DirHandle>, HostError> {
+        self.files.open_dir(parent, name)
+    }
+    fn list(&self, dir: &DirHandle) -> Result<Vec<String>, HostError> {
+        self.files.list(dir)
+    }
+    fn create_temp(
+        &self,
+        dir: &DirHandle,
+        contents: &[u8],
+        attrs: FileAttrs<'_>,
+    ) -> Result<String, HostError> {
+        self.files.create_temp(dir, contents, attrs)
+    }
+    fn rename(&self, dir: &DirHandle, from: &str, to: &str) -> Result<(), HostError> {
+        self.files.rename(dir, from, to)
+    }
+    fn unlink(&self, dir: &DirHandle, name: &str) -> Result<bool, HostError> {
+        self.files.unlink(dir, name)
+    }
+    fn fsync_dir(&self, dir: &DirHandle) -> Result<(), HostError> {
+        self.files.fsync_dir(dir)
+    }
+    fn remove_all(&self, parent: &DirHandle, name: &str) -> Result<(), HostError> {
+        self.files.remove_all(parent, name)
+    }
+    fn remove_empty_dir(&self, parent: &DirHandle, name: &str) -> Result<bool, HostError> {
+        self.files.remove_empty_dir(parent, name)
+    }
+    fn set_xattr(
+        &self,
+        dir: &DirHandle,
+        name: Option<&str>,
+        attr: &str,
+        value: &[u8],
+    ) -> Result<(), HostError> {
+        self.files.set_xattr(dir, name, attr, value)
+    }
+    fn open_pidfd(&self, pid: u32) -> Result<Pidfd, HostError> {
+        self.procs.open_pidfd(pid)
+    }
+    fn process_cgroup(&self, pid: u32) -> Result<String, HostError> {
+        self.procs.process_cgroup(pid)
+    }
+    fn process_owner(&self, pid: u32) -> Result<Owner, HostError> {
+        self.procs.process_owner(pid)
+    }
+}
+
+pub const TD: &str = "example.org";
+
+pub struct Daemon {
+    pub engine: Engine<DelegatedIdentityApi>,
+    pub metrics: Arc<Metrics>,
+    pub state: watch::Receiver<ConnectionState>,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<Result<(), nri_plugin::Error>>,
+}
+
+pub struct Bed {
+    pub agent: FakeAgent,
+    pub ca: TestCa,
+    pub root: PathBuf,
+    pub host: Arc<MixedHost>,
+    pub runtime: FakeRuntime,
+    pub conn: PluginConn,
+    pub daemon: Daemon,
+    pub first_svid_timeout: Duration,
+}
+
+pub fn unique_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "nii-it-{}-{tag}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+impl Bed {
+    pub async fn new() -> Bed {
+        Bed::with_timeout(Duration::from_millis(800)).await
+    }
+
+    pub async fn with_timeout(first_svid_timeout: Duration) -> Bed {
+        let agent = FakeAgent::start().await.unwrap();
+        let ca = TestCa::new(TD).unwrap();
+        agent.set_bundle(&ca.trust_domain_id(), &[ca.cert_der().to_vec()]);
+        let root = unique_dir("root").join("artifacts");
+        let host = Arc::new(MixedHost {
+            files: RealHost::new(),
+            procs: RecordingHost::new(),
+        });
+        let nri_path = temp_socket("d");
+        let runtime = FakeRuntime::bind(&nri_path);
+        let daemon = spawn_daemon(&agent, &root, host.clone(), &nri_path, first_svid_timeout);
+        let conn = runtime.accept(RuntimeSettings::default()).await;
+        conn.handshake().await;
+        Bed {
+            agent,
+            ca,
+            root,
+            host,
+            runtime,
+            conn,
+            daemon,
+            first_svid_timeout,
+        }
+    }
+
+    /// Stops the daemon and starts a new one against the same runtime and agent; the new
+    /// connection is synchronized with `pods` and `containers`.
+    pub async fn restart_daemon(
+        &mut self,
+        pods: Vec<pb::PodSandbox>,
+        containers: Vec<pb::Container>,
+    ) {
+        self.daemon.shutdown.cancel();
+        let _ = (&mut self.daemon.task).await;
+        self.daemon = spawn_daemon(
+            &self.agent,
+            &self.root,
+            self.host.clone(),
+            &self.runtime.path,
+            self.first_svid_timeout,
+        );
+        self.conn = self.runtime.accept(RuntimeSettings::default()).await;
+        self.conn.configure().await;
+        self.conn.synchronize(pods, containers, 100).await;
+    }
+
+    pub fn svid(&self, path: &str) -> X509Svid {
+        self.ca.mint(path, Duration::from_secs(3600)).unwrap()
+    }
+
+    /// Scripts the agent's answer for a PID.
+    pub fn serve_pid(&self, pid: u32, svid: X509Svid) {
+        self.agent.set_svids(
+            WorkloadKey::Pid(pid as i32),
+            SvidUpdate {
+                svids: vec![svid],
+                federates_with: vec![],
+            },
+        );
+    }
+
+    /// A fake container process in the container's cgroup, running as `uid`.
+    pub fn process(&self, pid: u32, container_id: &str, uid: u32) {
+        self.host.procs.add_process(
+            pid,
+            format!("12:pids:/kubepods/besteffort/podx/{container_id}\n"),
+        );
+        self.host
+            .procs
+            .set_process_owner(pid, Owner { uid, gid: uid });
+    }
+
+    pub fn dir(&self, pod_uid: &str, container_id: &str) -> PathBuf {
+        self.root.join(pod_uid).join(container_id)
+    }
+
+    pub async fn create(
+        &self,
+        pod: &pb::PodSandbox,
+        c: &pb::Container,
+    ) -> Result<pb::CreateContainerResponse, Status> {
+        self.conn
+            .call(
+                "CreateContainer",
+                &pb::CreateContainerRequest {
+                    pod: Some(pod.clone()),
+                    container: Some(c.clone()),
+                },
+            )
+            .await
+    }
+
+    pub async fn start(
+        &self,
+        pod: &pb::PodSandbox,
+        c: &pb::Container,
+    ) -> Result<pb::Empty, Status> {
+        self.conn
+            .call(
+                "StartContainer",
+                &pb::StartContainerRequest {
+                    pod: Some(pod.clone()),
+                    container: Some(c.clone()),
+                },
+            )
+            .await
+    }
+
+    pub async fn stop(&self, pod: &pb::PodSandbox, c: &pb::Container) {
+        let _: pb::StopContainerResponse = self
+            .conn
+            .call(
+                "StopContainer",
+                &pb::StopContainerRequest {
+                    pod: Some(pod.clone()),
+                    container: Some(c.clone()),
+                },
+            )
+            .await
+            .unwrap();
+    }
+
+    pub async fn remove(&self, pod: &pb::PodSandbox, c: &pb::Container) {
+        let _: pb::Empty = self
+            .conn
+            .call(
+                "RemoveContainer",
+                &pb::RemoveContainerRequest {
+                    pod: Some(pod.clone()),
+                    container: Some(c.clone()),
+                },
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Waits until `file` in a container's directory has `predicate`-satisfying contents.
+    pub async fn wait_file(
+        &self,
+        path: &Path,
+        timeout: Duration,
+        predicate: impl Fn(&[u8]) -> bool,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Ok(bytes) = std::fs::read(path)
+                && predicate(&bytes)
+            {
+                return true;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+fn spawn_daemon(
+    agent: &FakeAgent,
+    root: &Path,
+    host: Arc<MixedHost>,
+    nri_path: &Path,
+    first_svid_timeout: Duration,
+) -> Daemon {
+    let metrics = Arc::new(Metrics::default());
+    let mut cfg = EngineConfig::new(root, Policy::new(agent.path()));
+    cfg.first_svid_timeout = first_svid_timeout;
+    cfg.retry_initial = Duration::from_millis(20);
+    cfg.retry_max = Duration::from_millis(200);
+    let backend = AnyBackend::for_kind(RuntimeKind::Containerd).unwrap();
+    let engine = Engine::new(
+        cfg,
+        DelegatedIdentityApi::new(ApiConfig::default()),
+        host,
+        backend,
+        metrics.clone(),
+    );
+    let mut options = Options::new("identity", "10").socket_path(nri_path);
+    options.backoff = Backoff {
+        initial: Duration::from_millis(10),
+        max: Duration::from_millis(100),
+    };
+    let runner = Runner::new(Arc::new(IdentityPlugin::new(engine.clone())), options).unwrap();
+    let state = runner.state();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(runner.run(shutdown.clone()));
+    Daemon {
+        engine,
+        metrics,
+        state,
+        shutdown,
+        task,
+    }
+}
+
+pub fn annotated_pod(name: &str, uid: &str, annotations: &[(&str, &str)]) -> pb::PodSandbox {
+    pb::PodSandbox {
+        id: format!("sandbox-{name}"),
+        name: name.into(),
+        uid: uid.into(),
+        namespace: "default".into(),
+        annotations: annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+pub fn container(pod: &pb::PodSandbox, name: &str, id: &str, pid: u32) -> pb::Container {
+    pb::Container {
+        id: id.into(),
+        pod_sandbox_id: pod.id.clone(),
+        name: name.into(),
+        pid,
+        ..Default::default()
+    }
+}
+
+/// The design proposal's annotation for container `name`, with `agent` as the socket.
+pub fn identity_annotation(agent: &Path, cert_dir: &str) -> String {
+    format!(
+        "- spire_agent_address: {}\n  cert_dir: {cert_dir}\n  svid_file_name: svid.pem\n  svid_key_file_name: svid_key.pem\n  svid_bundle_file_name: svid_bundle.pem\n",
+        agent.display()
+    )
+}
+
+/// PEM blocks of `label` in `pem`, decoded.
+pub fn pem_blocks(pem: &[u8], label: &str) -> Vec<Vec<u8>> {
+    use base64::Engine as _;
+    let text = String::from_utf8_lossy(pem);
+    let begin = format!("-----BEGIN {label}-----");
+    let end = format!("-----END {label}-----");
+    let mut out = Vec::new();
+    let mut rest = text.as_ref();
+    while let Some(i) = rest.find(&begin) {
+        let after = &rest[i + begin.len()..];
+        let Some(j) = after.find(&end) else { break };
+        let b64: String = after[..j].chars().filter(|c| !c.is_whitespace()).collect();
+        out.push(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap(),
+        );
+        rest = &after[j + end.len()..];
+    }
+    out
+}
