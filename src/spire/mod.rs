@@ -201,7 +201,7 @@ pub trait IdentitySource: Send + Sync + 'static {
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     /// The agent's socket could not be reached (missing, refused, or no answer in time).
-    #[error("cannot reach the SPIRE agent at {}: {source}", path.display())]
+    #[error("cannot connect: {}", root_cause(source.as_ref()))]
     Connect {
         path: PathBuf,
         #[source]
@@ -222,6 +222,16 @@ pub enum SourceError {
     /// The request was refused before it was sent (see [`Workload`]).
     #[error("invalid workload reference: {0}")]
     InvalidWorkload(&'static str),
+}
+
+/// The innermost error of a chain: transport layers wrap the one worth reading (e.g.
+/// "connection refused") in several generic ones ("transport error").
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut e = e;
+    while let Some(next) = e.source() {
+        e = next;
+    }
+    e.to_string()
 }
 
 /// Content of an agent response that fails validation.

@@ -1,0 +1,90 @@
+//! The reference for the StartContainer benchmark (tests/e2e/bench.sh): an NRI plugin that,
+//! at StartContainer, asks the SPIRE agent for the container's PID through the Delegated
+//! Identity API and waits for the first SVID — no files, no checks, no pidfd. The daemon's
+//! time is compared with this one's for the same kind of container on the same bed.
+//!
+//! Usage: bare_fetch --socket NRI_SOCKET --agent ADMIN_SOCKET
+//! Logs one line per container: `bare-fetch container=<id> elapsed_ms=<ms> svids=<n>`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use nri_identity_injector::spire::{ApiConfig, DelegatedIdentityApi, IdentitySource, Workload};
+use nri_plugin::api::{Container, PodSandbox};
+use nri_plugin::{Context, Options, Plugin, Runner, Status};
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+struct BareFetch {
+    agent: PathBuf,
+    api: DelegatedIdentityApi,
+}
+
+#[nri_plugin::plugin]
+impl Plugin for BareFetch {
+    async fn start_container(
+        &self,
+        _: &Context,
+        _: PodSandbox,
+        c: Container,
+    ) -> Result<(), Status> {
+        let t = Instant::now();
+        let mut stream = self
+            .api
+            .subscribe_svids(&self.agent, &Workload::Pid(c.pid as i32))
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let svids = loop {
+            match stream.next().await {
+                Some(Ok(u)) if !u.svids.is_empty() => break u.svids.len(),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(Status::unavailable(e.to_string())),
+                None => return Err(Status::unavailable("stream ended")),
+            }
+        };
+        eprintln!(
+            "bare-fetch container={} elapsed_ms={:.3} svids={svids}",
+            c.id,
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(())
+    }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut socket = PathBuf::from(nri_plugin::DEFAULT_SOCKET_PATH);
+    let mut agent = PathBuf::from("/run/spire/admin/admin.sock");
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args.next().ok_or("missing value")?;
+        match flag.as_str() {
+            "--socket" => socket = value.into(),
+            "--agent" => agent = value.into(),
+            other => return Err(format!("unknown flag {other}").into()),
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let plugin = Arc::new(BareFetch {
+            agent,
+            api: DelegatedIdentityApi::new(ApiConfig::default()),
+        });
+        let runner = Runner::new(plugin, Options::new("bare-fetch", "10").socket_path(socket))?;
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            if let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            {
+                term.recv().await;
+                stop.cancel();
+            }
+        });
+        runner.run(shutdown).await
+    })?;
+    Ok(())
+}

@@ -1,0 +1,88 @@
+# shellcheck shell=bash
+# The daemon under test on the bed (source after bed.sh): build it, start it against the
+# bed's NRI socket and SPIRE admin socket, and helpers to drive annotated pods.
+
+_NII_LIB=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+NII_ROOT=$(cd "$_NII_LIB/../../.." && pwd)
+NII_PROFILE=${NII_PROFILE:-release}
+
+# nii_build : cargo build of the daemon (release by default: timings are reported).
+nii_build() {
+	local flag=()
+	[[ $NII_PROFILE == release ]] && flag=(--release)
+	(cd "$NII_ROOT" && cargo build -q "${flag[@]}" -p nri-identity-injector --bin nri-identity-injector) || return 1
+	NII_BIN=${CARGO_TARGET_DIR:-$NII_ROOT/target}/$NII_PROFILE/nri-identity-injector
+	export NII_BIN
+}
+
+# nii_start [EXTRA-ARGS...] : start the daemon and wait until /readyz says ready
+# (registered with containerd and the agent answers).
+nii_start() {
+	NII_ARTIFACTS=${NII_ARTIFACTS:-$E2E/artifacts}
+	NII_HTTP=127.0.0.1:$(_bed_free_port)
+	export NII_ARTIFACTS NII_HTTP
+	# On a node the artifact root lives under /run, a tmpfs: keys never reach a disk and
+	# fsync costs nothing. This host's /run is on ext4, so give the bed its own tmpfs
+	# (bed_down unmounts everything under $E2E).
+	if ! mountpoint -q "$NII_ARTIFACTS"; then
+		mkdir -p "$NII_ARTIFACTS"
+		mount -t tmpfs -o size=64m,mode=0700 nii-artifacts "$NII_ARTIFACTS"
+	fi
+	_bed_rotate_log nii
+	bed_spawn nii "$NII_BIN" run \
+		--nri-socket "$NRI_SOCK" \
+		--agent-socket "$ADMIN_SOCK" \
+		--artifact-root "$NII_ARTIFACTS" \
+		--http-address "$NII_HTTP" \
+		--log-level "${NII_LOG_LEVEL:-nri_identity_injector=debug,nri_plugin=info,info}" \
+		"$@" >/dev/null
+	bed_wait 30 "daemon ready" curl -fsS -o /dev/null "http://$NII_HTTP/readyz"
+}
+
+nii_stop() { bed_stop nii 15; }
+
+# nii_metric NAME : the value of a metric line (first match).
+nii_metric() {
+	curl -fsS "http://$NII_HTTP/metrics" | awk -v m="$1" '$1 == m { print $2; exit }'
+}
+
+# nii_annotations KEY VALUE [KEY VALUE...] : a JSON object for bed_pod_json.
+nii_annotations() {
+	python3 -c 'import json, sys; a = sys.argv[1:]; print(json.dumps(dict(zip(a[::2], a[1::2]))))' "$@"
+}
+
+# nii_identity CERT_DIR [EXTRA-YAML-LINES...] : the design proposal's annotation value.
+nii_identity() {
+	local dir=$1
+	shift
+	printf -- '- spire_agent_address: %s\n  cert_dir: %s\n  svid_file_name: svid.pem\n  svid_key_file_name: svid_key.pem\n  svid_bundle_file_name: svid_bundle.pem\n' "$ADMIN_SOCK" "$dir"
+	local line
+	for line in "$@"; do printf '  %s\n' "$line"; done
+}
+
+# nii_dir POD_UID CID : the container's directory on the host.
+nii_dir() { echo "$NII_ARTIFACTS/$1/$2"; }
+
+# nii_spiffe_id CERT_PEM : the URI SAN of a certificate.
+nii_spiffe_id() {
+	openssl x509 -in "$1" -noout -ext subjectAltName 2>/dev/null | grep -o 'URI:spiffe://[^, ]*' | head -1 | cut -c5-
+}
+
+# nii_pair_matches DIR : the key in DIR belongs to the leaf certificate in DIR.
+nii_pair_matches() {
+	local a b
+	a=$(openssl x509 -in "$1/svid.pem" -noout -pubkey 2>/dev/null) || return 1
+	b=$(openssl pkey -in "$1/svid_key.pem" -pubout 2>/dev/null) || return 1
+	[[ -n $a && $a == "$b" ]]
+}
+
+# nii_serial DIR : the leaf certificate's serial number.
+nii_serial() { openssl x509 -in "$1/svid.pem" -noout -serial 2>/dev/null | cut -d= -f2; }
+
+# nii_delivered_ms CID : the daemon's own time from StartContainer to files on disk.
+nii_delivered_ms() {
+	grep "container_id=$1" "$E2E/logs/nii.log" | grep -m1 'identity delivered' | grep -o 'elapsed_ms=[0-9.]*' | cut -d= -f2
+}
+
+# nii_ms : milliseconds since the epoch.
+nii_ms() { date +%s%3N; }

@@ -1,0 +1,266 @@
+#!/usr/bin/env bash
+# End-to-end scenarios: the daemon on real containerd + runc + crictl + SPIRE. Each scenario
+# asserts and prints its timings; the last line is "N passed, M failed".
+#
+#   tests/e2e/run.sh [SCENARIO...]     (default: all; names as in the list below)
+#
+# Needs root. Builds what it needs (tests/e2e/lib/build.sh, cargo), caches Go builds.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=tests/e2e/lib/bed.sh
+. "$here/lib/bed.sh"
+# shellcheck source=tests/e2e/lib/nii.sh
+. "$here/lib/nii.sh"
+
+CHECK='if [ -f /var/certs/svid.pem ]; then echo "svid exists!"; else echo "svid does NOT exist."; fi'
+passed=0
+failed=0
+failures=()
+
+note() { printf '  %s\n' "$*"; }
+fail() {
+	printf '  FAIL: %s\n' "$*" >&2
+	return 1
+}
+
+# start_ctr POD_ID CTR_JSON POD_JSON : create+start; sets CID and START_MS (crictl start
+# latency). Not called through $(...), so the variables reach the caller.
+start_ctr() {
+	local t
+	CID=$("$CRICTL" create "$1" "$2" "$3") || return 1
+	t=$(nii_ms)
+	"$CRICTL" start "$CID" >/dev/null || return 1
+	START_MS=$(($(nii_ms) - t))
+}
+
+logs_of() { "$CRICTL" logs "$1" 2>&1; }
+
+# --- 1. the design proposal's pod --------------------------------------------
+scenario_proposal() {
+	local e0 e1 pod_uid ann pod pid c0 c1 c2 d0 d1 id
+	e0=$(bed_entry /c0 unix:uid:1001)
+	e1=$(bed_entry /c1 unix:uid:1002)
+	bed_wait_entry "$e0" "$e1"
+	pod_uid=$(bed_uuid)
+	# c1 leaves out svid_file_name: the default svid.pem applies.
+	ann=$(nii_annotations \
+		identity.noderesource.dev/container.c0 "$(nii_identity /var/certs)" \
+		identity.noderesource.dev/container.c1 "$(printf 'spire_agent_address: %s\ncert_dir: /var/certs\nsvid_key_file_name: svid_key.pem\n' "$ADMIN_SOCK")")
+	pod=$(bed_pod_json proposal "$pod_uid" "$ann")
+	pid=$("$CRICTL" runp "$pod")
+	start_ctr "$pid" "$(E2E_CTR_UID=1001 bed_ctr_json c0 sh -c "$CHECK; cat /var/certs/svid_key.pem >/dev/null && echo key-readable-by-\$(id -u)")" "$pod"
+	c0=$CID
+	note "c0: crictl start ${START_MS} ms, daemon StartContainer $(nii_delivered_ms "$c0") ms"
+	start_ctr "$pid" "$(E2E_CTR_UID=1002 bed_ctr_json c1 sh -c "$CHECK")" "$pod"
+	c1=$CID
+	note "c1: crictl start ${START_MS} ms, daemon StartContainer $(nii_delivered_ms "$c1") ms"
+	start_ctr "$pid" "$(bed_ctr_json c2 sh -c "$CHECK")" "$pod"
+	c2=$CID
+	note "c2: crictl start ${START_MS} ms (not annotated)"
+	for c in "$c0" "$c1" "$c2"; do bed_wait_exited "$c" 30 || fail "container $c did not exit"; done
+	[[ $(logs_of "$c0") == *"svid exists!"* ]] || fail "c0 printed: $(logs_of "$c0")"
+	[[ $(logs_of "$c0") == *"key-readable-by-1001"* ]] || fail "c0 (uid 1001) cannot read its key: $(logs_of "$c0")"
+	[[ $(logs_of "$c1") == *"svid exists!"* ]] || fail "c1 printed: $(logs_of "$c1")"
+	[[ $(logs_of "$c2") == *"svid does NOT exist."* ]] || fail "c2 printed: $(logs_of "$c2")"
+	note "c0: $(logs_of "$c0" | tr '\n' ' ')| c1: $(logs_of "$c1") | c2: $(logs_of "$c2")"
+	d0=$(nii_dir "$pod_uid" "$c0")
+	d1=$(nii_dir "$pod_uid" "$c1")
+	id=$(nii_spiffe_id "$d0/svid.pem")
+	[[ $id == "spiffe://$E2E_TD/c0" ]] || fail "c0 has $id"
+	id=$(nii_spiffe_id "$d1/svid.pem")
+	[[ $id == "spiffe://$E2E_TD/c1" ]] || fail "c1 has $id"
+	for d in "$d0" "$d1"; do
+		nii_pair_matches "$d" || fail "key and certificate differ in $d"
+		openssl verify -CAfile "$d/svid_bundle.pem" "$d/svid.pem" >/dev/null || fail "the bundle does not verify $d/svid.pem"
+	done
+	[[ $(stat -c '%u %a' "$d0/svid_key.pem") == "1001 600" ]] || fail "c0 key is $(stat -c '%u %a' "$d0/svid_key.pem")"
+	[[ ! -e $(nii_dir "$pod_uid" "$c2") ]] || fail "c2 got a directory"
+	"$CRICTL" inspect "$c0" | grep -q '"destination": "/var/certs"' || fail "no /var/certs mount in c0's OCI spec"
+	note "c0 = spiffe://$E2E_TD/c0, c1 = spiffe://$E2E_TD/c1; keys match, bundle verifies, key 0600 owned by 1001"
+	"$CRICTL" stopp "$pid" >/dev/null && "$CRICTL" rmp "$pid" >/dev/null
+}
+
+# --- 1b. which selectors name the workload at StartContainer -----------------
+scenario_selectors() {
+	local e pod_uid pod pid cid err
+	# At StartContainer the PID is runc's init: already the container's uid, not yet the
+	# workload's binary. A path selector names runc, so this entry never matches.
+	e=$(bed_entry /by-path unix:uid:1003 unix:path:/bin/busybox)
+	bed_wait_entry "$e"
+	pod_uid=$(bed_uuid)
+	pod=$(bed_pod_json bypath "$pod_uid" "$(nii_annotations identity.noderesource.dev/pod "$(nii_identity /var/certs)")")
+	pid=$("$CRICTL" runp "$pod")
+	cid=$("$CRICTL" create "$pid" "$(E2E_CTR_UID=1003 bed_ctr_json bypath sh -c "$CHECK")" "$pod")
+	if err=$("$CRICTL" start "$cid" 2>&1); then
+		fail "a unix:path entry matched at StartContainer"
+	fi
+	[[ $err == *"no registration entry"* ]] || fail "unexpected error: $err"
+	note "unix:path:/bin/busybox does not match at StartContainer (the process is runc init): start refused"
+	"$CRICTL" rmp -f "$pid" >/dev/null
+}
+
+# --- 2. rotation, 4. daemon restart, 6. agent restart -------------------------
+scenario_rotation() {
+	local e pod_uid pod pid cid dir s0 s1 s2 s3 t
+	# A 20 s TTL: the agent re-mints at half-life, about every 10 s.
+	e=$(bed_entry /rotating unix:uid:1004 -- -x509SVIDTTL 20)
+	bed_wait_entry "$e"
+	pod_uid=$(bed_uuid)
+	pod=$(bed_pod_json rotating "$pod_uid" "$(nii_annotations identity.noderesource.dev/container.r "$(nii_identity /var/certs)")")
+	pid=$("$CRICTL" runp "$pod")
+	# The workload re-reads its files; the host checks every version it sees.
+	start_ctr "$pid" "$(E2E_CTR_UID=1004 bed_ctr_json r sh -c 'while true; do sha256sum /var/certs/svid.pem; sleep 0.5; done')" "$pod"
+	cid=$CID
+	dir=$(nii_dir "$pod_uid" "$cid")
+	s0=$(nii_serial "$dir")
+	t=$(nii_ms)
+	bed_wait 40 "rotation" bash -c "[[ \$(openssl x509 -in '$dir/svid.pem' -noout -serial | cut -d= -f2) != '$s0' ]]"
+	note "rotation seen after $(($(nii_ms) - t)) ms"
+	bed_wait 5 "matching pair after rotation" nii_pair_matches "$dir"
+	s1=$(nii_serial "$dir")
+
+	# 4. Daemon restart while the pod runs: rotation continues.
+	nii_stop
+	nii_start
+	t=$(nii_ms)
+	bed_wait 40 "rotation after a daemon restart" bash -c "[[ \$(openssl x509 -in '$dir/svid.pem' -noout -serial | cut -d= -f2) != '$s1' ]]"
+	note "daemon restarted; next rotation after $(($(nii_ms) - t)) ms"
+	bed_wait 5 "matching pair" nii_pair_matches "$dir"
+	s2=$(nii_serial "$dir")
+
+	# 6. SPIRE agent restart: the files stay; updates resume (the restarted agent mints anew).
+	bed_restart_agent
+	[[ -s $dir/svid.pem && -s $dir/svid_key.pem ]] || fail "files gone after the agent restart"
+	t=$(nii_ms)
+	bed_wait 40 "update after an agent restart" bash -c "[[ \$(openssl x509 -in '$dir/svid.pem' -noout -serial | cut -d= -f2) != '$s2' ]]"
+	note "agent restarted; files kept; update after $(($(nii_ms) - t)) ms"
+	bed_wait 5 "matching pair" nii_pair_matches "$dir"
+	s3=$(nii_serial "$dir")
+	[[ $s3 != "$s2" ]] || fail "no new certificate"
+	note "the workload saw $("$CRICTL" logs "$cid" 2>&1 | awk '{print $1}' | sort -u | wc -l) certificate versions"
+
+	# 3. Removal: the directory goes and the daemon holds no stream for it.
+	"$CRICTL" stop -t 1 "$cid" >/dev/null
+	"$CRICTL" rm "$cid" >/dev/null
+	[[ ! -e $dir ]] || fail "$dir still exists after removal"
+	bed_wait 5 "no active identities" bash -c "[[ \$(curl -fsS http://$NII_HTTP/metrics | awk '\$1==\"nri_identity_active_identities\"{print \$2}') == 0 ]]"
+	note "removed: directory gone, active identities 0"
+	"$CRICTL" rmp -f "$pid" >/dev/null
+	[[ ! -e $NII_ARTIFACTS/$pod_uid ]] || fail "pod directory left behind"
+}
+
+# --- 5. containerd restart ----------------------------------------------------
+scenario_containerd_restart() {
+	local e pod_uid pod pid cid t
+	bed_restart_containerd
+	t=$(nii_ms)
+	bed_wait 30 "re-registration" grep -q 'registered as.*10-identity-injector' "$E2E/logs/containerd.log"
+	bed_wait 30 "daemon ready again" curl -fsS -o /dev/null "http://$NII_HTTP/readyz"
+	note "daemon re-registered $(($(nii_ms) - t)) ms after containerd came back"
+	e=$(bed_entry /after-restart unix:uid:1005)
+	bed_wait_entry "$e"
+	pod_uid=$(bed_uuid)
+	pod=$(bed_pod_json afterrestart "$pod_uid" "$(nii_annotations identity.noderesource.dev/pod "$(nii_identity /var/certs)")")
+	pid=$("$CRICTL" runp "$pod")
+	start_ctr "$pid" "$(E2E_CTR_UID=1005 bed_ctr_json ar sh -c "$CHECK")" "$pod"
+	cid=$CID
+	bed_wait_exited "$cid" 30
+	[[ $(logs_of "$cid") == *"svid exists!"* ]] || fail "new pod after containerd restart: $(logs_of "$cid")"
+	note "a new pod got its identity (crictl start ${START_MS} ms)"
+	"$CRICTL" rmp -f "$pid" >/dev/null
+}
+
+# --- 7. hostile annotations ---------------------------------------------------
+scenario_hostile() {
+	local value field pod_uid pod pid err
+	while IFS='|' read -r value field; do
+		pod_uid=$(bed_uuid)
+		pod=$(bed_pod_json evil "$pod_uid" "$(nii_annotations identity.noderesource.dev/container.c0 "$(printf '%b' "$value")")")
+		pid=$("$CRICTL" runp "$pod")
+		if err=$("$CRICTL" create "$pid" "$(bed_ctr_json c0 sh -c "$CHECK")" "$pod" 2>&1); then
+			fail "created with '$value'"
+		fi
+		[[ $err == *"$field"* && $err == *"e2e/evil"* && $err == *"c0"* ]] || fail "error does not name pod, container and $field: $err"
+		[[ ! -e $NII_ARTIFACTS/$pod_uid ]] || fail "something was written for '$value'"
+		note "refused ($field): ${err##*nri-identity-injector: }"
+		"$CRICTL" rmp -f "$pid" >/dev/null
+	done <<-EOF
+		cert_dir: /|cert_dir
+		cert_dir: /var/certs\nsvid_file_name: ../x|svid_file_name
+		cert_dir: /var/certs\nspire_agent_address: /run/containerd/containerd.sock|spire_agent_address
+		cert_dir: /proc/self|cert_dir
+	EOF
+}
+
+# --- 8. agent down ------------------------------------------------------------
+scenario_agent_down() {
+	local e pod_uid pod pid cid err t dir
+	e=$(bed_entry /agent-down unix:uid:1006)
+	bed_wait_entry "$e"
+	bed_stop spire-agent 30
+	pod_uid=$(bed_uuid)
+	pod=$(bed_pod_json down "$pod_uid" "$(nii_annotations \
+		identity.noderesource.dev/container.strict "$(nii_identity /var/certs)" \
+		identity.noderesource.dev/container.lenient "$(nii_identity /var/certs 'on_failure: continue')")")
+	pid=$("$CRICTL" runp "$pod")
+	cid=$("$CRICTL" create "$pid" "$(E2E_CTR_UID=1006 bed_ctr_json strict sh -c "$CHECK")" "$pod")
+	t=$(nii_ms)
+	if err=$("$CRICTL" start "$cid" 2>&1); then fail "started without an agent"; fi
+	note "default policy: start refused after $(($(nii_ms) - t)) ms: ${err##*nri-identity-injector: }"
+	[[ $err == *"SPIRE agent"* ]] || fail "unclear error: $err"
+	start_ctr "$pid" "$(E2E_CTR_UID=1006 bed_ctr_json lenient sh -c 'while [ ! -f /var/certs/svid.pem ]; do sleep 0.2; done; echo "identity arrived"; sleep 3600')" "$pod"
+	cid=$CID
+	note "on_failure: continue: started in ${START_MS} ms without identity"
+	_bed_rotate_log spire-agent
+	_bed_start_agent
+	dir=$(nii_dir "$pod_uid" "$cid")
+	bed_wait 40 "identity after the agent is back" test -s "$dir/svid.pem"
+	bed_wait 10 "workload saw it" bash -c "$CRICTL logs $cid 2>&1 | grep -q 'identity arrived'"
+	note "identity delivered once the agent was back"
+	"$CRICTL" rmp -f "$pid" >/dev/null
+}
+
+ALL=(proposal selectors rotation containerd_restart hostile agent_down)
+selected=("$@")
+((${#selected[@]})) || selected=("${ALL[@]}")
+
+finish() {
+	local rc=$?
+	trap - EXIT
+	nii_stop 2>/dev/null || true
+	bed_down "$rc" || true
+	[[ -z ${E2E:-} ]] || bed_check_clean || { echo "e2e: the bed was not left clean" >&2; failed=$((failed + 1)); }
+	((${#failures[@]} == 0)) || printf 'e2e: failed: %s\n' "${failures[*]}"
+	echo "e2e: $passed passed, $failed failed"
+	((failed == 0 && rc == 0)) || exit 1
+}
+trap finish EXIT
+trap 'exit 130' INT TERM
+
+t0=$(nii_ms)
+nii_build
+bed_up
+nii_start
+echo "e2e: bed and daemon up in $(($(nii_ms) - t0)) ms"
+for s in "${selected[@]}"; do
+	echo "--- $s"
+	t=$(nii_ms)
+	# A plain statement, not a condition: only there does errexit apply inside the subshell.
+	set +e
+	(
+		set -e
+		"scenario_$s"
+	)
+	rc=$?
+	set -e
+	if ((rc == 0)); then
+		passed=$((passed + 1))
+		echo "PASS $s ($(($(nii_ms) - t)) ms)"
+	else
+		failed=$((failed + 1))
+		failures+=("$s")
+		echo "FAIL $s ($(($(nii_ms) - t)) ms)"
+		tail -20 "$E2E/logs/nii.log" | sed 's/^/  nii| /'
+	fi
+done
