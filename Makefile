@@ -11,7 +11,10 @@ export PATH := $(HOME)/.cargo/bin:/usr/local/go/bin:$(PATH)
 export GOTOOLCHAIN := local
 export CARGO_TERM_COLOR := never
 
-.PHONY: test lint unit conformance e2e bench bench-nri codegen build
+.PHONY: test lint unit conformance e2e bench bench-nri bench-daemon codegen build
+
+demo:
+	tests/e2e/demo.sh
 
 test: lint unit conformance e2e
 
@@ -29,12 +32,21 @@ conformance:
 	tests/conformance/run.sh
 
 e2e:
-	@if [ -x tests/e2e/run.sh ]; then tests/e2e/run.sh; else echo "e2e: no suite yet"; fi
+	tests/e2e/run.sh
 
-bench: bench-nri
+bench: bench-nri bench-daemon
 
 bench-nri:
 	tests/conformance/bench.sh
+
+bench-e2e:
+	tests/e2e/bench.sh 50
+
+# CreateContainer/StartContainer latency through the NRI wire path and the memory of the
+# release binary (needs root for the memory part: real processes in their own cgroups).
+bench-daemon:
+	cargo build --release -p nri-identity-injector
+	cargo bench -p nri-identity-injector --features fake-agent --bench daemon
 
 codegen:
 	cargo xtask codegen

@@ -32,6 +32,7 @@ pub enum DaemonError {
 
 /// Runs until SIGTERM/SIGINT (or `shutdown` is cancelled).
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    warn_unless_tmpfs(&config.artifact_root);
     let kind = RuntimeKind::from(config.runtime);
     let backend = AnyBackend::for_kind(kind).ok_or(DaemonError::NoBackend(kind))?;
     let metrics = Arc::new(Metrics::default());
@@ -132,4 +133,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     // Files stay in place: containers keep their identity across a daemon restart, and the
     // next instance resumes rotation from the runtime's Synchronize.
     result.map_err(DaemonError::from)
+}
+
+/// Private keys belong in memory: a tmpfs never writes them to a disk, and its fsync is free
+/// (StartContainer waits on it). `/run` is a tmpfs on every mainstream distribution.
+fn warn_unless_tmpfs(root: &std::path::Path) {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    let existing = root
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(std::path::Path::new("/"));
+    match rustix::fs::statfs(existing) {
+        Ok(st) if [TMPFS_MAGIC, RAMFS_MAGIC].contains(&{ st.f_type }) => {}
+        Ok(_) => warn!(artifact_root = %root.display(),
+            "the artifact root is not on a tmpfs: private keys will be written to disk and every delivery waits for fsync"),
+        Err(error) => {
+            warn!(artifact_root = %root.display(), %error, "cannot tell which filesystem holds the artifact root")
+        }
+    }
 }
