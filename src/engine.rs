@@ -78,7 +78,11 @@ pub enum EngineError {
     ProcessGone { pid: u32 },
     #[error("the container's process {pid} is not in the container any more (cgroup {cgroup:?})")]
     ProcessMoved { pid: u32, cgroup: String },
-    #[error("the SPIRE agent at {agent}: {source}")]
+    #[error("{}", match source {
+        // Already names the agent.
+        SourceError::Connect { .. } => source.to_string(),
+        _ => format!("the SPIRE agent at {}: {source}", agent.display()),
+    })]
     Agent {
         agent: PathBuf,
         #[source]

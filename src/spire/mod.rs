@@ -201,7 +201,7 @@ pub trait IdentitySource: Send + Sync + 'static {
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     /// The agent's socket could not be reached (missing, refused, or no answer in time).
-    #[error("cannot connect: {}", root_cause(source.as_ref()))]
+    #[error("cannot connect to the SPIRE agent at {}: {}", path.display(), root_cause(source.as_ref()))]
     Connect {
         path: PathBuf,
         #[source]
