@@ -81,8 +81,12 @@ pub struct Config {
     /// container without identity.
     pub first_svid_timeout_ms: u64,
     /// How workloads are named to the agent when the pod does not say: `pid` or
-    /// `selectors`. Unset: the runtime backend's default.
+    /// `selectors`. Unset: `selectors` when `kubelet_address` is set (Kubernetes), else the
+    /// runtime backend's default (`pid` for containerd).
     pub attestation: Option<Attestation>,
+    /// The kubelet's read-only port (e.g. `127.0.0.1:10255`), where selectors mode looks up
+    /// what CRI/NRI do not carry: the pod's service account and owners.
+    pub kubelet_address: Option<SocketAddr>,
     pub log_format: LogFormat,
     /// A tracing filter, e.g. `info` or `nri_identity_injector=debug,info`.
     pub log_level: String,
@@ -104,6 +108,7 @@ impl Default for Config {
             artifact_root: PathBuf::from("/run/nri-identity-injector"),
             first_svid_timeout_ms: 1500,
             attestation: None,
+            kubelet_address: None,
             log_format: LogFormat::Text,
             log_level: "info".into(),
             http_address: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
@@ -219,6 +224,12 @@ impl Config {
         Ok(())
     }
 
+    /// The naming mode for pods that do not choose one.
+    pub fn default_attestation(&self) -> Option<Attestation> {
+        self.attestation
+            .or(self.kubelet_address.map(|_| Attestation::Selectors))
+    }
+
     pub fn first_svid_timeout(&self) -> Duration {
         Duration::from_millis(self.first_svid_timeout_ms)
     }
@@ -288,6 +299,8 @@ pub struct Overrides {
     pub log_level: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attestation: Option<Attestation>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubelet_address: Option<SocketAddr>,
 }
 
 const STRING_FIELDS: &[&str] = &[
@@ -301,6 +314,7 @@ const STRING_FIELDS: &[&str] = &[
     "log_format",
     "log_level",
     "http_address",
+    "kubelet_address",
 ];
 
 /// Environment pairs as a figment provider, parsed like figment's own `Env` (so lists and
@@ -422,6 +436,21 @@ mod tests {
                 .to_string();
             assert!(err.contains(field), "{body}: {err}");
         }
+    }
+
+    #[test]
+    fn a_kubelet_address_makes_selectors_the_default_unless_told_otherwise() {
+        let c = Config {
+            kubelet_address: Some("127.0.0.1:10255".parse().unwrap()),
+            ..Config::default()
+        };
+        assert_eq!(c.default_attestation(), Some(Attestation::Selectors));
+        let c = Config {
+            attestation: Some(Attestation::Pid),
+            ..c
+        };
+        assert_eq!(c.default_attestation(), Some(Attestation::Pid));
+        assert_eq!(Config::default().default_attestation(), None);
     }
 
     #[test]

@@ -38,7 +38,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let metrics = Arc::new(Metrics::default());
     let mut engine_cfg = EngineConfig::new(&config.artifact_root, config.annotation_policy());
     engine_cfg.first_svid_timeout = config.first_svid_timeout();
-    engine_cfg.default_mode = config.attestation.map(NamingMode::from);
+    engine_cfg.default_mode = config.default_attestation().map(NamingMode::from);
+    engine_cfg.kubelet = config
+        .kubelet_address
+        .map(|addr| Arc::new(crate::k8s::KubeletPods::new(addr)));
     let engine = Engine::new(
         engine_cfg,
         DelegatedIdentityApi::new(ApiConfig::default()),

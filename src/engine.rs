@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nri_identity_backends::k8s::{self, K8sSelectorError, K8sWorkload};
 use nri_identity_backends::{
-    AnyBackend, Backend, BackendError, ContainerInfo, MountSpec, NamingMode, PodInfo,
+    AnyBackend, Backend, BackendError, ContainerInfo, DeliveryPoint, MountSpec, NamingMode, PodInfo,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -27,9 +28,10 @@ use crate::annotation::{
 };
 use crate::artifacts::{ArtifactDir, ArtifactError, ArtifactWriter, Material};
 use crate::host::{HostError, HostOps, Owner, Pidfd, validate_component};
+use crate::k8s::{KubeletPods, LookupError};
 use crate::metrics::Metrics;
 use crate::spire::{
-    BundleSet, IdentitySource, SourceError, SvidStream, SvidUpdate, Workload, X509Svid,
+    self, BundleSet, IdentitySource, SourceError, SvidStream, SvidUpdate, Workload, X509Svid,
 };
 
 /// Engine settings, taken from the daemon configuration.
@@ -46,6 +48,8 @@ pub struct EngineConfig {
     /// Reconnection backoff for broken agent streams.
     pub retry_initial: Duration,
     pub retry_max: Duration,
+    /// Where selectors mode learns what NRI does not carry (service account, owners).
+    pub kubelet: Option<Arc<KubeletPods>>,
 }
 
 impl EngineConfig {
@@ -58,6 +62,7 @@ impl EngineConfig {
             default_mode: None,
             retry_initial: Duration::from_millis(200),
             retry_max: Duration::from_secs(30),
+            kubelet: None,
         }
     }
 }
@@ -109,8 +114,14 @@ pub enum EngineError {
     Host(#[from] HostError),
     #[error(transparent)]
     Artifacts(#[from] ArtifactError),
-    #[error("selectors attestation is not available yet: use attestation: pid")]
-    SelectorsUnavailable,
+    #[error("selectors attestation needs the kubelet's pod list: set kubelet_address")]
+    NoKubelet,
+    #[error(transparent)]
+    Kubelet(#[from] LookupError),
+    #[error("cannot name the workload by selectors: {0}")]
+    Selectors(#[from] K8sSelectorError),
+    #[error("ephemeral (debug) containers get no identity: SPIRE's k8s attestor never names them")]
+    EphemeralContainer,
 }
 
 impl EngineError {
@@ -130,7 +141,10 @@ impl EngineError {
             EngineError::MissingTrustDomain { .. } => "missing_trust_domain",
             EngineError::Host(_) => "host",
             EngineError::Artifacts(_) => "write",
-            EngineError::SelectorsUnavailable => "selectors_unavailable",
+            EngineError::NoKubelet => "no_kubelet",
+            EngineError::Kubelet(_) => "kubelet",
+            EngineError::Selectors(_) => "selectors",
+            EngineError::EphemeralContainer => "ephemeral_container",
         }
     }
 }
@@ -173,6 +187,7 @@ impl ContainerError {
 /// A container the engine looks after.
 struct Tracked {
     pod_key: String,
+    mode: NamingMode,
     request: Arc<IdentityRequest>,
     task: Option<(CancellationToken, JoinHandle<()>)>,
 }
@@ -292,12 +307,15 @@ impl<S: IdentitySource> Engine<S> {
     }
 
     /// CreateContainer: validates the annotation, creates the container's directory and
-    /// returns the mount to add. `Ok(None)` for containers that ask for no identity.
-    pub fn create_container(
+    /// returns the mount to add. `Ok(None)` for containers that ask for no identity. In
+    /// selectors mode the identity is delivered here, before the container exists.
+    pub async fn create_container(
         &self,
         pod: &PodInfo,
         c: &ContainerInfo,
+        deadline: Option<Instant>,
     ) -> Result<Option<MountSpec>, ContainerError> {
+        let started = Instant::now();
         let err = |e| self.fail(pod, c, e);
         let Some(request) = self.request_for(pod, c).map_err(err)? else {
             return Ok(None);
@@ -307,9 +325,6 @@ impl<S: IdentitySource> Engine<S> {
             .backend
             .check_mode(mode)
             .map_err(|e| err(e.into()))?;
-        if mode == NamingMode::Selectors {
-            return Err(err(EngineError::SelectorsUnavailable));
-        }
         let dir = self
             .inner
             .writer
@@ -328,15 +343,21 @@ impl<S: IdentitySource> Engine<S> {
         }
         let mount = self.inner.backend.mount(dir.path(), &request.cert_dir);
         info!(pod = %pod.name, namespace = %pod.namespace, container = %c.name, container_id = %c.id,
-            cert_dir = %request.cert_dir.display(), "identity directory prepared");
+            cert_dir = %request.cert_dir.display(), mode = ?mode, "identity directory prepared");
+        let request = Arc::new(request);
         lock(&self.inner.tracked).insert(
             c.id.clone(),
             Tracked {
                 pod_key: pod.key().to_owned(),
-                request: Arc::new(request),
+                mode,
+                request: request.clone(),
                 task: None,
             },
         );
+        if self.inner.backend.delivery_point(mode) == DeliveryPoint::CreateContainer {
+            self.deliver_or_fail(pod, c, request, mode, deadline, started, true)
+                .await?;
+        }
         Ok(Some(mount))
     }
 
@@ -355,12 +376,20 @@ impl<S: IdentitySource> Engine<S> {
         deadline: Option<Instant>,
     ) -> Result<(), ContainerError> {
         let started = Instant::now();
-        let request = {
+        let known = {
             let tracked = lock(&self.inner.tracked);
-            tracked.get(&c.id).map(|t| t.request.clone())
+            tracked
+                .get(&c.id)
+                .map(|t| (t.request.clone(), t.mode, t.task.is_some()))
         };
-        let request = match request {
-            Some(r) => r,
+        let (request, mode) = match known {
+            // Selectors mode delivered at CreateContainer (or keeps trying in the background).
+            Some((_, mode, true))
+                if self.inner.backend.delivery_point(mode) == DeliveryPoint::CreateContainer =>
+            {
+                return Ok(());
+            }
+            Some((r, mode, _)) => (r, mode),
             None => {
                 // Not seen at CreateContainer (daemon restarted in between, or it was not
                 // connected). Only go on if the runtime did mount our directory.
@@ -381,36 +410,58 @@ impl<S: IdentitySource> Engine<S> {
                     }
                     return Err(self.fail(pod, c, e));
                 }
+                let mode = self.mode_for(&r);
                 let r = Arc::new(r);
                 lock(&self.inner.tracked).insert(
                     c.id.clone(),
                     Tracked {
                         pod_key: pod.key().to_owned(),
+                        mode,
                         request: r.clone(),
                         task: None,
                     },
                 );
-                r
+                (r, mode)
             }
         };
+        self.deliver_or_fail(pod, c, request, mode, deadline, started, false)
+            .await
+    }
+
+    /// Delivers the first identity, applying the pod's failure policy. At CreateContainer a
+    /// failure removes the directory (the container will not exist); at StartContainer it
+    /// empties it (it is the mount source of a container that exists).
+    #[allow(clippy::too_many_arguments)]
+    async fn deliver_or_fail(
+        &self,
+        pod: &PodInfo,
+        c: &ContainerInfo,
+        request: Arc<IdentityRequest>,
+        mode: NamingMode,
+        deadline: Option<Instant>,
+        started: Instant,
+        at_create: bool,
+    ) -> Result<(), ContainerError> {
         let span = info_span!("identity", pod = %pod.name, namespace = %pod.namespace, container = %c.name, container_id = %c.id);
         let result = self
-            .deliver_first(pod, c, request.clone(), deadline, started)
+            .deliver_first(pod, c, request.clone(), mode, deadline, started)
             .instrument(span.clone())
             .await;
         match result {
             Ok(()) => Ok(()),
             Err(e) if request.on_failure == OnFailure::Continue => {
-                span.in_scope(|| warn!(error = %e, "starting without identity for now (on_failure: continue); retrying in the background"));
+                span.in_scope(|| warn!(error = %e, "going on without identity for now (on_failure: continue); retrying in the background"));
                 self.inner.metrics.failure(e.kind());
-                self.spawn_background(pod, c, request, span);
+                self.spawn_background(pod, c, request, mode, span);
                 Ok(())
             }
             Err(e) => {
-                // Nothing half-delivered stays behind: the start fails and the runtime retries.
-                // The directory stays: it is the mount source of a container that exists.
+                // Nothing half-delivered stays behind; the runtime retries.
                 let w = &self.inner.writer;
-                if let Ok(dir) = w.create_dir(pod.key(), &c.id) {
+                if at_create {
+                    lock(&self.inner.tracked).remove(&c.id);
+                    let _ = w.remove_container(pod.key(), &c.id);
+                } else if let Ok(dir) = w.create_dir(pod.key(), &c.id) {
                     let _ = w
                         .remove(&dir)
                         .and_then(|()| w.create_dir(pod.key(), &c.id).map(drop));
@@ -420,11 +471,52 @@ impl<S: IdentitySource> Engine<S> {
         }
     }
 
+    /// The `k8s` selectors SPIRE's k8s attestor would produce for this container, from the
+    /// runtime's metadata and the kubelet's pod list.
+    async fn derive_selectors(
+        &self,
+        pod: &PodInfo,
+        c: &ContainerInfo,
+        until: Instant,
+    ) -> Result<Vec<spire::Selector>, EngineError> {
+        let kubelet = self
+            .inner
+            .cfg
+            .kubelet
+            .as_ref()
+            .ok_or(EngineError::NoKubelet)?;
+        let facts = tokio::time::timeout_at(until, kubelet.pod(&pod.uid))
+            .await
+            .map_err(|_| LookupError::UnknownPod {
+                uid: pod.uid.clone(),
+            })??;
+        if facts.ephemeral_containers.contains(&c.name) {
+            return Err(EngineError::EphemeralContainer);
+        }
+        let mut w = K8sWorkload::from_runtime(pod, c);
+        w.service_account = Some(facts.service_account);
+        w.node_name = Some(facts.node_name).filter(|n| !n.is_empty());
+        w.owner_references = Some(facts.owners);
+        // The kubelet's labels are the pod's own; NRI's also carry the runtime's.
+        w.pod_labels = facts.labels;
+        let derived = k8s::selectors(&w)?;
+        debug!(selectors = ?derived.selectors.iter().map(|s| format!("{}:{}", s.kind, s.value)).collect::<Vec<_>>(), "derived selectors");
+        Ok(derived
+            .selectors
+            .into_iter()
+            .map(|s| spire::Selector {
+                kind: s.kind,
+                value: s.value,
+            })
+            .collect())
+    }
+
     async fn deliver_first(
         &self,
         pod: &PodInfo,
         c: &ContainerInfo,
         request: Arc<IdentityRequest>,
+        mode: NamingMode,
         deadline: Option<Instant>,
         started: Instant,
     ) -> Result<(), EngineError> {
@@ -437,11 +529,21 @@ impl<S: IdentitySource> Engine<S> {
             );
         }
         let until = Instant::now() + budget;
-        let pid = c.pid.filter(|p| *p > 0).ok_or(BackendError::NoPid)? as u32;
-        // The pidfd is opened before the agent is asked: if it is still alive after the
-        // answer, the answer was about this very process, not a recycled PID.
-        let pidfd = Arc::new(inner.host.open_pidfd(pid)?);
-        let workload = Workload::Pid(pid as i32);
+        let (workload, pidfd) = match mode {
+            NamingMode::Pid => {
+                let pid = c.pid.filter(|p| *p > 0).ok_or(BackendError::NoPid)? as u32;
+                // The pidfd is opened before the agent is asked: if it is still alive after
+                // the answer, the answer was about this very process, not a recycled PID.
+                (
+                    Workload::Pid(pid as i32),
+                    Some(Arc::new(inner.host.open_pidfd(pid)?)),
+                )
+            }
+            NamingMode::Selectors => (
+                Workload::Selectors(self.derive_selectors(pod, c, until).await?),
+                None,
+            ),
+        };
         let agent = request.agent_address.clone();
         let bundles = self.bundles_for(&agent);
         let agent_err = |source| EngineError::Agent {
@@ -488,28 +590,30 @@ impl<S: IdentitySource> Engine<S> {
                     agent: agent.clone(),
                     budget,
                 })?;
-        if !pidfd.is_alive()? {
-            return Err(EngineError::ProcessGone { pid });
+        let mut owner = c.user.map(Owner::from);
+        if let Some(pidfd) = &pidfd {
+            let pid = pidfd.pid();
+            if !pidfd.is_alive()? {
+                return Err(EngineError::ProcessGone { pid });
+            }
+            let cgroup = inner.host.process_cgroup(pid)?;
+            if !in_container(&cgroup, c) {
+                return Err(EngineError::ProcessMoved { pid, cgroup });
+            }
+            // The cgroup text was read after the pidfd was opened; alive now means it was
+            // ours.
+            if !pidfd.is_alive()? {
+                return Err(EngineError::ProcessGone { pid });
+            }
+            owner = owner.or_else(|| inner.host.process_owner(pid).ok());
         }
-        let cgroup = inner.host.process_cgroup(pid)?;
-        if !in_container(&cgroup, c) {
-            return Err(EngineError::ProcessMoved { pid, cgroup });
-        }
-        // The cgroup text was read after the pidfd was opened; alive now means it was ours.
-        if !pidfd.is_alive()? {
-            return Err(EngineError::ProcessGone { pid });
-        }
-        let owner = c
-            .user
-            .map(Owner::from)
-            .or_else(|| inner.host.process_owner(pid).ok());
         let dir = inner.writer.create_dir(pod.key(), &c.id)?;
         let material = material(&svid, &federates_with, &bundle_set)?;
         inner.writer.deliver(&dir, &request, &material, owner)?;
         let elapsed = started.elapsed();
         inner.metrics.served(elapsed);
         inner.metrics.set_expiry(&c.id, svid.expires_at);
-        info!(spiffe_id = %svid.spiffe_id, pid, elapsed_ms = elapsed.as_secs_f64() * 1e3, "identity delivered");
+        info!(spiffe_id = %svid.spiffe_id, mode = ?mode, elapsed_ms = elapsed.as_secs_f64() * 1e3, "identity delivered");
         let delivered = Delivered {
             chain: svid.cert_chain.clone(),
             federates_with,
@@ -521,31 +625,23 @@ impl<S: IdentitySource> Engine<S> {
             request,
             workload,
             owner,
-            pidfd: Some(pidfd),
+            pidfd,
         };
         self.spawn_maintenance(ctx, Some(stream), Some(delivered), tracing::Span::current());
         Ok(())
     }
 
-    /// With `on_failure: continue`: keep trying after the start went on without identity.
+    /// Keeps trying in the background: after `on_failure: continue`, and when resuming
+    /// after a restart.
     fn spawn_background(
         &self,
         pod: &PodInfo,
         c: &ContainerInfo,
         request: Arc<IdentityRequest>,
+        mode: NamingMode,
         span: tracing::Span,
     ) {
         let inner = &self.inner;
-        let Some(pid) = c.pid.filter(|p| *p > 0).map(|p| p as u32) else {
-            return;
-        };
-        let pidfd = match inner.host.open_pidfd(pid) {
-            Ok(p) => Some(Arc::new(p)),
-            Err(error) => {
-                span.in_scope(|| warn!(%error, "cannot watch the container's process; giving up"));
-                return;
-            }
-        };
         let dir = match inner.writer.create_dir(pod.key(), &c.id) {
             Ok(d) => d,
             Err(error) => {
@@ -553,37 +649,81 @@ impl<S: IdentitySource> Engine<S> {
                 return;
             }
         };
-        let owner = c
-            .user
-            .map(Owner::from)
-            .or_else(|| inner.host.process_owner(pid).ok());
-        let ctx = WorkloadCtx {
-            container_id: c.id.clone(),
-            dir,
-            request,
-            workload: Workload::Pid(pid as i32),
-            owner,
-            pidfd,
+        let mut owner = c.user.map(Owner::from);
+        let (workload, pidfd) = match mode {
+            NamingMode::Pid => {
+                let Some(pid) = c.pid.filter(|p| *p > 0).map(|p| p as u32) else {
+                    return;
+                };
+                match inner.host.open_pidfd(pid) {
+                    Ok(p) => {
+                        owner = owner.or_else(|| inner.host.process_owner(pid).ok());
+                        (Some(Workload::Pid(pid as i32)), Some(Arc::new(p)))
+                    }
+                    Err(error) => {
+                        span.in_scope(
+                            || warn!(%error, "cannot watch the container's process; giving up"),
+                        );
+                        return;
+                    }
+                }
+            }
+            // Derived in the task, where the kubelet may be retried.
+            NamingMode::Selectors => (None, None),
         };
-        self.spawn_maintenance(ctx, None, None, span);
+        let (pod, c) = (pod.clone(), c.clone());
+        let container_id = c.id.clone();
+        self.spawn_task(&container_id, span, move |engine, cancel| async move {
+            let workload = match workload {
+                Some(w) => w,
+                None => {
+                    let mut attempt = 0;
+                    loop {
+                        let until = Instant::now() + Duration::from_secs(5);
+                        match engine.derive_selectors(&pod, &c, until).await {
+                            Ok(s) => break Workload::Selectors(s),
+                            Err(error) => {
+                                warn!(%error, "cannot derive selectors; retrying");
+                                let delay = backoff(
+                                    engine.inner.cfg.retry_initial,
+                                    engine.inner.cfg.retry_max,
+                                    attempt,
+                                );
+                                attempt += 1;
+                                tokio::select! {
+                                    _ = cancel.cancelled() => return,
+                                    _ = tokio::time::sleep(delay) => {}
+                                }
+                            }
+                        }
+                    }
+                }
+            };
+            let ctx = WorkloadCtx {
+                container_id: c.id.clone(),
+                dir,
+                request,
+                workload,
+                owner,
+                pidfd,
+            };
+            engine.maintain(ctx, None, None, cancel).await;
+        });
     }
 
-    fn spawn_maintenance(
-        &self,
-        ctx: WorkloadCtx,
-        stream: Option<SvidStream>,
-        delivered: Option<Delivered>,
-        span: tracing::Span,
-    ) {
+    /// Runs `task` as the container's maintenance task, replacing any earlier one.
+    fn spawn_task<F, Fut>(&self, container_id: &str, span: tracing::Span, task: F)
+    where
+        F: FnOnce(Self, CancellationToken) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let cancel = self.inner.shutdown.child_token();
-        let id = ctx.container_id.clone();
-        let engine = self.clone();
-        let token = cancel.clone();
-        let handle = self.inner.tasks.spawn(
-            async move { engine.maintain(ctx, stream, delivered, token).await }.instrument(span),
-        );
+        let handle = self
+            .inner
+            .tasks
+            .spawn(task(self.clone(), cancel.clone()).instrument(span));
         let mut tracked = lock(&self.inner.tracked);
-        if let Some(t) = tracked.get_mut(&id) {
+        if let Some(t) = tracked.get_mut(container_id) {
             if let Some((old, _)) = t.task.replace((cancel, handle)) {
                 old.cancel();
             }
@@ -594,6 +734,19 @@ impl<S: IdentitySource> Engine<S> {
         self.inner
             .metrics
             .set_active(tracked.values().filter(|t| t.task.is_some()).count());
+    }
+
+    fn spawn_maintenance(
+        &self,
+        ctx: WorkloadCtx,
+        stream: Option<SvidStream>,
+        delivered: Option<Delivered>,
+        span: tracing::Span,
+    ) {
+        let id = ctx.container_id.clone();
+        self.spawn_task(&id, span, move |engine, cancel| async move {
+            engine.maintain(ctx, stream, delivered, cancel).await
+        });
     }
 
     /// Keeps one workload's files fresh: follows the agent's stream, rewrites on rotation
@@ -871,11 +1024,13 @@ impl<S: IdentitySource> Engine<S> {
             let has_task = lock(&inner.tracked)
                 .get(&c.id)
                 .is_some_and(|t| t.task.is_some());
+            let mode = self.mode_for(&request);
             let request = Arc::new(request);
             lock(&inner.tracked)
                 .entry(c.id.clone())
                 .or_insert_with(|| Tracked {
                     pod_key: pod.key().to_owned(),
+                    mode,
                     request: request.clone(),
                     task: None,
                 });
@@ -888,7 +1043,7 @@ impl<S: IdentitySource> Engine<S> {
             }
             let span = info_span!("identity", pod = %pod.name, namespace = %pod.namespace, container = %c.name, container_id = %c.id);
             span.in_scope(|| info!("resuming identity maintenance"));
-            self.spawn_background(pod, c, request, span);
+            self.spawn_background(pod, c, request, mode, span);
         }
         // Directories of containers the runtime no longer knows.
         let Ok(root) = inner.host.open_root(&inner.cfg.artifact_root) else {

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod engine;
 pub mod host;
 pub mod http;
+pub mod k8s;
 pub mod metrics;
 pub mod nri;
 pub mod spire;

@@ -64,6 +64,9 @@ struct RunArgs {
     log_level: Option<String>,
     #[arg(long, value_parser = ["pid", "selectors"])]
     attestation: Option<String>,
+    /// The kubelet's read-only port, for selectors mode (e.g. 127.0.0.1:10255).
+    #[arg(long)]
+    kubelet_address: Option<std::net::SocketAddr>,
 }
 
 impl RunArgs {
@@ -89,6 +92,7 @@ impl RunArgs {
                     Attestation::Selectors
                 }
             }),
+            kubelet_address: self.kubelet_address,
         };
         Config::load(self.config.as_deref(), std::env::vars(), &flags)
     }

@@ -73,7 +73,10 @@ pub fn status(e: &ContainerError) -> Status {
         | EngineError::ProcessGone { .. }
         | EngineError::ProcessMoved { .. }
         | EngineError::MissingTrustDomain { .. }
-        | EngineError::SelectorsUnavailable => Code::FailedPrecondition,
+        | EngineError::NoKubelet
+        | EngineError::Selectors(_)
+        | EngineError::EphemeralContainer => Code::FailedPrecondition,
+        EngineError::Kubelet(_) => Code::Unavailable,
         EngineError::Host(_) | EngineError::Artifacts(_) => Code::Internal,
     };
     Status::new(code, format!("nri-identity-injector: {e}"))
@@ -125,12 +128,12 @@ impl<S: IdentitySource> Plugin for IdentityPlugin<S> {
 
     async fn create_container(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         pod: PodSandbox,
         c: Container,
     ) -> Result<CreateReply, Status> {
         let (pod, c) = (pod_info(&pod), container_info(&c));
-        match self.engine.create_container(&pod, &c) {
+        match self.engine.create_container(&pod, &c, ctx.deadline()).await {
             Ok(None) => Ok(CreateReply::default()),
             Ok(Some(m)) => {
                 let mount = Mount {

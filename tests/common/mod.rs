@@ -112,6 +112,7 @@ pub struct Bed {
     pub conn: PluginConn,
     pub daemon: Daemon,
     pub first_svid_timeout: Duration,
+    pub kubelet: Option<std::net::SocketAddr>,
 }
 
 pub fn unique_dir(tag: &str) -> PathBuf {
@@ -124,12 +125,85 @@ pub fn unique_dir(tag: &str) -> PathBuf {
     dir
 }
 
+/// A pod the fake kubelet knows: uid, service account, labels.
+pub type KubeletPod = (String, String, Vec<(String, String)>);
+
+/// A fake kubelet `/pods` on the read-only port.
+pub struct FakeKubelet {
+    pub addr: std::net::SocketAddr,
+    pub pods: Arc<std::sync::Mutex<Vec<KubeletPod>>>,
+}
+
+impl FakeKubelet {
+    pub async fn start() -> FakeKubelet {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pods: Arc<std::sync::Mutex<Vec<KubeletPod>>> = Arc::default();
+        let shared = pods.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                let pods = shared.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 2048];
+                    let _ = s.read(&mut buf).await;
+                    let items: Vec<serde_json::Value> = pods
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .map(|(uid, sa, labels)| {
+                            let labels: serde_json::Map<String, serde_json::Value> = labels
+                                .iter()
+                                .map(|(k, v)| (k.clone(), serde_json::Value::from(v.clone())))
+                                .collect();
+                            serde_json::json!({
+                                "metadata": {"uid": uid, "labels": labels},
+                                "spec": {"serviceAccountName": sa, "nodeName": "node-1"}
+                            })
+                        })
+                        .collect();
+                    let body = serde_json::json!({"kind": "PodList", "items": items}).to_string();
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(response.as_bytes()).await;
+                });
+            }
+        });
+        FakeKubelet { addr, pods }
+    }
+
+    pub fn add_pod(&self, uid: &str, service_account: &str, labels: &[(&str, &str)]) {
+        let labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.pods
+            .lock()
+            .unwrap()
+            .push((uid.into(), service_account.into(), labels));
+    }
+}
+
 impl Bed {
     pub async fn new() -> Bed {
         Bed::with_timeout(Duration::from_millis(800)).await
     }
 
+    /// A bed whose daemon runs in selectors mode against `kubelet`.
+    pub async fn with_kubelet(kubelet: &FakeKubelet) -> Bed {
+        Bed::build(Duration::from_millis(800), Some(kubelet.addr)).await
+    }
+
     pub async fn with_timeout(first_svid_timeout: Duration) -> Bed {
+        Bed::build(first_svid_timeout, None).await
+    }
+
+    async fn build(first_svid_timeout: Duration, kubelet: Option<std::net::SocketAddr>) -> Bed {
         let agent = FakeAgent::start().await.unwrap();
         let ca = TestCa::new(TD).unwrap();
         agent.set_bundle(&ca.trust_domain_id(), &[ca.cert_der().to_vec()]);
@@ -140,7 +214,14 @@ impl Bed {
         });
         let nri_path = temp_socket("d");
         let runtime = FakeRuntime::bind(&nri_path);
-        let daemon = spawn_daemon(&agent, &root, host.clone(), &nri_path, first_svid_timeout);
+        let daemon = spawn_daemon(
+            &agent,
+            &root,
+            host.clone(),
+            &nri_path,
+            first_svid_timeout,
+            kubelet,
+        );
         let conn = runtime.accept(RuntimeSettings::default()).await;
         conn.handshake().await;
         Bed {
@@ -152,6 +233,7 @@ impl Bed {
             conn,
             daemon,
             first_svid_timeout,
+            kubelet,
         }
     }
 
@@ -170,6 +252,7 @@ impl Bed {
             self.host.clone(),
             &self.runtime.path,
             self.first_svid_timeout,
+            self.kubelet,
         );
         self.conn = self.runtime.accept(RuntimeSettings::default()).await;
         self.conn.configure().await;
@@ -294,9 +377,14 @@ fn spawn_daemon(
     host: Arc<MixedHost>,
     nri_path: &Path,
     first_svid_timeout: Duration,
+    kubelet: Option<std::net::SocketAddr>,
 ) -> Daemon {
     let metrics = Arc::new(Metrics::default());
     let mut cfg = EngineConfig::new(root, Policy::new(agent.path()));
+    if let Some(addr) = kubelet {
+        cfg.kubelet = Some(Arc::new(nri_identity_injector::k8s::KubeletPods::new(addr)));
+        cfg.default_mode = Some(nri_identity_backends::NamingMode::Selectors);
+    }
     cfg.first_svid_timeout = first_svid_timeout;
     cfg.retry_initial = Duration::from_millis(20);
     cfg.retry_max = Duration::from_millis(200);

@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub mod k8s;
+
 /// The container runtime, parsed once from configuration or from what the runtime reports in
 /// NRI Configure; never compared as a string afterwards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize)]
