@@ -11,12 +11,12 @@ export PATH := $(HOME)/.cargo/bin:/usr/local/go/bin:$(PATH)
 export GOTOOLCHAIN := local
 export CARGO_TERM_COLOR := never
 
-.PHONY: test lint unit conformance e2e bench bench-nri bench-daemon codegen build
+.PHONY: demo test lint unit conformance e2e e2e-k8s bench bench-nri bench-e2e bench-daemon codegen build
 
 demo:
 	tests/e2e/demo.sh
 
-test: lint unit conformance e2e
+test: lint unit conformance e2e e2e-k8s
 
 build:
 	cargo build --workspace --all-targets
@@ -33,6 +33,10 @@ conformance:
 
 e2e:
 	tests/e2e/run.sh
+
+# Kubernetes: a real standalone kubelet with static pods, SPIRE's k8s attestor, selectors mode.
+e2e-k8s:
+	tests/e2e/k8s.sh
 
 bench: bench-nri bench-daemon
 

@@ -607,9 +607,19 @@ impl<S: IdentitySource> Engine<S> {
             }
             owner = owner.or_else(|| inner.host.process_owner(pid).ok());
         }
-        let dir = inner.writer.create_dir(pod.key(), &c.id)?;
         let material = material(&svid, &federates_with, &bundle_set)?;
-        inner.writer.deliver(&dir, &request, &material, owner)?;
+        let (writer, pod_key, id, req) = (
+            inner.writer.clone(),
+            pod.key().to_owned(),
+            c.id.clone(),
+            request.clone(),
+        );
+        let dir = blocking(move || {
+            let dir = writer.create_dir(&pod_key, &id)?;
+            writer.deliver(&dir, &req, &material, owner)?;
+            Ok(dir)
+        })
+        .await?;
         let elapsed = started.elapsed();
         inner.metrics.served(elapsed);
         inner.metrics.set_expiry(&c.id, svid.expires_at);
@@ -852,11 +862,18 @@ impl<S: IdentitySource> Engine<S> {
             {
                 return;
             }
-            let result = material(svid, federates_with, &bundle_set).and_then(|m| {
-                Ok(inner
-                    .writer
-                    .deliver(&ctx.dir, &ctx.request, &m, ctx.owner)?)
-            });
+            let result = match material(svid, federates_with, &bundle_set) {
+                Ok(m) => {
+                    let (writer, dir, req, owner) = (
+                        inner.writer.clone(),
+                        ctx.dir.clone(),
+                        ctx.request.clone(),
+                        ctx.owner,
+                    );
+                    blocking(move || Ok(writer.deliver(&dir, &req, &m, owner)?)).await
+                }
+                Err(e) => Err(e),
+            };
             match result {
                 Ok(()) => {
                     if delivered.is_none() {
@@ -1099,6 +1116,20 @@ impl<S: IdentitySource> Engine<S> {
             .await
             .is_ok()
     }
+}
+
+/// Runs file-system work (writes, fsyncs) off the async workers, so a slow disk never holds
+/// up another container's events.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+) -> Result<T, EngineError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(EngineError::Host(HostError::Io {
+            op: "writing identity files",
+            path: PathBuf::new(),
+            source: std::io::Error::other(e.to_string()),
+        }))
+    })
 }
 
 /// Chooses the SVID for a request from a complete update.

@@ -155,6 +155,7 @@ fn main() -> ExitCode {
 
 fn run(config: Config) -> anyhow::Result<()> {
     init_tracing(&config);
+    raise_fd_limit();
     tracing::info!(version = env!("CARGO_PKG_VERSION"), runtime = ?config.runtime, nri_socket = %config.nri_socket.display(),
         agent_socket = %config.agent_socket.display(), artifact_root = %config.artifact_root.display(), "starting");
     // Two workers: the daemon's work is small and bursty (one event at a time per runtime,
@@ -170,6 +171,23 @@ fn run(config: Config) -> anyhow::Result<()> {
         CancellationToken::new(),
     ))?;
     Ok(())
+}
+
+/// Each live identity holds a pidfd (and its watcher's duplicate) and a directory fd: lift
+/// the soft limit to the hard one, as systemd's 1024 default would stop at ~340 containers.
+fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let before = limit.current;
+        limit.current = limit.maximum;
+        match setrlimit(Resource::Nofile, limit) {
+            Ok(()) => {
+                tracing::debug!(?before, after = ?limit.current, "raised the open-file limit")
+            }
+            Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
+        }
+    }
 }
 
 fn check(file: &PathBuf, agent_socket: PathBuf, allowed: Vec<PathBuf>) -> ExitCode {

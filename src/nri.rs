@@ -79,7 +79,20 @@ pub fn status(e: &ContainerError) -> Status {
         EngineError::Kubelet(_) => Code::Unavailable,
         EngineError::Host(_) | EngineError::Artifacts(_) => Code::Internal,
     };
-    Status::new(code, format!("nri-identity-injector: {e}"))
+    // The whole cause chain: "cannot create the directory" alone does not say "too many open
+    // files".
+    let mut message = format!("nri-identity-injector: {e}");
+    let mut cause: Option<&(dyn std::error::Error + 'static)> =
+        std::error::Error::source(&*e.error);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        cause = c.source();
+    }
+    Status::new(code, message)
 }
 
 #[nri_plugin::plugin]

@@ -498,9 +498,16 @@ pub(crate) async fn run<P: Plugin>(
             _ = shutdown.cancelled() => return Ok(()),
         }
         *registered = true;
-        if !matches!(*state.borrow(), ConnectionState::Ready(_)) {
-            state.send_replace(ConnectionState::Registered);
-        }
+        // Synchronize may already have completed (the runtime can run the whole handshake
+        // before its RegisterPlugin reply arrives): never step back from Ready. The check and
+        // the update happen under the watch's lock.
+        state.send_if_modified(|s| {
+            let step = !matches!(s, ConnectionState::Ready(_));
+            if step {
+                *s = ConnectionState::Registered;
+            }
+            step
+        });
         tokio::select! {
             r = &mut reader => flatten(r),
             _ = shutdown.cancelled() => Ok(()),

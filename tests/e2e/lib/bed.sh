@@ -243,6 +243,21 @@ plugins {
   KeyManager "memory" { plugin_data {} }
 }
 EOF
+	local k8s=""
+	if [[ ${E2E_K8S_ATTESTOR:-0} == 1 ]]; then
+		# For lib/kubelet.sh: the agent reads the kubelet's read-only port
+		# from its config, so the port is chosen now and kubelet_up uses it.
+		# E2E_K8S_DISABLE_CONTAINER_SELECTORS=true: pod-level selectors only.
+		KUBELET_RO_PORT=${KUBELET_RO_PORT:-$(_bed_free_port)}
+		export KUBELET_RO_PORT
+		k8s="WorkloadAttestor \"k8s\" {
+    plugin_data {
+      kubelet_read_only_port      = $KUBELET_RO_PORT
+      use_new_container_locator   = true
+      disable_container_selectors = ${E2E_K8S_DISABLE_CONTAINER_SELECTORS:-false}
+    }
+  }"
+	fi
 	# The admin socket must not be in or below the public socket's directory
 	# (the agent refuses to start otherwise), hence spire/admin vs spire/public.
 	cat >"$E2E/spire/agent.conf" <<EOF
@@ -269,6 +284,7 @@ plugins {
     # Enables unix:path/sha256 selectors (resolved from /proc/<pid>/exe).
     plugin_data { discover_workload_path = true }
   }
+  $k8s
 }
 EOF
 }
@@ -601,6 +617,11 @@ bed_down() {
 	[[ -n ${E2E:-} && -d $E2E ]] || return 0
 	t=$(_bed_ms)
 	E2E_RUN_ID=${E2E##*.}
+	# Add-on libraries' teardowns first (lib/kubelet.sh: the kubelet must stop
+	# before the pods go, or it recreates them).
+	for name in ${BED_DOWN_HOOKS:-}; do
+		"$name" || _bed_log "down hook $name failed"
+	done
 	# Pods first, while containerd (and any plugin) still run: stopping a pod
 	# kills its containers without grace, and the shims exit with them.
 	if [[ -x $E2E/bin/crictl ]] && bed_pid containerd >/dev/null; then

@@ -18,11 +18,13 @@ NII_CACHE=${NII_CACHE:-/var/cache/nri-identity-injector}
 NII_CONTAINERD_VERSION=${NII_CONTAINERD_VERSION:-v2.3.4}
 NII_CRICTL_VERSION=${NII_CRICTL_VERSION:-v1.34.0}
 NII_SPIRE_VERSION=${NII_SPIRE_VERSION:-v1.13.3}
+NII_KUBELET_VERSION=${NII_KUBELET_VERSION:-v1.34.4}
 
 NII_CONTAINERD_DIR=$NII_CACHE/bin/containerd-$NII_CONTAINERD_VERSION
 NII_CRICTL_DIR=$NII_CACHE/bin/crictl-$NII_CRICTL_VERSION
 NII_SPIRE_DIR=$NII_CACHE/bin/spire-$NII_SPIRE_VERSION
-export NII_CACHE NII_CONTAINERD_DIR NII_CRICTL_DIR NII_SPIRE_DIR
+NII_KUBELET_DIR=$NII_CACHE/bin/kubelet-$NII_KUBELET_VERSION
+export NII_CACHE NII_CONTAINERD_DIR NII_CRICTL_DIR NII_SPIRE_DIR NII_KUBELET_DIR
 
 # The toolchain must be the installed one: the module proxy is reachable but
 # toolchain downloads are not, and a silent toolchain switch would hide a
@@ -113,6 +115,79 @@ _nii_build_spire() {
 	return "$rc"
 }
 
+_nii_build_kubelet() {
+	# k8s.io/kubernetes cannot be `go install`ed: its go.mod replaces every
+	# k8s.io staging module with ./staging/src/... and requires them at
+	# v0.0.0. A throwaway main module requires it and points each of those
+	# at the published staging release of the same patch (v1.X.Y ->
+	# v0.X.Y); only the main module's replace directives count.
+	local gobin=$1 mod rc=0 k=$NII_KUBELET_VERSION staging gomod m ver
+	staging=v0.${k#v1.}
+	mod=$(mktemp -d "${TMPDIR:-/tmp}/nii-kubelet-wrap.XXXXXX")
+	(
+		set -euo pipefail
+		cd "$mod"
+		export CGO_ENABLED=0
+		_nii_go mod init example.invalid/kubelet-wrap >/dev/null 2>&1
+		_nii_go mod edit -require="k8s.io/kubernetes@$k"
+		gomod=$(_nii_go mod download -json "k8s.io/kubernetes@$k" |
+			sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')
+		[[ -r $gomod ]] || { _nii_log "no go.mod for k8s.io/kubernetes@$k"; exit 1; }
+		# The modules kubernetes itself redirects into its staging tree.
+		while read -r m; do
+			_nii_go mod edit -replace="$m=$m@$staging"
+		done < <(awk '$2 == "=>" && $3 ~ /^\.\/staging\// { print $1 }' "$gomod")
+		# Keep kubernetes' own GODEBUG defaults (its go.mod says
+		# `godebug default=go1.24`; a wrapper's go line would be newer).
+		ver=$(awk '$1 == "godebug" { print $2; exit }' "$gomod")
+		[[ -z $ver ]] || _nii_go mod edit -godebug="$ver"
+		_nii_go get "k8s.io/kubernetes/cmd/kubelet@$k"
+		# The version stamps the kubelet reports (and logs) instead of v0.0.0.
+		_nii_go build -trimpath -o "$gobin/kubelet" -ldflags "-s -w \
+			-X k8s.io/component-base/version.gitVersion=$k \
+			-X k8s.io/client-go/pkg/version.gitVersion=$k" \
+			k8s.io/kubernetes/cmd/kubelet
+	) || rc=$?
+	rm -rf "$mod"
+	return "$rc"
+}
+
+# nii_build_kubelet: the standalone kubelet (lib/kubelet.sh), built only on
+# demand: about 3 minutes and 1.5 GB of RAM cold, so not part of nii_build_all.
+nii_build_kubelet() {
+	local lock rc=0
+	mkdir -p "$NII_CACHE/bin"
+	exec {lock}>"$NII_CACHE/.build.lock"
+	flock "$lock"
+	_nii_build "kubelet $NII_KUBELET_VERSION" "$NII_KUBELET_DIR" kubelet _nii_build_kubelet || rc=1
+	exec {lock}>&-
+	return "$rc"
+}
+
+# nii_build_delegated_fetch: tests/e2e/tools/delegated-fetch, a Delegated
+# Identity API client, cached under a hash of its sources; sets
+# NII_DELEGATED_FETCH to the binary.
+nii_build_delegated_fetch() {
+	local src hash dir lock rc=0
+	src=$(cd "$(dirname "${BASH_SOURCE[0]}")/../tools/delegated-fetch" && pwd)
+	hash=$(cat "$src/go.mod" "$src/go.sum" "$src"/*.go | sha256sum | cut -c1-12)
+	dir=$NII_CACHE/bin/delegated-fetch-$hash
+	mkdir -p "$NII_CACHE/bin"
+	exec {lock}>"$NII_CACHE/.build.lock"
+	flock "$lock"
+	_NII_DF_SRC=$src _nii_build "delegated-fetch $hash" "$dir" delegated-fetch _nii_build_delegated_fetch || rc=1
+	exec {lock}>&-
+	NII_DELEGATED_FETCH=$dir/delegated-fetch
+	export NII_DELEGATED_FETCH
+	return "$rc"
+}
+
+_nii_build_delegated_fetch() {
+	# -mod=readonly: the committed go.sum must be complete.
+	(cd "$_NII_DF_SRC" && CGO_ENABLED=0 _nii_go build -mod=readonly -trimpath \
+		-ldflags='-s -w' -o "$1/delegated-fetch" .)
+}
+
 # nii_install_packages: runc (the OCI runtime the shim calls), a static busybox
 # (the only content of the test images) and gcc (spire-server's cgo). Debian's
 # containerd is deliberately not installed: its shim would shadow ours.
@@ -160,4 +235,9 @@ if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
 	nii_build_all
 	printf 'NII_CONTAINERD_DIR=%s\nNII_CRICTL_DIR=%s\nNII_SPIRE_DIR=%s\n' \
 		"$NII_CONTAINERD_DIR" "$NII_CRICTL_DIR" "$NII_SPIRE_DIR"
+	# `build.sh kubelet`: also the standalone kubelet.
+	if [[ ${1:-} == kubelet ]]; then
+		nii_build_kubelet
+		printf 'NII_KUBELET_DIR=%s\n' "$NII_KUBELET_DIR"
+	fi
 fi

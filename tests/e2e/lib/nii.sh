@@ -19,7 +19,9 @@ nii_build() {
 # (registered with containerd and the agent answers).
 nii_start() {
 	NII_ARTIFACTS=${NII_ARTIFACTS:-$E2E/artifacts}
-	NII_HTTP=127.0.0.1:$(_bed_free_port)
+	# One port for the bed's life: a restart inside a scenario's subshell must not leave the
+	# caller with a stale address.
+	NII_HTTP=${NII_HTTP:-127.0.0.1:$(_bed_free_port)}
 	export NII_ARTIFACTS NII_HTTP
 	# On a node the artifact root lives under /run, a tmpfs: keys never reach a disk and
 	# fsync costs nothing. This host's /run is on ext4, so give the bed its own tmpfs

@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# Kubernetes scenarios on a real standalone kubelet (static pods) + containerd + SPIRE with
+# the k8s workload attestor: the daemon in selectors mode. The last line is
+# "N passed, M failed".
+#
+#   tests/e2e/k8s.sh [SCENARIO...]     (default: all)
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=tests/e2e/lib/bed.sh
+. "$here/lib/bed.sh"
+# shellcheck source=tests/e2e/lib/kubelet.sh
+. "$here/lib/kubelet.sh"
+# shellcheck source=tests/e2e/lib/nii.sh
+. "$here/lib/nii.sh"
+
+CHECK='if [ -f /var/certs/svid.pem ]; then echo "svid exists!"; else echo "svid does NOT exist."; fi; sleep 3600'
+passed=0
+failed=0
+failures=()
+
+note() { printf '  %s\n' "$*"; }
+fail() {
+	printf '  FAIL: %s\n' "$*" >&2
+	return 1
+}
+
+# static_pod NAME UID NAMESPACE ANNOTATIONS-JSON CONTAINER... : write the manifest, with
+# every container running $CHECK.
+static_pod() {
+	local name=$1 uid=$2 ns=$3 ann=$4 body
+	shift 4
+	body=$(python3 - "$ns" "$ann" "$CHECK" "$@" <<'EOF'
+import json, sys
+ns, ann, check, *names = sys.argv[1:]
+print(json.dumps({
+    "metadata": {"namespace": ns, "annotations": json.loads(ann), "labels": {"app": "web", "tier": "e2e"}},
+    "spec": {"containers": [{"name": n, "command": ["sh", "-c", check]} for n in names]},
+}))
+EOF
+	)
+	kubelet_static_pod "$name" "$uid" "$body" >/dev/null
+}
+
+# ours CID : the selectors the daemon derived for a container (its debug log).
+ours() {
+	grep "container_id=$1" "$E2E/logs/nii.log" | grep -m1 'derived selectors' |
+		grep -o 'selectors=\[.*\]' | tr -d '[]"' | sed 's/^selectors=//; s/, /\n/g' | sort
+}
+
+# attested CID : the k8s selectors SPIRE's attestor produces for the container's PID.
+attested() {
+	local pid
+	pid=$("$CRICTL" inspect -o go-template --template '{{.info.pid}}' "$1")
+	"$NII_DELEGATED_FETCH" -socket "$ADMIN_SOCK" -pid "$pid" -timeout 30s >/dev/null 2>&1 || true
+	grep -F "msg=\"PID attested to have selectors\" pid=$pid " "$E2E/logs/spire-agent.log" | tail -1 |
+		grep -o 'type:\\"k8s\\" value:\\"[^\\]*' | sed 's/.*value:\\"/k8s:/' | sort -u
+}
+
+# --- the design proposal's pod, selectors mode -------------------------------
+scenario_proposal() {
+	local uid e0 e1 ann c0 c1 c2 d0 d1 id kinds o a missing extra
+	uid=$(bed_uuid)
+	e0=$(bed_entry /k8s/c0 "k8s:ns:$KUBELET_NS" k8s:container-name:c0 -- -hint c0)
+	e1=$(bed_entry /k8s/pod "k8s:ns:$KUBELET_NS" "k8s:pod-uid:$uid" -- -hint pod)
+	bed_wait_entry "$e0" "$e1"
+	ann=$(nii_annotations \
+		identity.noderesource.dev/container.c0 "$(nii_identity /var/certs 'hint: c0')" \
+		identity.noderesource.dev/container.c1 "$(printf 'spire_agent_address: %s\ncert_dir: /var/certs\nhint: pod\n' "$ADMIN_SOCK")")
+	static_pod proposal "$uid" "$KUBELET_NS" "$ann" c0 c1 c2
+	c0=$(kubelet_wait_container proposal c0 60)
+	c1=$(kubelet_wait_container proposal c1 60)
+	c2=$(kubelet_wait_container proposal c2 60)
+	bed_wait 10 "c0 output" bash -c "$CRICTL logs $c0 2>&1 | grep -q svid"
+	bed_wait 10 "c2 output" bash -c "$CRICTL logs $c2 2>&1 | grep -q svid"
+	[[ $("$CRICTL" logs "$c0" 2>&1) == *"svid exists!"* ]] || fail "c0: $("$CRICTL" logs "$c0" 2>&1)"
+	[[ $("$CRICTL" logs "$c1" 2>&1) == *"svid exists!"* ]] || fail "c1: $("$CRICTL" logs "$c1" 2>&1)"
+	[[ $("$CRICTL" logs "$c2" 2>&1) == *"svid does NOT exist."* ]] || fail "c2: $("$CRICTL" logs "$c2" 2>&1)"
+	d0=$(nii_dir "$uid" "$c0")
+	d1=$(nii_dir "$uid" "$c1")
+	id=$(nii_spiffe_id "$d0/svid.pem")
+	[[ $id == "spiffe://$E2E_TD/k8s/c0" ]] || fail "c0 has $id"
+	id=$(nii_spiffe_id "$d1/svid.pem")
+	[[ $id == "spiffe://$E2E_TD/k8s/pod" ]] || fail "c1 has $id"
+	nii_pair_matches "$d0" && nii_pair_matches "$d1" || fail "key/certificate mismatch"
+	note "c0 = /k8s/c0 (k8s:container-name entry), c1 = /k8s/pod (k8s:ns + k8s:pod-uid entry), c2 none"
+	note "delivered at CreateContainer in $(grep "container_id=$c0" "$E2E/logs/nii.log" | grep -m1 'identity delivered' | grep -o 'elapsed_ms=[0-9.]*' | cut -d= -f2) ms (c0), $(grep "container_id=$c1" "$E2E/logs/nii.log" | grep -m1 'identity delivered' | grep -o 'elapsed_ms=[0-9.]*' | cut -d= -f2) ms (c1)"
+
+	# Parity: every selector we sent is one the attestor produces for the running
+	# container, and every attestor selector of a kind we derive is one we sent.
+	kinds='^k8s:(ns|sa|pod-name|pod-uid|pod-label|container-name|node-name|pod-owner|pod-owner-uid):'
+	for c in "$c0" "$c1"; do
+		o=$(ours "$c")
+		a=$(attested "$c")
+		[[ -n $o && -n $a ]] || fail "no selectors to compare (ours: '$o', attested: '$a')"
+		extra=$(comm -23 <(echo "$o") <(echo "$a"))
+		missing=$(comm -13 <(echo "$o") <(echo "$a" | grep -E "$kinds" || true))
+		[[ -z $extra ]] || fail "we sent selectors the attestor does not produce: $extra"
+		[[ -z $missing ]] || fail "the attestor produces selectors we did not send: $missing"
+		note "container $(echo "$c" | cut -c1-12): our $(echo "$o" | wc -l) selectors = the attestor's for the same kinds: $(echo "$o" | tr '\n' ' ')"
+	done
+	rm -f "$KUBELET_MANIFESTS/proposal.yaml"
+}
+
+# --- a pod elsewhere copying labels and container names gets nothing ----------
+scenario_impersonation() {
+	local uid ann
+	uid=$(bed_uuid)
+	ann=$(nii_annotations identity.noderesource.dev/container.c0 "$(nii_identity /var/certs 'hint: c0')")
+	# Same labels, same container name, same annotation: another namespace.
+	static_pod impostor "$uid" evil "$ann" c0
+	bed_wait 30 "the daemon's refusal" grep -q "pod evil/impostor-$KUBELET_NODE container c0: .*no registration entry" "$E2E/logs/nii.log"
+	sleep 2
+	if kubelet_container_id impostor c0 >/dev/null; then fail "the impostor's c0 runs"; fi
+	# The kubelet keeps retrying (each attempt prepares, then removes, an empty directory);
+	# no file may ever be written.
+	[[ -z $(find "$NII_ARTIFACTS/$uid" -type f 2>/dev/null) ]] || fail "files were written for the impostor"
+	note "evil/impostor c0 refused at CreateContainer: $(grep -m1 "pod evil/impostor" "$E2E/logs/nii.log" | grep -o 'error=.*' | cut -c1-160)"
+	rm -f "$KUBELET_MANIFESTS/impostor.yaml"
+}
+
+# --- PID mode on the kubelet fails closed, with a clear message --------------
+scenario_pid_mode() {
+	local uid e ann
+	uid=$(bed_uuid)
+	e=$(bed_entry /k8s/pidmode "k8s:ns:$KUBELET_NS" k8s:container-name:p0)
+	bed_wait_entry "$e"
+	ann=$(nii_annotations identity.noderesource.dev/container.p0 "$(nii_identity /var/certs 'attestation: pid')")
+	static_pod pidmode "$uid" "$KUBELET_NS" "$ann" p0
+	bed_wait 60 "the daemon failing the start" grep -q "pod $KUBELET_NS/pidmode-$KUBELET_NODE container p0: no identity" "$E2E/logs/nii.log"
+	if grep -q 'closing plugin' "$E2E/logs/containerd.log"; then fail "containerd closed the plugin"; fi
+	curl -fsS -o /dev/null "http://$NII_HTTP/readyz" || fail "the daemon is no longer ready"
+	if kubelet_container_id pidmode p0 >/dev/null; then fail "p0 runs without identity"; fi
+	note "PID mode: $(grep -m1 "container p0: no identity" "$E2E/logs/nii.log" | grep -o 'error=.*' | cut -c1-200)"
+	note "the daemon stayed registered; the kubelet retries the start"
+	rm -f "$KUBELET_MANIFESTS/pidmode.yaml"
+}
+
+ALL=(proposal impersonation pid_mode)
+selected=("$@")
+((${#selected[@]})) || selected=("${ALL[@]}")
+
+finish() {
+	local rc=$?
+	trap - EXIT
+	nii_stop 2>/dev/null || true
+	bed_down "$rc" || true
+	((${#failures[@]} == 0)) || printf 'k8s: failed: %s\n' "${failures[*]}"
+	echo "k8s: $passed passed, $failed failed"
+	((failed == 0 && rc == 0)) || exit 1
+}
+trap finish EXIT
+trap 'exit 130' INT TERM
+
+export E2E_K8S_ATTESTOR=1
+t0=$(nii_ms)
+nii_build
+nii_build_delegated_fetch >/dev/null
+bed_up
+kubelet_up
+nii_start --kubelet-address "127.0.0.1:$KUBELET_RO_PORT"
+echo "k8s: bed, kubelet and daemon up in $(($(nii_ms) - t0)) ms"
+for s in "${selected[@]}"; do
+	echo "--- $s"
+	t=$(nii_ms)
+	set +e
+	(
+		set -e
+		"scenario_$s"
+	)
+	rc=$?
+	set -e
+	if ((rc == 0)); then
+		passed=$((passed + 1))
+		echo "PASS $s ($(($(nii_ms) - t)) ms)"
+	else
+		failed=$((failed + 1))
+		failures+=("$s")
+		echo "FAIL $s ($(($(nii_ms) - t)) ms)"
+		tail -20 "$E2E/logs/nii.log" | sed 's/^/  nii| /' | cut -c1-300
+	fi
+done
