@@ -42,7 +42,7 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 
-pub use fake::{FakeNode, FakeProcess, RecordingHost};
+pub use fake::{FakeNode, FakeProcess, RecordingHost, SplitHost};
 pub use real::RealHost;
 
 /// Mode of the artifact root and of the per-pod directories: root only.

@@ -584,3 +584,73 @@ impl HostOps for RecordingHost {
             .ok_or(HostError::NoSuchProcess { pid })
     }
 }
+
+/// Real files with fake processes: the daemon's file handling proven on a real file system
+/// while PIDs, cgroups and process exits stay scriptable (used by the daemon's integration
+/// tests and benchmarks, where no real container processes exist).
+#[derive(Debug, Default)]
+pub struct SplitHost {
+    pub files: super::RealHost,
+    pub procs: RecordingHost,
+}
+
+impl HostOps for SplitHost {
+    fn open_root(&self, root: &Path) -> Result<DirHandle, HostError> {
+        self.files.open_root(root)
+    }
+    fn ensure_dir(
+        &self,
+        parent: &DirHandle,
+        name: &str,
+        mode: u32,
+    ) -> Result<DirHandle, HostError> {
+        self.files.ensure_dir(parent, name, mode)
+    }
+    fn open_dir(&self, parent: &DirHandle, name: &str) -> Result<Option<DirHandle>, HostError> {
+        self.files.open_dir(parent, name)
+    }
+    fn list(&self, dir: &DirHandle) -> Result<Vec<String>, HostError> {
+        self.files.list(dir)
+    }
+    fn create_temp(
+        &self,
+        dir: &DirHandle,
+        contents: &[u8],
+        attrs: FileAttrs<'_>,
+    ) -> Result<String, HostError> {
+        self.files.create_temp(dir, contents, attrs)
+    }
+    fn rename(&self, dir: &DirHandle, from: &str, to: &str) -> Result<(), HostError> {
+        self.files.rename(dir, from, to)
+    }
+    fn unlink(&self, dir: &DirHandle, name: &str) -> Result<bool, HostError> {
+        self.files.unlink(dir, name)
+    }
+    fn fsync_dir(&self, dir: &DirHandle) -> Result<(), HostError> {
+        self.files.fsync_dir(dir)
+    }
+    fn remove_all(&self, parent: &DirHandle, name: &str) -> Result<(), HostError> {
+        self.files.remove_all(parent, name)
+    }
+    fn remove_empty_dir(&self, parent: &DirHandle, name: &str) -> Result<bool, HostError> {
+        self.files.remove_empty_dir(parent, name)
+    }
+    fn set_xattr(
+        &self,
+        dir: &DirHandle,
+        name: Option<&str>,
+        attr: &str,
+        value: &[u8],
+    ) -> Result<(), HostError> {
+        self.files.set_xattr(dir, name, attr, value)
+    }
+    fn open_pidfd(&self, pid: u32) -> Result<Pidfd, HostError> {
+        self.procs.open_pidfd(pid)
+    }
+    fn process_cgroup(&self, pid: u32) -> Result<String, HostError> {
+        self.procs.process_cgroup(pid)
+    }
+    fn process_owner(&self, pid: u32) -> Result<Owner, HostError> {
+        self.procs.process_owner(pid)
+    }
+}

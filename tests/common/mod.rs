@@ -12,9 +12,7 @@ use std::time::Duration;
 use nri_identity_backends::{AnyBackend, RuntimeKind};
 use nri_identity_injector::annotation::Policy;
 use nri_identity_injector::engine::{Engine, EngineConfig};
-use nri_identity_injector::host::{
-    DirHandle, FileAttrs, HostError, HostOps, Owner, Pidfd, RealHost, RecordingHost,
-};
+use nri_identity_injector::host::Owner;
 use nri_identity_injector::metrics::Metrics;
 use nri_identity_injector::nri::IdentityPlugin;
 use nri_identity_injector::spire::fake::{FakeAgent, TestCa, WorkloadKey};
@@ -26,72 +24,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// Real files, fake processes.
-#[derive(Debug)]
-pub struct MixedHost {
-    pub files: RealHost,
-    pub procs: RecordingHost,
-}
-
-impl HostOps for MixedHost {
-    fn open_root(&self, root: &Path) -> Result<DirHandle, HostError> {
-        self.files.open_root(root)
-    }
-    fn ensure_dir(
-        &self,
-        parent: &DirHandle,
-        name: &str,
-        mode: u32,
-    ) -> Result<DirHandle, HostError> {
-        self.files.ensure_dir(parent, name, mode)
-    }
-    fn open_dir(&self, parent: &DirHandle, name: &str) -> Result<Option<DirHandle>, HostError> {
-        self.files.open_dir(parent, name)
-    }
-    fn list(&self, dir: &DirHandle) -> Result<Vec<String>, HostError> {
-        self.files.list(dir)
-    }
-    fn create_temp(
-        &self,
-        dir: &DirHandle,
-        contents: &[u8],
-        attrs: FileAttrs<'_>,
-    ) -> Result<String, HostError> {
-        self.files.create_temp(dir, contents, attrs)
-    }
-    fn rename(&self, dir: &DirHandle, from: &str, to: &str) -> Result<(), HostError> {
-        self.files.rename(dir, from, to)
-    }
-    fn unlink(&self, dir: &DirHandle, name: &str) -> Result<bool, HostError> {
-        self.files.unlink(dir, name)
-    }
-    fn fsync_dir(&self, dir: &DirHandle) -> Result<(), HostError> {
-        self.files.fsync_dir(dir)
-    }
-    fn remove_all(&self, parent: &DirHandle, name: &str) -> Result<(), HostError> {
-        self.files.remove_all(parent, name)
-    }
-    fn remove_empty_dir(&self, parent: &DirHandle, name: &str) -> Result<bool, HostError> {
-        self.files.remove_empty_dir(parent, name)
-    }
-    fn set_xattr(
-        &self,
-        dir: &DirHandle,
-        name: Option<&str>,
-        attr: &str,
-        value: &[u8],
-    ) -> Result<(), HostError> {
-        self.files.set_xattr(dir, name, attr, value)
-    }
-    fn open_pidfd(&self, pid: u32) -> Result<Pidfd, HostError> {
-        self.procs.open_pidfd(pid)
-    }
-    fn process_cgroup(&self, pid: u32) -> Result<String, HostError> {
-        self.procs.process_cgroup(pid)
-    }
-    fn process_owner(&self, pid: u32) -> Result<Owner, HostError> {
-        self.procs.process_owner(pid)
-    }
-}
+pub type MixedHost = nri_identity_injector::host::SplitHost;
 
 pub const TD: &str = "example.org";
 
@@ -208,10 +141,7 @@ impl Bed {
         let ca = TestCa::new(TD).unwrap();
         agent.set_bundle(&ca.trust_domain_id(), &[ca.cert_der().to_vec()]);
         let root = unique_dir("root").join("artifacts");
-        let host = Arc::new(MixedHost {
-            files: RealHost::new(),
-            procs: RecordingHost::new(),
-        });
+        let host = Arc::new(MixedHost::default());
         let nri_path = temp_socket("d");
         let runtime = FakeRuntime::bind(&nri_path);
         let daemon = spawn_daemon(

@@ -15,9 +15,6 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$here/lib/nii.sh"
 
 CHECK='if [ -f /var/certs/svid.pem ]; then echo "svid exists!"; else echo "svid does NOT exist."; fi; sleep 3600'
-passed=0
-failed=0
-failures=()
 
 note() { printf '  %s\n' "$*"; }
 fail() {
@@ -140,16 +137,7 @@ ALL=(proposal impersonation pid_mode)
 selected=("$@")
 ((${#selected[@]})) || selected=("${ALL[@]}")
 
-finish() {
-	local rc=$?
-	trap - EXIT
-	nii_stop 2>/dev/null || true
-	bed_down "$rc" || true
-	((${#failures[@]} == 0)) || printf 'k8s: failed: %s\n' "${failures[*]}"
-	echo "k8s: $passed passed, $failed failed"
-	((failed == 0 && rc == 0)) || exit 1
-}
-trap finish EXIT
+trap 'nii_finish k8s' EXIT
 trap 'exit 130' INT TERM
 
 export E2E_K8S_ATTESTOR=1
@@ -160,23 +148,4 @@ bed_up
 kubelet_up
 nii_start --kubelet-address "127.0.0.1:$KUBELET_RO_PORT"
 echo "k8s: bed, kubelet and daemon up in $(($(nii_ms) - t0)) ms"
-for s in "${selected[@]}"; do
-	echo "--- $s"
-	t=$(nii_ms)
-	set +e
-	(
-		set -e
-		"scenario_$s"
-	)
-	rc=$?
-	set -e
-	if ((rc == 0)); then
-		passed=$((passed + 1))
-		echo "PASS $s ($(($(nii_ms) - t)) ms)"
-	else
-		failed=$((failed + 1))
-		failures+=("$s")
-		echo "FAIL $s ($(($(nii_ms) - t)) ms)"
-		tail -20 "$E2E/logs/nii.log" | sed 's/^/  nii| /' | cut -c1-300
-	fi
-done
+nii_scenarios "${selected[@]}"

@@ -14,9 +14,6 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$here/lib/nii.sh"
 
 CHECK='if [ -f /var/certs/svid.pem ]; then echo "svid exists!"; else echo "svid does NOT exist."; fi'
-passed=0
-failed=0
-failures=()
 
 note() { printf '  %s\n' "$*"; }
 fail() {
@@ -225,17 +222,7 @@ ALL=(proposal selectors rotation containerd_restart hostile agent_down)
 selected=("$@")
 ((${#selected[@]})) || selected=("${ALL[@]}")
 
-finish() {
-	local rc=$?
-	trap - EXIT
-	nii_stop 2>/dev/null || true
-	bed_down "$rc" || true
-	[[ -z ${E2E:-} ]] || bed_check_clean || { echo "e2e: the bed was not left clean" >&2; failed=$((failed + 1)); }
-	((${#failures[@]} == 0)) || printf 'e2e: failed: %s\n' "${failures[*]}"
-	echo "e2e: $passed passed, $failed failed"
-	((failed == 0 && rc == 0)) || exit 1
-}
-trap finish EXIT
+trap 'nii_finish e2e' EXIT
 trap 'exit 130' INT TERM
 
 t0=$(nii_ms)
@@ -243,24 +230,4 @@ nii_build
 bed_up
 nii_start
 echo "e2e: bed and daemon up in $(($(nii_ms) - t0)) ms"
-for s in "${selected[@]}"; do
-	echo "--- $s"
-	t=$(nii_ms)
-	# A plain statement, not a condition: only there does errexit apply inside the subshell.
-	set +e
-	(
-		set -e
-		"scenario_$s"
-	)
-	rc=$?
-	set -e
-	if ((rc == 0)); then
-		passed=$((passed + 1))
-		echo "PASS $s ($(($(nii_ms) - t)) ms)"
-	else
-		failed=$((failed + 1))
-		failures+=("$s")
-		echo "FAIL $s ($(($(nii_ms) - t)) ms)"
-		tail -20 "$E2E/logs/nii.log" | sed 's/^/  nii| /'
-	fi
-done
+nii_scenarios "${selected[@]}"

@@ -88,3 +88,50 @@ nii_delivered_ms() {
 
 # nii_ms : milliseconds since the epoch.
 nii_ms() { date +%s%3N; }
+
+# --- running scenarios --------------------------------------------------------------------
+NII_PASSED=0
+NII_FAILED=0
+NII_FAILURES=()
+
+# nii_scenarios NAME... : runs scenario_NAME for each, in a subshell with errexit (a plain
+# statement, not a condition: only there does errexit apply inside the subshell), and counts.
+nii_scenarios() {
+	local s t rc
+	for s in "$@"; do
+		echo "--- $s"
+		t=$(nii_ms)
+		set +e
+		(
+			set -e
+			"scenario_$s"
+		)
+		rc=$?
+		set -e
+		if ((rc == 0)); then
+			NII_PASSED=$((NII_PASSED + 1))
+			echo "PASS $s ($(($(nii_ms) - t)) ms)"
+		else
+			NII_FAILED=$((NII_FAILED + 1))
+			NII_FAILURES+=("$s")
+			echo "FAIL $s ($(($(nii_ms) - t)) ms)"
+			tail -20 "$E2E/logs/nii.log" | sed 's/^/  nii| /' | cut -c1-300
+		fi
+	done
+}
+
+# nii_finish LABEL : the EXIT trap of a scenario script: stops the daemon, tears the bed down,
+# checks the host is clean, and prints the closing "N passed, M failed" line.
+nii_finish() {
+	local rc=$? label=$1
+	trap - EXIT
+	nii_stop 2>/dev/null || true
+	bed_down "$rc" || true
+	if [[ -n ${E2E:-} ]] && ! bed_check_clean; then
+		echo "$label: the bed was not left clean" >&2
+		NII_FAILED=$((NII_FAILED + 1))
+	fi
+	((${#NII_FAILURES[@]} == 0)) || printf '%s: failed: %s\n' "$label" "${NII_FAILURES[*]}"
+	echo "$label: $NII_PASSED passed, $NII_FAILED failed"
+	((NII_FAILED == 0 && rc == 0)) || exit 1
+}
