@@ -11,7 +11,16 @@ export PATH := $(HOME)/.cargo/bin:/usr/local/go/bin:$(PATH)
 export GOTOOLCHAIN := local
 export CARGO_TERM_COLOR := never
 
-.PHONY: demo test lint unit conformance e2e e2e-k8s bench bench-nri bench-e2e bench-daemon codegen build
+.PHONY: release demo test lint unit conformance e2e e2e-k8s bench bench-nri bench-e2e bench-daemon codegen build
+
+# The shipped binary: statically linked (no shared libc pages: idle RSS 3.7 MiB instead of
+# 5.1-5.4 MiB) and built for an explicit target, so the static flag reaches only the
+# target's crates, never the host's proc macros.
+RELEASE_TARGET := x86_64-unknown-linux-gnu
+RELEASE_BIN := target/$(RELEASE_TARGET)/release/nri-identity-injector
+release:
+	RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target $(RELEASE_TARGET) -p nri-identity-injector --bin nri-identity-injector
+	@echo "built $(RELEASE_BIN)"
 
 demo:
 	tests/e2e/demo.sh
@@ -48,9 +57,8 @@ bench-e2e:
 
 # CreateContainer/StartContainer latency through the NRI wire path and the memory of the
 # release binary (needs root for the memory part: real processes in their own cgroups).
-bench-daemon:
-	cargo build --release -p nri-identity-injector
-	cargo bench -p nri-identity-injector --features fake-agent --bench daemon
+bench-daemon: release
+	NII_BENCH_DAEMON_BIN=$(CURDIR)/$(RELEASE_BIN) cargo bench -p nri-identity-injector --features fake-agent --bench daemon
 
 codegen:
 	cargo xtask codegen

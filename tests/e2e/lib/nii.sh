@@ -8,10 +8,15 @@ NII_PROFILE=${NII_PROFILE:-release}
 
 # nii_build : cargo build of the daemon (release by default: timings are reported).
 nii_build() {
-	local flag=()
-	[[ $NII_PROFILE == release ]] && flag=(--release)
-	(cd "$NII_ROOT" && cargo build -q "${flag[@]}" -p nri-identity-injector --bin nri-identity-injector) || return 1
-	NII_BIN=${CARGO_TARGET_DIR:-$NII_ROOT/target}/$NII_PROFILE/nri-identity-injector
+	if [[ $NII_PROFILE == release ]]; then
+		# The shipped binary (`make release`): static, for an explicit target.
+		(cd "$NII_ROOT" && RUSTFLAGS="-C target-feature=+crt-static" cargo build -q --release \
+			--target x86_64-unknown-linux-gnu -p nri-identity-injector --bin nri-identity-injector) || return 1
+		NII_BIN=${CARGO_TARGET_DIR:-$NII_ROOT/target}/x86_64-unknown-linux-gnu/release/nri-identity-injector
+	else
+		(cd "$NII_ROOT" && cargo build -q -p nri-identity-injector --bin nri-identity-injector) || return 1
+		NII_BIN=${CARGO_TARGET_DIR:-$NII_ROOT/target}/debug/nri-identity-injector
+	fi
 	export NII_BIN
 }
 
