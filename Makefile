@@ -11,7 +11,7 @@ export PATH := $(HOME)/.cargo/bin:/usr/local/go/bin:$(PATH)
 export GOTOOLCHAIN := local
 export CARGO_TERM_COLOR := never
 
-.PHONY: release demo test lint unit conformance e2e e2e-k8s bench bench-nri bench-e2e bench-daemon codegen build
+.PHONY: release demo test lint unit conformance e2e e2e-k8s bench bench-nri bench-e2e bench-k8s bench-daemon codegen build
 
 # The shipped binary: statically linked (no shared libc pages: idle RSS 3.7 MiB instead of
 # 5.1-5.4 MiB) and built for an explicit target, so the static flag reaches only the
@@ -54,6 +54,9 @@ bench-nri:
 
 bench-e2e:
 	tests/e2e/bench.sh 50
+
+bench-k8s:
+	tests/e2e/k8s_bench.sh 20
 
 # CreateContainer/StartContainer latency through the NRI wire path and the memory of the
 # release binary (needs root for the memory part: real processes in their own cgroups).
