@@ -189,6 +189,8 @@ struct Tracked {
     pod_key: String,
     mode: NamingMode,
     request: Arc<IdentityRequest>,
+    /// Opened at CreateContainer and reused, so a start does not walk the path again.
+    dir: Option<ArtifactDir>,
     task: Option<(CancellationToken, JoinHandle<()>)>,
 }
 
@@ -233,6 +235,11 @@ struct Inner<S> {
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     tasks: tokio_util::task::TaskTracker,
+}
+
+/// Containers with a maintenance task, for the active-identities gauge.
+fn active_tasks(tracked: &HashMap<String, Tracked>) -> usize {
+    tracked.values().filter(|t| t.task.is_some()).count()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -345,15 +352,7 @@ impl<S: IdentitySource> Engine<S> {
         info!(pod = %pod.name, namespace = %pod.namespace, container = %c.name, container_id = %c.id,
             cert_dir = %request.cert_dir.display(), mode = ?mode, "identity directory prepared");
         let request = Arc::new(request);
-        lock(&self.inner.tracked).insert(
-            c.id.clone(),
-            Tracked {
-                pod_key: pod.key().to_owned(),
-                mode,
-                request: request.clone(),
-                task: None,
-            },
-        );
+        self.track(pod, c, mode, request.clone(), Some(dir));
         if self.inner.backend.delivery_point(mode) == DeliveryPoint::CreateContainer {
             self.deliver_or_fail(pod, c, request, mode, deadline, started, true)
                 .await?;
@@ -412,20 +411,30 @@ impl<S: IdentitySource> Engine<S> {
                 }
                 let mode = self.mode_for(&r);
                 let r = Arc::new(r);
-                lock(&self.inner.tracked).insert(
-                    c.id.clone(),
-                    Tracked {
-                        pod_key: pod.key().to_owned(),
-                        mode,
-                        request: r.clone(),
-                        task: None,
-                    },
-                );
+                self.track(pod, c, mode, r.clone(), None);
                 (r, mode)
             }
         };
         self.deliver_or_fail(pod, c, request, mode, deadline, started, false)
             .await
+    }
+
+    fn track(
+        &self,
+        pod: &PodInfo,
+        c: &ContainerInfo,
+        mode: NamingMode,
+        request: Arc<IdentityRequest>,
+        dir: Option<ArtifactDir>,
+    ) {
+        let t = Tracked {
+            pod_key: pod.key().to_owned(),
+            mode,
+            request,
+            dir,
+            task: None,
+        };
+        lock(&self.inner.tracked).insert(c.id.clone(), t);
     }
 
     /// Delivers the first identity, applying the pod's failure policy. At CreateContainer a
@@ -462,9 +471,12 @@ impl<S: IdentitySource> Engine<S> {
                     lock(&self.inner.tracked).remove(&c.id);
                     let _ = w.remove_container(pod.key(), &c.id);
                 } else if let Ok(dir) = w.create_dir(pod.key(), &c.id) {
-                    let _ = w
-                        .remove(&dir)
-                        .and_then(|()| w.create_dir(pod.key(), &c.id).map(drop));
+                    let fresh = w.remove(&dir).and_then(|()| w.create_dir(pod.key(), &c.id));
+                    // The old handle names the removed directory: a retried start must use
+                    // the new one.
+                    if let Some(t) = lock(&self.inner.tracked).get_mut(&c.id) {
+                        t.dir = fresh.ok();
+                    }
                 }
                 Err(self.fail(pod, c, e))
             }
@@ -608,6 +620,7 @@ impl<S: IdentitySource> Engine<S> {
             owner = owner.or_else(|| inner.host.process_owner(pid).ok());
         }
         let material = material(&svid, &federates_with, &bundle_set)?;
+        let opened = lock(&inner.tracked).get(&c.id).and_then(|t| t.dir.clone());
         let (writer, pod_key, id, req) = (
             inner.writer.clone(),
             pod.key().to_owned(),
@@ -615,7 +628,10 @@ impl<S: IdentitySource> Engine<S> {
             request.clone(),
         );
         let dir = blocking(move || {
-            let dir = writer.create_dir(&pod_key, &id)?;
+            let dir = match opened {
+                Some(dir) => dir,
+                None => writer.create_dir(&pod_key, &id)?,
+            };
             writer.deliver(&dir, &req, &material, owner)?;
             Ok(dir)
         })
@@ -741,9 +757,7 @@ impl<S: IdentitySource> Engine<S> {
             // Removed while we were delivering: do not leave a stream behind.
             cancel.cancel();
         }
-        self.inner
-            .metrics
-            .set_active(tracked.values().filter(|t| t.task.is_some()).count());
+        self.inner.metrics.set_active(active_tasks(&tracked));
     }
 
     fn spawn_maintenance(
@@ -964,9 +978,7 @@ impl<S: IdentitySource> Engine<S> {
             cancel.cancel();
         }
         self.inner.metrics.forget(&c.id);
-        self.inner
-            .metrics
-            .set_active(tracked.values().filter(|t| t.task.is_some()).count());
+        self.inner.metrics.set_active(active_tasks(&tracked));
     }
 
     /// RemoveContainer: stream closed, directory removed.
@@ -974,9 +986,7 @@ impl<S: IdentitySource> Engine<S> {
         let removed = {
             let mut tracked = lock(&self.inner.tracked);
             let t = tracked.remove(&c.id);
-            self.inner
-                .metrics
-                .set_active(tracked.values().filter(|t| t.task.is_some()).count());
+            self.inner.metrics.set_active(active_tasks(&tracked));
             t
         };
         if let Some(t) = &removed
@@ -1015,16 +1025,11 @@ impl<S: IdentitySource> Engine<S> {
 
     /// After (re)connecting to the runtime: resume streams for running annotated containers
     /// and remove directories of containers that no longer exist.
-    pub fn synchronize(
-        &self,
-        pods: &[PodInfo],
-        containers: &[ContainerInfo],
-        pod_of: impl Fn(&ContainerInfo) -> Option<usize>,
-    ) {
+    pub fn synchronize(&self, pods: &[PodInfo], containers: &[(ContainerInfo, Option<usize>)]) {
         let inner = &self.inner;
         let mut keep: HashMap<String, Vec<String>> = HashMap::new();
-        for c in containers {
-            let Some(pod) = pod_of(c).and_then(|i| pods.get(i)) else {
+        for (c, pod_index) in containers {
+            let Some(pod) = pod_index.and_then(|i| pods.get(i)) else {
                 continue;
             };
             keep.entry(pod.key().to_owned())
@@ -1049,6 +1054,7 @@ impl<S: IdentitySource> Engine<S> {
                     pod_key: pod.key().to_owned(),
                     mode,
                     request: request.clone(),
+                    dir: None,
                     task: None,
                 });
             if !c.running || has_task {

@@ -115,7 +115,7 @@ impl<S: IdentitySource> Plugin for IdentityPlugin<S> {
             .map(|(i, p)| (p.id.as_str(), i))
             .collect();
         let pod_infos: Vec<PodInfo> = pods.iter().map(pod_info).collect();
-        let containers_idx: Vec<(ContainerInfo, Option<usize>)> = containers
+        let containers_with_pod: Vec<(ContainerInfo, Option<usize>)> = containers
             .iter()
             .map(|c| {
                 (
@@ -124,13 +124,7 @@ impl<S: IdentitySource> Plugin for IdentityPlugin<S> {
                 )
             })
             .collect();
-        let infos: Vec<ContainerInfo> = containers_idx.iter().map(|(c, _)| c.clone()).collect();
-        let lookup: BTreeMap<String, usize> = containers_idx
-            .iter()
-            .filter_map(|(c, i)| i.map(|i| (c.id.clone(), i)))
-            .collect();
-        self.engine
-            .synchronize(&pod_infos, &infos, |c| lookup.get(&c.id).copied());
+        self.engine.synchronize(&pod_infos, &containers_with_pod);
         debug!(
             pods = pods.len(),
             containers = containers.len(),
