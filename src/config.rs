@@ -10,9 +10,14 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use nri_identity_backends::{NamingMode, RuntimeKind};
 use serde::{Deserialize, Serialize};
 
+use crate::k8s::{ClientAuth, Endpoint, KubeletUrl, Scheme, TlsSettings};
+
 /// Prefix of the environment variables that override the file, e.g.
 /// `NRI_IDENTITY_AGENT_SOCKET=/run/spire/admin.sock`.
 pub const ENV_PREFIX: &str = "NRI_IDENTITY_";
+
+/// Where Kubernetes mounts a pod's service-account token and the cluster CA.
+const SERVICE_ACCOUNT_DIR: &str = "/run/secrets/kubernetes.io/serviceaccount";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -81,12 +86,26 @@ pub struct Config {
     /// container without identity.
     pub first_svid_timeout_ms: u64,
     /// How workloads are named to the agent when the pod does not say: `pid` or
-    /// `selectors`. Unset: `selectors` when `kubelet_address` is set (Kubernetes), else the
+    /// `selectors`. Unset: `selectors` when `kubelet_url` is set (Kubernetes), else the
     /// runtime backend's default (`pid` for containerd).
     pub attestation: Option<Attestation>,
-    /// The kubelet's read-only port (e.g. `127.0.0.1:10255`), where selectors mode looks up
-    /// what CRI/NRI do not carry: the pod's service account and owners.
-    pub kubelet_address: Option<SocketAddr>,
+    /// The kubelet, where selectors mode looks up what CRI/NRI do not carry (the pod's
+    /// service account and owners): its secure port `https://<node-ip>:10250`, or its
+    /// read-only port `http://127.0.0.1:10255`.
+    pub kubelet_url: Option<KubeletUrl>,
+    /// CA bundle the kubelet's serving certificate must chain to (secure port).
+    pub kubelet_ca_path: PathBuf,
+    /// Accept any kubelet serving certificate (self-signed ones). The handshake still
+    /// proves the kubelet holds its key, but not who it is.
+    pub kubelet_skip_verification: bool,
+    /// The name the kubelet's serving certificate must carry; default the URL's host.
+    pub kubelet_server_name: Option<String>,
+    /// Bearer token for the secure port, re-read for every connection (projected tokens
+    /// rotate). Unused when a client certificate is configured.
+    pub kubelet_token_path: PathBuf,
+    /// Client certificate and key for the secure port, instead of the token.
+    pub kubelet_certificate_path: Option<PathBuf>,
+    pub kubelet_private_key_path: Option<PathBuf>,
     pub log_format: LogFormat,
     /// A tracing filter, e.g. `info` or `nri_identity_injector=debug,info`.
     pub log_level: String,
@@ -108,7 +127,13 @@ impl Default for Config {
             artifact_root: PathBuf::from("/run/nri-identity-injector"),
             first_svid_timeout_ms: 1500,
             attestation: None,
-            kubelet_address: None,
+            kubelet_url: None,
+            kubelet_ca_path: PathBuf::from(SERVICE_ACCOUNT_DIR).join("ca.crt"),
+            kubelet_skip_verification: false,
+            kubelet_server_name: None,
+            kubelet_token_path: PathBuf::from(SERVICE_ACCOUNT_DIR).join("token"),
+            kubelet_certificate_path: None,
+            kubelet_private_key_path: None,
             log_format: LogFormat::Text,
             log_level: "info".into(),
             http_address: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
@@ -215,6 +240,39 @@ impl Config {
                 format!("{:?} is not a valid filter", self.log_level),
             ));
         }
+        for (field, path) in [
+            ("kubelet_ca_path", Some(&self.kubelet_ca_path)),
+            ("kubelet_token_path", Some(&self.kubelet_token_path)),
+            (
+                "kubelet_certificate_path",
+                self.kubelet_certificate_path.as_ref(),
+            ),
+            (
+                "kubelet_private_key_path",
+                self.kubelet_private_key_path.as_ref(),
+            ),
+        ] {
+            if let Some(path) = path.filter(|p| !p.is_absolute()) {
+                return Err(invalid(
+                    field,
+                    format!("{} is not an absolute path", path.display()),
+                ));
+            }
+        }
+        if self.kubelet_certificate_path.is_some() != self.kubelet_private_key_path.is_some() {
+            return Err(invalid(
+                "kubelet_certificate_path",
+                "set both kubelet_certificate_path and kubelet_private_key_path, or neither",
+            ));
+        }
+        if let Some(name) = &self.kubelet_server_name
+            && rustls::pki_types::ServerName::try_from(name.as_str()).is_err()
+        {
+            return Err(invalid(
+                "kubelet_server_name",
+                format!("{name:?} is neither a DNS name nor an IP address"),
+            ));
+        }
         if matches!(self.runtime, Runtime::CriO | Runtime::Kata) {
             return Err(invalid(
                 "runtime",
@@ -227,7 +285,30 @@ impl Config {
     /// The naming mode for pods that do not choose one.
     pub fn default_attestation(&self) -> Option<Attestation> {
         self.attestation
-            .or(self.kubelet_address.map(|_| Attestation::Selectors))
+            .or(self.kubelet_url.as_ref().map(|_| Attestation::Selectors))
+    }
+
+    /// Where and how to reach the kubelet, if configured.
+    pub fn kubelet_endpoint(&self) -> Option<Endpoint> {
+        let url = self.kubelet_url.clone()?;
+        let tls = (url.scheme == Scheme::Https).then(|| TlsSettings {
+            ca: (!self.kubelet_skip_verification).then(|| self.kubelet_ca_path.clone()),
+            server_name: self
+                .kubelet_server_name
+                .clone()
+                .unwrap_or_else(|| url.host.clone()),
+            auth: match (
+                &self.kubelet_certificate_path,
+                &self.kubelet_private_key_path,
+            ) {
+                (Some(cert), Some(key)) => ClientAuth::Certificate {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                },
+                _ => ClientAuth::Token(self.kubelet_token_path.clone()),
+            },
+        });
+        Some(Endpoint { url, tls })
     }
 
     pub fn first_svid_timeout(&self) -> Duration {
@@ -300,7 +381,7 @@ pub struct Overrides {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attestation: Option<Attestation>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub kubelet_address: Option<SocketAddr>,
+    pub kubelet_url: Option<KubeletUrl>,
 }
 
 const STRING_FIELDS: &[&str] = &[
@@ -314,7 +395,12 @@ const STRING_FIELDS: &[&str] = &[
     "log_format",
     "log_level",
     "http_address",
-    "kubelet_address",
+    "kubelet_url",
+    "kubelet_ca_path",
+    "kubelet_server_name",
+    "kubelet_token_path",
+    "kubelet_certificate_path",
+    "kubelet_private_key_path",
 ];
 
 /// Environment pairs as a figment provider, parsed like figment's own `Env` (so lists and
@@ -439,9 +525,9 @@ mod tests {
     }
 
     #[test]
-    fn a_kubelet_address_makes_selectors_the_default_unless_told_otherwise() {
+    fn a_kubelet_url_makes_selectors_the_default_unless_told_otherwise() {
         let c = Config {
-            kubelet_address: Some("127.0.0.1:10255".parse().unwrap()),
+            kubelet_url: Some("http://127.0.0.1:10255".parse().unwrap()),
             ..Config::default()
         };
         assert_eq!(c.default_attestation(), Some(Attestation::Selectors));
@@ -451,6 +537,76 @@ mod tests {
         };
         assert_eq!(c.default_attestation(), Some(Attestation::Pid));
         assert_eq!(Config::default().default_attestation(), None);
+    }
+
+    #[test]
+    fn the_secure_port_defaults_to_the_service_account_token_and_cluster_ca() {
+        let env = vec![(
+            "NRI_IDENTITY_KUBELET_URL".to_owned(),
+            "https://10.1.2.3".to_owned(),
+        )];
+        let c = Config::load(None, env, &Overrides::default()).unwrap();
+        let e = c.kubelet_endpoint().unwrap();
+        assert_eq!(e.url.to_string(), "https://10.1.2.3:10250");
+        assert_eq!(
+            e.tls,
+            Some(TlsSettings {
+                ca: Some("/run/secrets/kubernetes.io/serviceaccount/ca.crt".into()),
+                server_name: "10.1.2.3".into(),
+                auth: ClientAuth::Token("/run/secrets/kubernetes.io/serviceaccount/token".into()),
+            })
+        );
+        let read_only = Config {
+            kubelet_url: Some("http://127.0.0.1:10255".parse().unwrap()),
+            ..Config::default()
+        };
+        assert_eq!(read_only.kubelet_endpoint().unwrap().tls, None);
+    }
+
+    #[test]
+    fn client_certificates_skipped_verification_and_a_server_name_are_honoured() {
+        let f = write(
+            "kubelet",
+            r#"
+kubelet_url = "https://node-1:10250"
+kubelet_skip_verification = true
+kubelet_server_name = "node-1.cluster.example"
+kubelet_certificate_path = "/etc/nii/client.pem"
+kubelet_private_key_path = "/etc/nii/client-key.pem"
+"#,
+        );
+        let c = Config::load(Some(&f), vec![], &Overrides::default()).unwrap();
+        let tls = c.kubelet_endpoint().unwrap().tls.unwrap();
+        assert_eq!(tls.ca, None);
+        assert_eq!(tls.server_name, "node-1.cluster.example");
+        assert_eq!(
+            tls.auth,
+            ClientAuth::Certificate {
+                cert: "/etc/nii/client.pem".into(),
+                key: "/etc/nii/client-key.pem".into()
+            }
+        );
+    }
+
+    #[test]
+    fn bad_kubelet_settings_name_their_field() {
+        let cases = [
+            ("kubelet_url = \"127.0.0.1:10255\"", "kubelet_url"),
+            ("kubelet_url = \"https://h/pods\"", "kubelet_url"),
+            (
+                "kubelet_certificate_path = \"/c.pem\"",
+                "kubelet_certificate_path",
+            ),
+            ("kubelet_token_path = \"token\"", "kubelet_token_path"),
+            ("kubelet_server_name = \"a b\"", "kubelet_server_name"),
+        ];
+        for (body, field) in cases {
+            let f = write("badkubelet", body);
+            let err = Config::load(Some(&f), vec![], &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{body}: {err}");
+        }
     }
 
     #[test]

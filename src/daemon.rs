@@ -40,8 +40,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     engine_cfg.first_svid_timeout = config.first_svid_timeout();
     engine_cfg.default_mode = config.default_attestation().map(NamingMode::from);
     engine_cfg.kubelet = config
-        .kubelet_address
-        .map(|addr| Arc::new(crate::k8s::KubeletPods::new(addr)));
+        .kubelet_endpoint()
+        .map(|e| Arc::new(crate::k8s::KubeletPods::new(e)));
     let engine = Engine::new(
         engine_cfg,
         DelegatedIdentityApi::new(ApiConfig::default()),

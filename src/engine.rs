@@ -114,7 +114,7 @@ pub enum EngineError {
     Host(#[from] HostError),
     #[error(transparent)]
     Artifacts(#[from] ArtifactError),
-    #[error("selectors attestation needs the kubelet's pod list: set kubelet_address")]
+    #[error("selectors attestation needs the kubelet's pod list: set kubelet_url")]
     NoKubelet,
     #[error(transparent)]
     Kubelet(#[from] LookupError),

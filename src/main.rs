@@ -64,9 +64,10 @@ struct RunArgs {
     log_level: Option<String>,
     #[arg(long, value_parser = ["pid", "selectors"])]
     attestation: Option<String>,
-    /// The kubelet's read-only port, for selectors mode (e.g. 127.0.0.1:10255).
+    /// The kubelet, for selectors mode: https://<node-ip>:10250 (secure port; see the
+    /// kubelet_* settings for its credentials) or http://127.0.0.1:10255 (read-only port).
     #[arg(long)]
-    kubelet_address: Option<std::net::SocketAddr>,
+    kubelet_url: Option<nri_identity_injector::k8s::KubeletUrl>,
 }
 
 impl RunArgs {
@@ -92,7 +93,7 @@ impl RunArgs {
                     Attestation::Selectors
                 }
             }),
-            kubelet_address: self.kubelet_address,
+            kubelet_url: self.kubelet_url.clone(),
         };
         Config::load(self.config.as_deref(), std::env::vars(), &flags)
     }
@@ -142,6 +143,12 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            // Credentials are files: a daemon that could never authenticate to the kubelet
+            // stops here, naming the file, rather than failing every pod later.
+            if let Some(Err(e)) = config.kubelet_endpoint().map(|e| e.check()) {
+                eprintln!("nri-identity-injector: invalid configuration: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
             match run(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

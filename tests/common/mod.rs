@@ -312,7 +312,10 @@ fn spawn_daemon(
     let metrics = Arc::new(Metrics::default());
     let mut cfg = EngineConfig::new(root, Policy::new(agent.path()));
     if let Some(addr) = kubelet {
-        cfg.kubelet = Some(Arc::new(nri_identity_injector::k8s::KubeletPods::new(addr)));
+        let url = format!("http://{addr}").parse().unwrap();
+        cfg.kubelet = Some(Arc::new(nri_identity_injector::k8s::KubeletPods::new(
+            nri_identity_injector::k8s::Endpoint::read_only(url),
+        )));
         cfg.default_mode = Some(nri_identity_backends::NamingMode::Selectors);
     }
     cfg.first_svid_timeout = first_svid_timeout;

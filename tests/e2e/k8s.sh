@@ -54,6 +54,34 @@ attested() {
 		grep -o 'type:\\"k8s\\" value:\\"[^\\]*' | sed 's/.*value:\\"/k8s:/' | sort -u
 }
 
+# kubelet_daemon [HOW] : (re)start the daemon against the kubelet. HOW: secure (TLS checked
+# against the bed CA, client certificate: the default), read-only, token (a bearer token the
+# kubelet cannot accept), wrong-ca (the serving certificate checked against another CA).
+kubelet_daemon() {
+	local how=${1:-secure} url=https://127.0.0.1:$KUBELET_PORT
+	local ca=$KUBELET_PKI/ca.pem cert=$KUBELET_PKI/client.pem key=$KUBELET_PKI/client-key.pem
+	if bed_pid nii >/dev/null; then nii_stop; fi
+	nii_places
+	(
+		case $how in
+		secure) ;;
+		read-only) url=http://127.0.0.1:$KUBELET_RO_PORT ;;
+		token)
+			printf 'not-a-token-this-kubelet-can-review\n' >"$KUBELET_PKI/token"
+			export NRI_IDENTITY_KUBELET_TOKEN_PATH=$KUBELET_PKI/token
+			cert='' key=''
+			;;
+		wrong-ca) ca=$KUBELET_PKI/other-ca.pem ;;
+		*) fail "kubelet_daemon: unknown $how" ;;
+		esac
+		export NRI_IDENTITY_KUBELET_CA_PATH=$ca
+		if [[ -n $cert ]]; then
+			export NRI_IDENTITY_KUBELET_CERTIFICATE_PATH=$cert NRI_IDENTITY_KUBELET_PRIVATE_KEY_PATH=$key
+		fi
+		nii_start --kubelet-url "$url"
+	)
+}
+
 # --- the design proposal's pod, selectors mode -------------------------------
 scenario_proposal() {
 	local uid e0 e1 ann c0 c1 c2 d0 d1 id kinds o a missing extra
@@ -133,7 +161,45 @@ scenario_pid_mode() {
 	rm -f "$KUBELET_MANIFESTS/pidmode.yaml"
 }
 
-ALL=(proposal impersonation pid_mode)
+# --- how the daemon reaches the kubelet ----------------------------------------
+# The other scenarios run on the secure port with a client certificate. Here: refused
+# credentials and an unverifiable kubelet fail the container with the reason, and the
+# read-only port works too.
+scenario_kubelet_access() {
+	local e ann uid c id how pod line
+	e=$(bed_entry /k8s/access "k8s:ns:$KUBELET_NS" k8s:container-name:a0)
+	bed_wait_entry "$e"
+	ann=$(nii_annotations identity.noderesource.dev/container.a0 "$(nii_identity /var/certs)")
+	local -A expect=([token]='answered HTTP/1.1 401 Unauthorized' [wrong-ca]='TLS with the kubelet .* failed')
+	for how in token wrong-ca; do
+		kubelet_daemon "$how"
+		pod=access-$how
+		uid=$(bed_uuid)
+		static_pod "$pod" "$uid" "$KUBELET_NS" "$ann" a0
+		bed_wait 30 "the daemon's refusal ($how)" grep -q "pod $KUBELET_NS/$pod-$KUBELET_NODE container a0: " "$E2E/logs/nii.log"
+		line=$(grep -m1 "pod $KUBELET_NS/$pod-$KUBELET_NODE container a0: " "$E2E/logs/nii.log")
+		[[ $line =~ ${expect[$how]} ]] || fail "$how: the refusal does not say '${expect[$how]}': $line"
+		sleep 1
+		if kubelet_container_id "$pod" a0 >/dev/null; then fail "a0 runs without identity ($how)"; fi
+		[[ -z $(find "$NII_ARTIFACTS/$uid" -type f 2>/dev/null) ]] || fail "files were written ($how)"
+		note "$how: $(echo "$line" | grep -o 'error=.*' | cut -c1-240)"
+		rm -f "$KUBELET_MANIFESTS/$pod.yaml"
+	done
+
+	kubelet_daemon read-only
+	uid=$(bed_uuid)
+	static_pod access-ro "$uid" "$KUBELET_NS" "$ann" a0
+	c=$(kubelet_wait_container access-ro a0 60)
+	bed_wait 10 "a0 output" bash -c "$CRICTL logs $c 2>&1 | grep -q svid"
+	[[ $("$CRICTL" logs "$c" 2>&1) == *"svid exists!"* ]] || fail "a0: $("$CRICTL" logs "$c" 2>&1)"
+	id=$(nii_spiffe_id "$(nii_dir "$uid" "$c")/svid.pem")
+	[[ $id == "spiffe://$E2E_TD/k8s/access" ]] || fail "a0 has $id"
+	note "read-only port: a0 = $id"
+	rm -f "$KUBELET_MANIFESTS/access-ro.yaml"
+	kubelet_daemon secure
+}
+
+ALL=(proposal impersonation pid_mode kubelet_access)
 selected=("$@")
 ((${#selected[@]})) || selected=("${ALL[@]}")
 
@@ -146,6 +212,6 @@ nii_build
 nii_build_delegated_fetch >/dev/null
 bed_up
 kubelet_up
-nii_start --kubelet-address "127.0.0.1:$KUBELET_RO_PORT"
+kubelet_daemon secure
 echo "k8s: bed, kubelet and daemon up in $(($(nii_ms) - t0)) ms"
 nii_scenarios "${selected[@]}"

@@ -23,7 +23,11 @@ bed_up
 kubelet_up
 # A pod-level entry: with disable_container_selectors the attestor only knows pod selectors.
 bed_wait_entry "$(bed_entry /k8s/bench "k8s:ns:$KUBELET_NS" k8s:pod-label:bench:yes)"
-nii_start --kubelet-address "127.0.0.1:$KUBELET_RO_PORT"
+# The secure port with a client certificate, as a node would be set up.
+NRI_IDENTITY_KUBELET_CA_PATH=$KUBELET_PKI/ca.pem \
+	NRI_IDENTITY_KUBELET_CERTIFICATE_PATH=$KUBELET_PKI/client.pem \
+	NRI_IDENTITY_KUBELET_PRIVATE_KEY_PATH=$KUBELET_PKI/client-key.pem \
+	nii_start --kubelet-url "https://127.0.0.1:$KUBELET_PORT"
 
 # run_mode MODE : N static pods whose container waits for its files; prints per-pod lines.
 run_mode() {

@@ -12,7 +12,11 @@
 # Exported after kubelet_up: KUBELET (binary), KUBELET_NODE (node name; static
 # pods are named <manifest name>-$KUBELET_NODE), KUBELET_NS (default namespace
 # of kubelet_static_pod), KUBELET_RO_PORT (read-only port: /pods, no auth),
-# KUBELET_PORT (secure port), KUBELET_HEALTHZ_PORT, KUBELET_MANIFESTS.
+# KUBELET_PORT (secure port: TLS with a serving certificate for 127.0.0.1 from
+# $KUBELET_PKI/ca.pem, client certificates only, no anonymous access),
+# KUBELET_PKI (ca.pem, client.pem + client-key.pem that the kubelet accepts,
+# other-ca.pem that signed nothing it uses), KUBELET_HEALTHZ_PORT,
+# KUBELET_MANIFESTS.
 #
 # The kubelet touches the host outside $E2E in ways no flag avoids: sysctls
 # (vm.overcommit_memory, kernel.panic, kernel.panic_on_oops), the fixed paths
@@ -160,9 +164,15 @@ port: $KUBELET_PORT
 readOnlyPort: $KUBELET_RO_PORT
 healthzBindAddress: 127.0.0.1
 healthzPort: $KUBELET_HEALTHZ_PORT
+# The secure port as on a cluster node, minus the API server: a serving
+# certificate from a CA the client checks, and client certificates (token
+# authentication would need a TokenReview webhook, hence an API server).
+tlsCertFile: $KUBELET_PKI/serving.pem
+tlsPrivateKeyFile: $KUBELET_PKI/serving-key.pem
 authentication:
-  anonymous: {enabled: true}
+  anonymous: {enabled: false}
   webhook: {enabled: false}
+  x509: {clientCAFile: $KUBELET_PKI/ca.pem}
 authorization:
   mode: AlwaysAllow
 failSwapOn: false
@@ -178,6 +188,37 @@ evictionHard:
   imagefs.available: 1%
 resolvConf: /etc/resolv.conf
 EOF
+}
+
+# _kubelet_pki : a CA, the kubelet's serving certificate (127.0.0.1, localhost), a
+# client certificate, and an unrelated CA, in $KUBELET_PKI (EC P-256, 1 day).
+_kubelet_pki() {
+	local d=$KUBELET_PKI
+	[[ -s $d/client.pem ]] && return 0
+	mkdir -p "$d" && chmod 700 "$d"
+	(
+		set -e
+		cd "$d"
+		ec() { openssl ecparam -name prime256v1 -genkey -noout 2>/dev/null | openssl pkcs8 -topk8 -nocrypt -out "$1"; }
+		ec ca-key.pem
+		openssl req -x509 -new -key ca-key.pem -subj /CN=nii-e2e-kubelet-ca -days 1 -out ca.pem \
+			-addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
+		ec other-ca-key.pem
+		openssl req -x509 -new -key other-ca-key.pem -subj /CN=nii-e2e-other-ca -days 1 -out other-ca.pem \
+			-addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
+		leaf() { # NAME CN EXTENSIONS
+			ec "$1-key.pem"
+			openssl req -new -key "$1-key.pem" -subj "/CN=$2" -out "$1.csr" 2>/dev/null
+			printf '%s\n' "$3" >"$1.ext"
+			openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca-key.pem -CAcreateserial -days 1 \
+				-extfile "$1.ext" -out "$1.pem" 2>/dev/null
+		}
+		leaf serving "$KUBELET_NODE" "subjectAltName=IP:127.0.0.1,DNS:localhost
+extendedKeyUsage=serverAuth
+keyUsage=critical,digitalSignature"
+		leaf client nri-identity-injector "extendedKeyUsage=clientAuth
+keyUsage=critical,digitalSignature"
+	) || _bed_die "cannot make the kubelet's certificates in $d"
 }
 
 # kubelet_up : start the kubelet (builds it on first use) and wait for
@@ -202,8 +243,10 @@ kubelet_up() {
 	KUBELET_RO_PORT=${KUBELET_RO_PORT:-$(_bed_free_port)}
 	KUBELET_PORT=${KUBELET_PORT:-$(_bed_free_port)}
 	KUBELET_HEALTHZ_PORT=${KUBELET_HEALTHZ_PORT:-$(_bed_free_port)}
-	export KUBELET KUBELET_MANIFESTS KUBELET_RO_PORT KUBELET_PORT KUBELET_HEALTHZ_PORT
+	KUBELET_PKI=$E2E/kubelet-pki
+	export KUBELET KUBELET_MANIFESTS KUBELET_RO_PORT KUBELET_PORT KUBELET_HEALTHZ_PORT KUBELET_PKI
 	mkdir -p "$KUBELET_MANIFESTS" "$E2E/kubelet" "$E2E/kubelet-logs" "$E2E/kubelet-volume-plugins"
+	_kubelet_pki || return 1
 	_kubelet_write_config
 	# Recorded once per bed: a second kubelet_up after kubelet_down must not
 	# take the first kubelet's changes for the host's own state.
@@ -215,6 +258,9 @@ kubelet_up() {
 	bed_wait 60 "kubelet /healthz" curl -fsS -o /dev/null "http://127.0.0.1:$KUBELET_HEALTHZ_PORT/healthz" ||
 		{ tail -20 "$E2E/logs/kubelet.log" >&2; return 1; }
 	bed_wait 30 "kubelet read-only port" curl -fsS -o /dev/null "http://127.0.0.1:$KUBELET_RO_PORT/pods" || return 1
+	bed_wait 10 "kubelet secure port" curl -fsS -o /dev/null --cacert "$KUBELET_PKI/ca.pem" \
+		--cert "$KUBELET_PKI/client.pem" --key "$KUBELET_PKI/client-key.pem" \
+		"https://127.0.0.1:$KUBELET_PORT/pods" || return 1
 	_bed_log "kubelet $NII_KUBELET_VERSION ready in $(_bed_since "$t") (read-only port $KUBELET_RO_PORT)"
 }
 

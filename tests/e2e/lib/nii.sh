@@ -20,14 +20,18 @@ nii_build() {
 	export NII_BIN
 }
 
+# nii_places : choose (once per bed) the artifact root and the HTTP address, so that a
+# daemon started in a subshell leaves its caller with the right ones.
+nii_places() {
+	NII_ARTIFACTS=${NII_ARTIFACTS:-$E2E/artifacts}
+	NII_HTTP=${NII_HTTP:-127.0.0.1:$(_bed_free_port)}
+	export NII_ARTIFACTS NII_HTTP
+}
+
 # nii_start [EXTRA-ARGS...] : start the daemon and wait until /readyz says ready
 # (registered with containerd and the agent answers).
 nii_start() {
-	NII_ARTIFACTS=${NII_ARTIFACTS:-$E2E/artifacts}
-	# One port for the bed's life: a restart inside a scenario's subshell must not leave the
-	# caller with a stale address.
-	NII_HTTP=${NII_HTTP:-127.0.0.1:$(_bed_free_port)}
-	export NII_ARTIFACTS NII_HTTP
+	nii_places
 	# On a node the artifact root lives under /run, a tmpfs: keys never reach a disk and
 	# fsync costs nothing. This host's /run is on ext4, so give the bed its own tmpfs
 	# (bed_down unmounts everything under $E2E).
