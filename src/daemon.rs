@@ -105,6 +105,29 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         }
     });
 
+    // ...and, in selectors mode, whether the kubelet lists the node's pods: without it no
+    // selectors-mode container can start, and the log says why (refused token, unknown CA).
+    let kubelet_engine = engine.clone();
+    let kubelet_stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut last: Option<bool> = None;
+        while let Some(result) = kubelet_engine.probe_kubelet().await {
+            let ok = result.is_ok();
+            match result {
+                Ok(pods) if last != Some(true) => info!(pods, "the kubelet lists this node's pods"),
+                Err(e) if last != Some(false) => {
+                    warn!(error = %e, "the kubelet does not list this node's pods")
+                }
+                _ => {}
+            }
+            last = Some(ok);
+            tokio::select! {
+                _ = kubelet_stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(if ok { 30 } else { 2 })) => {}
+            }
+        }
+    });
+
     let signals = shutdown.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};

@@ -497,10 +497,12 @@ impl<S: IdentitySource> Engine<S> {
             .kubelet
             .as_ref()
             .ok_or(EngineError::NoKubelet)?;
+        let asked = Instant::now();
         let facts = tokio::time::timeout_at(until, kubelet.pod(&pod.uid))
             .await
-            .map_err(|_| LookupError::UnknownPod {
-                uid: pod.uid.clone(),
+            .map_err(|_| LookupError::Timeout {
+                url: kubelet.url().to_string(),
+                timeout: asked.elapsed(),
             })??;
         if facts.ephemeral_containers.contains(&c.name) {
             return Err(EngineError::EphemeralContainer);
@@ -1104,6 +1106,15 @@ impl<S: IdentitySource> Engine<S> {
         let ok = self.inner.source.probe(&agent).await.is_ok();
         self.inner.metrics.set_agent_ready(ok);
         ok
+    }
+
+    /// Whether the kubelet lists the node's pods (`None` without a kubelet); refreshes the
+    /// pod cache on the way.
+    pub async fn probe_kubelet(&self) -> Option<Result<usize, LookupError>> {
+        let kubelet = self.inner.cfg.kubelet.as_ref()?;
+        let result = kubelet.refresh().await;
+        self.inner.metrics.set_kubelet_ready(result.is_ok());
+        Some(result)
     }
 
     /// Number of containers whose identity is being kept fresh.

@@ -53,8 +53,13 @@ pub fn respond(path: &str, metrics: &Metrics) -> (&'static str, String) {
         "/healthz" => ("200 OK", "ok\n".into()),
         "/readyz" => {
             let (nri, agent) = (metrics.nri_ready(), metrics.agent_ready());
-            let body = format!("nri: {}\nagent: {}\n", word(nri), word(agent));
-            if nri && agent {
+            let mut body = format!("nri: {}\nagent: {}\n", word(nri), word(agent));
+            // In selectors mode the kubelet is as necessary as the agent.
+            let kubelet = metrics.kubelet_ready();
+            if let Some(k) = kubelet {
+                body.push_str(&format!("kubelet: {}\n", word(k)));
+            }
+            if nri && agent && kubelet != Some(false) {
                 ("200 OK", body)
             } else {
                 ("503 Service Unavailable", body)
@@ -90,6 +95,12 @@ mod tests {
         m.set_nri_ready(true);
         assert_eq!(respond("/readyz", &m).0, "503 Service Unavailable");
         m.set_agent_ready(true);
+        assert_eq!(respond("/readyz", &m).0, "200 OK");
+        m.set_kubelet_ready(false);
+        let (status, body) = respond("/readyz", &m);
+        assert_eq!(status, "503 Service Unavailable");
+        assert!(body.contains("kubelet: not ready"), "{body}");
+        m.set_kubelet_ready(true);
         assert_eq!(respond("/readyz", &m).0, "200 OK");
         assert_eq!(respond("/healthz", &m).0, "200 OK");
         assert!(

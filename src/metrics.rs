@@ -14,6 +14,8 @@ const BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 
 pub struct Metrics {
     nri_ready: AtomicU64,
     agent_ready: AtomicU64,
+    /// 0: no kubelet configured; 1: it answers; 2: it does not.
+    kubelet: AtomicU64,
     identities_served: AtomicU64,
     rotations: AtomicU64,
     active: AtomicI64,
@@ -35,6 +37,17 @@ impl Metrics {
     }
     pub fn set_agent_ready(&self, ready: bool) {
         self.agent_ready.store(ready as u64, Ordering::Relaxed);
+    }
+    pub fn set_kubelet_ready(&self, ready: bool) {
+        self.kubelet
+            .store(if ready { 1 } else { 2 }, Ordering::Relaxed);
+    }
+    /// `None` when the daemon does not use a kubelet.
+    pub fn kubelet_ready(&self) -> Option<bool> {
+        match self.kubelet.load(Ordering::Relaxed) {
+            0 => None,
+            v => Some(v == 1),
+        }
     }
     pub fn nri_ready(&self) -> bool {
         self.nri_ready.load(Ordering::Relaxed) == 1
@@ -120,6 +133,14 @@ impl Metrics {
             "1 while the SPIRE agent answers.",
             self.agent_ready.load(Ordering::Relaxed).to_string(),
         );
+        if let Some(ok) = self.kubelet_ready() {
+            gauge(
+                &mut o,
+                "nri_identity_kubelet_reachable",
+                "1 while the kubelet lists the node's pods for the daemon.",
+                (ok as u8).to_string(),
+            );
+        }
         gauge(
             &mut o,
             "nri_identity_active_identities",

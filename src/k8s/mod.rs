@@ -56,53 +56,63 @@ pub enum LookupError {
 
 #[derive(Debug, Deserialize)]
 struct PodList {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     items: Vec<Pod>,
 }
 
 #[derive(Debug, Deserialize)]
 struct Pod {
     metadata: Meta,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     spec: Spec,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Meta {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     uid: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     labels: BTreeMap<String, String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     owner_references: Vec<Owner>,
 }
 
 #[derive(Debug, Deserialize)]
 struct Owner {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     kind: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     uid: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Spec {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     service_account_name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     node_name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     ephemeral_containers: Vec<Named>,
 }
 
 #[derive(Debug, Deserialize)]
 struct Named {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     name: String,
+}
+
+/// Go's JSON encoder writes empty slices and maps as `null` (the kubelet's `"items":null`
+/// for a node without pods): read `null` as empty, like an absent field.
+fn nullable<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 /// What the kubelet knows about a pod that selectors need and NRI does not carry.
@@ -157,6 +167,10 @@ impl KubeletPods {
         }
     }
 
+    pub fn url(&self) -> &KubeletUrl {
+        &self.endpoint.url
+    }
+
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -180,28 +194,37 @@ impl KubeletPods {
         if let Some(f) = self.cached(uid) {
             return Ok(f);
         }
-        let recent = {
-            let c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            c.fetched.is_some_and(|t| t.elapsed() < self.min_refresh)
-        };
-        if recent {
-            tokio::time::sleep(self.min_refresh).await;
+        let last = self.cache.lock().unwrap_or_else(|p| p.into_inner()).fetched;
+        if let Some(last) = last {
+            tokio::time::sleep_until(last + self.min_refresh).await;
         }
+        self.fetch_into_cache().await?;
+        self.cached(uid).ok_or_else(|| LookupError::UnknownPod {
+            uid: uid.to_owned(),
+        })
+    }
+
+    /// Lists the node's pods now, replacing the cache: the readiness probe, which also
+    /// drops pods that are gone.
+    pub async fn refresh(&self) -> Result<usize, LookupError> {
+        let _one_at_a_time = self.refresh.lock().await;
+        self.fetch_into_cache().await
+    }
+
+    async fn fetch_into_cache(&self) -> Result<usize, LookupError> {
+        let asked = Instant::now();
         let pods = tokio::time::timeout(self.timeout, self.fetch())
             .await
             .map_err(|_| LookupError::Timeout {
                 url: self.endpoint.url.to_string(),
                 timeout: self.timeout,
             })??;
+        let n = pods.len();
+        tracing::debug!(url = %self.endpoint.url, pods = n, elapsed_ms = asked.elapsed().as_secs_f64() * 1e3, "kubelet pod list fetched");
         let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         c.pods = pods;
         c.fetched = Some(Instant::now());
-        c.pods
-            .get(uid)
-            .cloned()
-            .ok_or_else(|| LookupError::UnknownPod {
-                uid: uid.to_owned(),
-            })
+        Ok(n)
     }
 
     /// Forgets a pod (on RemovePodSandbox).
@@ -231,6 +254,9 @@ impl KubeletPods {
         let tcp = TcpStream::connect((url.host.as_str(), url.port))
             .await
             .map_err(connect)?;
+        // The request follows the handshake's last flight at once: with Nagle it would wait
+        // for that flight's (delayed) acknowledgement.
+        tcp.set_nodelay(true).map_err(connect)?;
         let response = match prepared {
             None => transport::get(tcp, &authority, "/pods", None, MAX_BODY).await,
             Some(p) => {

@@ -161,6 +161,31 @@ async fn finds_the_service_account_of_a_known_pod() {
 }
 
 #[tokio::test]
+async fn nulls_where_go_writes_empty_lists_read_as_empty() {
+    // What a real kubelet answers on a node without pods, and a pod with null fields.
+    let fake = FakeKubelet::start(
+        Answer::ok(r#"{"kind":"PodList","apiVersion":"v1","metadata":{},"items":null}"#.into()),
+        Duration::ZERO,
+        None,
+    )
+    .await;
+    let k = fake.read_only();
+    assert_eq!(k.refresh().await.unwrap(), 0);
+    fake.set(Answer::ok(
+        r#"{"items":[{"metadata":{"uid":"u1","labels":null,"ownerReferences":null},"spec":{"serviceAccountName":null,"nodeName":"n1","ephemeralContainers":null}}]}"#.into(),
+    ));
+    let facts = k.pod("u1").await.unwrap();
+    assert_eq!(
+        (
+            facts.service_account.as_str(),
+            facts.labels.len(),
+            facts.owners.len()
+        ),
+        ("", 0, 0)
+    );
+}
+
+#[tokio::test]
 async fn a_pod_the_kubelet_does_not_know_is_a_clear_error() {
     let fake = FakeKubelet::start(Answer::ok(pods(&[("u1", "web")])), Duration::ZERO, None).await;
     let err = fake.read_only().pod("nope").await.unwrap_err();

@@ -70,8 +70,12 @@ kubelet_daemon() {
 			printf 'not-a-token-this-kubelet-can-review\n' >"$KUBELET_PKI/token"
 			export NRI_IDENTITY_KUBELET_TOKEN_PATH=$KUBELET_PKI/token
 			cert='' key=''
+			export NII_WAIT=healthz
 			;;
-		wrong-ca) ca=$KUBELET_PKI/other-ca.pem ;;
+		wrong-ca)
+			ca=$KUBELET_PKI/other-ca.pem
+			export NII_WAIT=healthz
+			;;
 		*) fail "kubelet_daemon: unknown $how" ;;
 		esac
 		export NRI_IDENTITY_KUBELET_CA_PATH=$ca
@@ -173,6 +177,9 @@ scenario_kubelet_access() {
 	local -A expect=([token]='answered HTTP/1.1 401 Unauthorized' [wrong-ca]='TLS with the kubelet .* failed')
 	for how in token wrong-ca; do
 		kubelet_daemon "$how"
+		# Not ready, and saying why: a rollout stops here instead of failing pods.
+		bed_wait 10 "kubelet not ready ($how)" bash -c "curl -sS http://$NII_HTTP/readyz | grep -q 'kubelet: not ready'"
+		grep -q 'the kubelet does not list this node' "$E2E/logs/nii.log" || fail "no warning about the kubelet ($how)"
 		pod=access-$how
 		uid=$(bed_uuid)
 		static_pod "$pod" "$uid" "$KUBELET_NS" "$ann" a0

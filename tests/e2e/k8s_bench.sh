@@ -23,11 +23,19 @@ bed_up
 kubelet_up
 # A pod-level entry: with disable_container_selectors the attestor only knows pod selectors.
 bed_wait_entry "$(bed_entry /k8s/bench "k8s:ns:$KUBELET_NS" k8s:pod-label:bench:yes)"
-# The secure port with a client certificate, as a node would be set up.
-NRI_IDENTITY_KUBELET_CA_PATH=$KUBELET_PKI/ca.pem \
-	NRI_IDENTITY_KUBELET_CERTIFICATE_PATH=$KUBELET_PKI/client.pem \
-	NRI_IDENTITY_KUBELET_PRIVATE_KEY_PATH=$KUBELET_PKI/client-key.pem \
-	nii_start --kubelet-url "https://127.0.0.1:$KUBELET_PORT"
+# NII_BENCH_KUBELET=secure (default: TLS with a client certificate, as a node would be set
+# up) or read-only: how the daemon reaches the kubelet.
+kubelet_how=${NII_BENCH_KUBELET:-secure}
+case $kubelet_how in
+secure)
+	NRI_IDENTITY_KUBELET_CA_PATH=$KUBELET_PKI/ca.pem \
+		NRI_IDENTITY_KUBELET_CERTIFICATE_PATH=$KUBELET_PKI/client.pem \
+		NRI_IDENTITY_KUBELET_PRIVATE_KEY_PATH=$KUBELET_PKI/client-key.pem \
+		nii_start --kubelet-url "https://127.0.0.1:$KUBELET_PORT"
+	;;
+read-only) nii_start --kubelet-url "http://127.0.0.1:$KUBELET_RO_PORT" ;;
+*) echo "NII_BENCH_KUBELET: secure or read-only" >&2 && exit 64 ;;
+esac
 
 # run_mode MODE : N static pods whose container waits for its files; prints per-pod lines.
 run_mode() {
@@ -54,17 +62,19 @@ run_mode selectors
 run_mode pid
 grep 'identity delivered' "$E2E/logs/nii.log" | grep 'mode=Selectors' | grep -o 'elapsed_ms=[0-9.]*' | cut -d= -f2 >"$E2E/selectors.ms"
 grep 'identity delivered' "$E2E/logs/nii.log" | grep 'mode=Pid' | grep -o 'elapsed_ms=[0-9.]*' | cut -d= -f2 >"$E2E/pid.ms"
-python3 - "$E2E" "$n" <<'EOF'
+grep 'kubelet pod list fetched' "$E2E/logs/nii.log" | grep -o 'elapsed_ms=[0-9.]*' | cut -d= -f2 >"$E2E/lookup.ms"
+python3 - "$E2E" "$n" "$kubelet_how" <<'EOF'
 import sys
-e2e, n = sys.argv[1], int(sys.argv[2])
+e2e, n, how = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 def load(name):
     return sorted(float(x) for x in open(f"{e2e}/{name}") if x.strip())
 def pct(v, p):
     return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
-s, p = load("selectors.ms"), load("pid.ms")
+s, p, k = load("selectors.ms"), load("pid.ms"), load("lookup.ms")
 assert len(s) >= n and len(p) >= n, (len(s), len(p))
 print(f"identity delivery on a real kubelet, {n} pods per mode (ms)          p50      p99")
 print(f"  selectors mode, inside CreateContainer                        {pct(s,50):7.2f}  {pct(s,99):7.2f}")
+print(f"    of which the kubelet pod list ({how} port, {len(k)} fetches)     {pct(k,50):7.2f}  {pct(k,99):7.2f}")
 print(f"  PID mode + disable_container_selectors, inside StartContainer {pct(p,50):7.2f}  {pct(p,99):7.2f}")
 print("  (selectors mode: the files exist before StartContainer, so StartContainer -> files present is 0)")
 EOF

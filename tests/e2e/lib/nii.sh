@@ -29,7 +29,7 @@ nii_places() {
 }
 
 # nii_start [EXTRA-ARGS...] : start the daemon and wait until /readyz says ready
-# (registered with containerd and the agent answers).
+# (registered with containerd, the agent answers, and the kubelet if one is configured).
 nii_start() {
 	nii_places
 	# On a node the artifact root lives under /run, a tmpfs: keys never reach a disk and
@@ -47,7 +47,8 @@ nii_start() {
 		--http-address "$NII_HTTP" \
 		--log-level "${NII_LOG_LEVEL:-nri_identity_injector=debug,nri_plugin=info,info}" \
 		"$@" >/dev/null
-	bed_wait 30 "daemon ready" curl -fsS -o /dev/null "http://$NII_HTTP/readyz"
+	# NII_WAIT=healthz: only wait for the process to serve (a daemon meant not to be ready).
+	bed_wait 30 "daemon ${NII_WAIT:-readyz}" curl -fsS -o /dev/null "http://$NII_HTTP/${NII_WAIT:-readyz}"
 }
 
 nii_stop() { bed_stop nii 15; }
