@@ -16,8 +16,9 @@ use crate::k8s::{ClientAuth, Endpoint, KubeletUrl, Scheme, TlsSettings};
 /// `NRI_IDENTITY_AGENT_SOCKET=/run/spire/admin.sock`.
 pub const ENV_PREFIX: &str = "NRI_IDENTITY_";
 
-/// Where Kubernetes mounts a pod's service-account token and the cluster CA.
-const SERVICE_ACCOUNT_DIR: &str = "/run/secrets/kubernetes.io/serviceaccount";
+/// Where Kubernetes mounts a pod's service-account token and the cluster CA. The `/var/run`
+/// spelling, not `/run`: a `FROM scratch` image has no `/var/run -> /run` link.
+const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -551,9 +552,11 @@ mod tests {
         assert_eq!(
             e.tls,
             Some(TlsSettings {
-                ca: Some("/run/secrets/kubernetes.io/serviceaccount/ca.crt".into()),
+                ca: Some("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt".into()),
                 server_name: "10.1.2.3".into(),
-                auth: ClientAuth::Token("/run/secrets/kubernetes.io/serviceaccount/token".into()),
+                auth: ClientAuth::Token(
+                    "/var/run/secrets/kubernetes.io/serviceaccount/token".into()
+                ),
             })
         );
         let read_only = Config {
