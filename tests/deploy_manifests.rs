@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use nri_identity_injector::annotation::{self, PodRef};
 use nri_identity_injector::config::{Attestation, Config, Overrides};
+use nri_identity_injector::k8s::ClientAuth;
 use serde_json::Value;
 
 const MANIFEST: &str = "deploy/nri-identity-injector.yaml";
@@ -321,24 +322,36 @@ fn host_paths_the_daemon_names_are_mounted_from_the_same_host_path() {
 }
 
 #[test]
-fn the_kubelet_credentials_are_the_pods_service_account_token_and_cluster_ca() {
+fn the_kubelet_is_verified_with_the_cluster_ca_and_given_the_service_account_token() {
     let deploy = Deploy::load();
-    let json = config_json(&deploy.config());
+    let endpoint = deploy
+        .config()
+        .kubelet_endpoint()
+        .expect("the kubelet is configured");
+    assert_eq!(endpoint.url.to_string(), "https://10.0.0.5:10250");
+    let tls = endpoint.tls.expect("the secure port speaks TLS");
+    assert_eq!(
+        tls.server_name, "10.0.0.5",
+        "the node's IP, as its serving certificate names it"
+    );
+    let ca = tls.ca.expect("the serving certificate is verified");
+    let ClientAuth::Token(token) = tls.auth else {
+        panic!("the daemon authenticates with its service account token")
+    };
     assert_ne!(deploy.pod_spec()["automountServiceAccountToken"], false);
-    for field in ["kubelet_token_path", "kubelet_ca_path"] {
-        let path = Path::new(str_of(&json[field], field));
+    for (what, path) in [("CA", &ca), ("token", &token)] {
+        // Where the kubelet mounts them: the image has no /var/run -> /run link.
         assert!(
             path.starts_with(SERVICE_ACCOUNT_DIR),
-            "{field} {} is not in {SERVICE_ACCOUNT_DIR}",
+            "the {what} {} is not in {SERVICE_ACCOUNT_DIR}",
             path.display()
         );
         // No volume of ours may hide the one the kubelet mounts there.
         assert!(
             deploy.mount_containing(path).is_none(),
-            "{field} is shadowed by a volumeMount"
+            "the {what} is shadowed by a volumeMount"
         );
     }
-    assert_eq!(json["kubelet_skip_verification"], false);
 }
 
 #[test]

@@ -11,8 +11,8 @@ its capabilities, the volume mounts, the probes, the entrypoint) is the manifest
   socket, artifact root); the artifact root keeps its rule of being mounted at its host
   path, so its mountPath and artifact_root follow; a hostPath the bed has no mapping for is
   an error, so the bed never touches the real node paths;
-* the service account goes (static pods cannot name one), and so does the API token: the
-  kubelet is the bed's read-only port (http, no credentials), reached over the host network;
+* the service account goes (static pods cannot name one), so there is no token: the kubelet
+  is the bed's read-only port (http, no credentials), reached over the host network;
 * the daemon's HTTP port is a free one (the host network is shared), in the config, the
   container port and the scrape hint alike;
 * images are the locally imported ones, never pulled.
@@ -84,10 +84,6 @@ def set_toml_key(text, key, value):
     return "\n".join(lines) + "\n"
 
 
-def drop_toml_keys(text, keys):
-    return "".join(l + "\n" for l in text.splitlines() if l.split("=", 1)[0].strip() not in keys)
-
-
 def toml_value(text, key):
     for l in text.splitlines():
         k, sep, v = l.partition("=")
@@ -136,7 +132,8 @@ def render_daemon(opts, out):
             m["mountPath"] = moved[m["name"]]
     config = set_toml_key(config, "artifact_root", opts["artifact_root"])
 
-    # The kubelet: its read-only port on the host network; no token or CA to present.
+    # The kubelet: its read-only port on the host network (plain HTTP: the token and CA
+    # settings stay, unused).
     found = False
     for e in container.get("env", []):
         if e["name"] == "NRI_IDENTITY_KUBELET_URL":
@@ -144,7 +141,6 @@ def render_daemon(opts, out):
             found = True
     if not found:
         die("the DaemonSet sets no NRI_IDENTITY_KUBELET_URL")
-    config = drop_toml_keys(config, {"kubelet_token_path", "kubelet_ca_path", "kubelet_skip_verification"})
 
     # The HTTP port, shared with the host now.
     host, _, port = toml_value(config, "http_address").rpartition(":")
