@@ -65,6 +65,25 @@ for p in json.load(sys.stdin).get("items") or []:
 sys.exit(1)' "$1"
 }
 
+# daemon_pod UID [RENDER-ARGS...] : (re)write the daemon's static pod from the DaemonSet.
+daemon_pod() {
+	local uid=$1
+	shift
+	python3 "$here/lib/render_deploy.py" daemon "$KUBELET_MANIFESTS/daemon.json" \
+		--set "uid=$uid" \
+		--set "nri_dir=$(dirname "$NRI_SOCK")" \
+		--set "admin_dir=$(dirname "$ADMIN_SOCK")" \
+		--set "artifact_root=$NII_ARTIFACTS" \
+		--set "kubelet_url=http://127.0.0.1:$KUBELET_RO_PORT" \
+		--set "http_port=$NII_PORT" \
+		--set "config_dir=$E2E/deploy/config" "$@" >/dev/null
+}
+
+# readyz : the daemon's /readyz body (host network: the port is on the host).
+readyz() { curl -sS "http://127.0.0.1:$NII_PORT/readyz" 2>&1 || true; }
+agent_ready() { [[ $(readyz) == *"agent: ready"* ]]; }
+agent_not_ready() { [[ $(readyz) == *"agent: not ready"* ]]; }
+
 # status_field PID FIELD : a field of /proc/PID/status.
 status_field() { awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status"; }
 
@@ -83,14 +102,7 @@ scenario_refused_without_daemon() {
 # --- the DaemonSet's pod, as shipped, runs and becomes ready -------------------
 scenario_daemonset_pod() {
 	local cid pid v
-	python3 "$here/lib/render_deploy.py" daemon "$KUBELET_MANIFESTS/daemon.json" \
-		--set "uid=$DAEMON_UID" \
-		--set "nri_dir=$(dirname "$NRI_SOCK")" \
-		--set "admin_dir=$(dirname "$ADMIN_SOCK")" \
-		--set "artifact_root=$NII_ARTIFACTS" \
-		--set "kubelet_url=http://127.0.0.1:$KUBELET_RO_PORT" \
-		--set "http_port=$NII_PORT" \
-		--set "config_dir=$E2E/deploy/config" >/dev/null
+	daemon_pod "$DAEMON_UID"
 	cid=$(kubelet_wait_container "$DAEMON_POD" "$DAEMON_CTR" 90) || fail "the daemon's container does not run"
 	bed_wait 60 "the daemon's readiness probe" pod_ready "$DAEMON_UID" || fail "the kubelet never saw the daemon ready"
 	note "ready by its readinessProbe (/readyz: registered with containerd, agent reachable)"
@@ -107,11 +119,18 @@ scenario_daemonset_pod() {
 	note "daemon pid $pid: uid 0, CapEff=CapBnd=$WANT_CAPS (CHOWN, DAC_OVERRIDE), NoNewPrivs 1, seccomp filter, root fs $v"
 	[[ $(readlink "/proc/$pid/ns/pid") != $(readlink /proc/1/ns/pid) ]] || fail "the daemon shares the host PID namespace"
 	note "own PID namespace (hostPID false): selectors mode needs no PIDs"
+	v=$("$CRICTL" inspect "$cid" | python3 -c '
+import json, sys
+for e in json.load(sys.stdin)["info"]["config"].get("envs") or []:
+    if e["key"] == "HOST_IP":
+        print(e["value"])')
+	[[ -n $v ]] || fail "the downward API gave no HOST_IP"
+	note "HOST_IP=$v from status.hostIP (the manifest's kubelet URL is https://\$(HOST_IP):10250)"
 }
 
 # --- the example workload then gets its identity --------------------------------
 scenario_example_gets_its_identity() {
-	local cid dir id owner out
+	local cid dir id owner out mount
 	# The kubelet retries the refused container on its own (about every 10 s).
 	cid=$(kubelet_wait_container "$EXAMPLE_POD" "$EXAMPLE_CTR" 120) || fail "$EXAMPLE_CTR never started"
 	dir=$(nii_dir "$EXAMPLE_UID" "$cid")
@@ -127,8 +146,52 @@ scenario_example_gets_its_identity() {
 	note "in the container: $(grep -c pem <<<"$out") files in /var/certs, then $(grep -m1 'BEGIN' <<<"$out")"
 	# The bind mount's source is the path the daemon named: the artifact root is mounted
 	# at its host path.
-	"$CRICTL" inspect "$cid" | grep -qF "\"host_path\": \"$dir\"" || fail "$EXAMPLE_CTR does not mount $dir"
-	note "mounted from $dir (artifact root at the same path in and out of the daemon)"
+	mount=$("$CRICTL" inspect "$cid" | python3 -c '
+import json, sys
+for m in json.load(sys.stdin)["info"]["runtimeSpec"]["mounts"]:
+    if m["destination"] == "/var/certs":
+        print(m["source"], ",".join(m.get("options") or []))' 2>/dev/null)
+	[[ ${mount%% *} == "$dir" ]] || fail "$EXAMPLE_CTR mounts '$mount' at /var/certs, not $dir"
+	note "/var/certs is $mount (the artifact root has the same path in and out of the daemon)"
+}
+
+# --- why each added capability is there ------------------------------------------
+# DAC_OVERRIDE: the agent's admin socket is 0770 for the agent's uid and gid; a root daemon
+# without it cannot connect when the agent is not root. CHOWN alone suffices with a root
+# agent, and no path (delivery, removal) needs FOWNER.
+scenario_capabilities_justified() {
+	local mode uid cid dir
+	mode=$(stat -c '%a %u:%g' "$ADMIN_SOCK")
+	[[ $mode == "770 0:0" ]] || fail "the agent's admin socket is $mode, expected 770 0:0"
+	# As if the agent ran as uid 4242: the shipped daemon still reaches it.
+	chown 4242:4242 "$ADMIN_SOCK"
+	sleep 11 # one probe period of a ready daemon (10 s)
+	agent_ready || fail "the shipped daemon lost a 4242-owned agent socket: $(readyz)"
+	note "agent socket 0770 4242:4242: the shipped daemon (CHOWN, DAC_OVERRIDE) still connects"
+	# The same pod template with CHOWN only.
+	rm -f "$KUBELET_MANIFESTS/daemon.json"
+	bed_wait 30 "the shipped daemon to stop" bash -c "! curl -fsS -o /dev/null http://127.0.0.1:$NII_PORT/healthz"
+	uid=$(bed_uuid)
+	daemon_pod "$uid" --set caps=CHOWN
+	kubelet_wait_container "$DAEMON_POD" "$DAEMON_CTR" 60 >/dev/null || fail "the CHOWN-only daemon does not run"
+	bed_wait 20 "the CHOWN-only daemon to report the agent" agent_not_ready || fail "CHOWN only: $(readyz)"
+	note "CHOWN only, agent socket 0770 4242:4242: $(readyz | tr '\n' ' ')"
+	chown 0:0 "$ADMIN_SOCK"
+	bed_wait 20 "the CHOWN-only daemon to reach a root-owned agent socket" agent_ready || fail "CHOWN only, root agent: $(readyz)"
+	bed_wait 20 "the kubelet to see it ready" pod_ready "$uid" || fail "not ready for the kubelet"
+	note "agent socket 0770 0:0: the CHOWN-only daemon is ready"
+	# Delivery and removal with CHOWN only: no FOWNER, no DAC_OVERRIDE.
+	uid=$(bed_uuid)
+	python3 "$here/lib/render_deploy.py" example "$KUBELET_MANIFESTS/example2.json" \
+		--set "uid=$uid" --set "image=$E2E_IMAGE" --set name=web2 >/dev/null
+	cid=$(kubelet_wait_container web2 "$EXAMPLE_CTR" 60) || fail "web2 does not run"
+	dir=$(nii_dir "$uid" "$cid")
+	[[ $(stat -c '%u:%g %a' "$dir/svid_key.pem") == "1001:1001 600" ]] || fail "web2's key: $(stat -c '%u:%g %a' "$dir/svid_key.pem")"
+	note "web2 got $(nii_spiffe_id "$dir/svid.pem"), key 1001:1001 0600, from the CHOWN-only daemon"
+	rm -f "$KUBELET_MANIFESTS/example2.json"
+	# The kubelet removes a deleted pod's containers at its next garbage collection (1 min).
+	bed_wait 120 "web2's directory to be removed" test ! -e "$NII_ARTIFACTS/$uid" || fail "$NII_ARTIFACTS/$uid stays"
+	note "web2 deleted: its directory (files owned by 1001) removed by the CHOWN-only daemon"
 }
 
 trap 'rc=$?; daemon_logs 2>/dev/null; (exit $rc); nii_finish deploy' EXIT
@@ -171,4 +234,4 @@ export NII_ARTIFACTS NII_PORT DAEMON_UID EXAMPLE_UID
 e=$(bed_entry "/ns/$EXAMPLE_NS/app" "k8s:ns:$EXAMPLE_NS" "k8s:container-name:$EXAMPLE_CTR")
 bed_wait_entry "$e"
 echo "deploy: bed, kubelet and image up in $(($(nii_ms) - t0)) ms"
-nii_scenarios refused_without_daemon daemonset_pod example_gets_its_identity
+nii_scenarios refused_without_daemon daemonset_pod example_gets_its_identity capabilities_justified

@@ -19,8 +19,10 @@ its capabilities, the volume mounts, the probes, the entrypoint) is the manifest
 
 Usage: render_deploy.py daemon|example OUT.json [--set KEY=VALUE ...]
 Keys: uid; for daemon nri_dir, admin_dir, artifact_root, kubelet_url, http_port and
-config_dir (where config.toml is written: not in the kubelet's manifest directory); for
-example image. Writes the pod as JSON, which the kubelet reads as YAML.
+config_dir (where config.toml is written: not in the kubelet's manifest directory), and
+caps (a comma-separated list replacing the added capabilities: test variants only); for
+example image and name (default the Deployment's). Writes the pod as JSON, which the
+kubelet reads as YAML.
 """
 
 import argparse
@@ -152,6 +154,10 @@ def render_daemon(opts, out):
     if "prometheus.io/port" in ann:
         ann["prometheus.io/port"] = str(opts["http_port"])
 
+    # Test variants only (deploy.sh's capability scenario): other added capabilities.
+    if "caps" in opts:
+        container["securityContext"]["capabilities"]["add"] = [c for c in opts["caps"].split(",") if c]
+
     os.makedirs(config_dir, exist_ok=True)
     with open(os.path.join(config_dir, "config.toml"), "w") as f:
         f.write(config)
@@ -161,7 +167,8 @@ def render_daemon(opts, out):
 def render_example(opts, out):
     docs = load(EXAMPLE)
     dep = one(docs, "Deployment")
-    pod = static_pod(dep["spec"]["template"], dep["metadata"]["name"], dep["metadata"]["namespace"], opts["uid"])
+    name = opts.get("name", dep["metadata"]["name"])
+    pod = static_pod(dep["spec"]["template"], name, dep["metadata"]["namespace"], opts["uid"])
     pod["spec"]["terminationGracePeriodSeconds"] = 2
     for c in pod["spec"]["containers"]:
         c["image"] = opts["image"]
