@@ -467,7 +467,7 @@ fn the_memory_limit_leaves_room_above_the_measured_footprint() {
     let resources = &deploy.container()["resources"];
     let request = quantity_bytes(str_of(&resources["requests"]["memory"], "memory request"));
     let limit = quantity_bytes(str_of(&resources["limits"]["memory"], "memory limit"));
-    // README "Performance": 3.7 MiB idle, 11.8 MiB with 500 live identities.
+    // README "Performance": 4.3 MiB idle, 12.2 MiB with 500 live identities.
     assert!(
         request >= 12 << 20,
         "request {request} below the 500-identity figure"
