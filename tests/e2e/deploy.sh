@@ -105,7 +105,7 @@ scenario_daemonset_pod() {
 	daemon_pod "$DAEMON_UID"
 	cid=$(kubelet_wait_container "$DAEMON_POD" "$DAEMON_CTR" 90) || fail "the daemon's container does not run"
 	bed_wait 60 "the daemon's readiness probe" pod_ready "$DAEMON_UID" || fail "the kubelet never saw the daemon ready"
-	note "ready by its readinessProbe (/readyz: registered with containerd, agent reachable)"
+	note "ready by its readinessProbe (/readyz: registered with containerd, agent reachable, kubelet lists the pods)"
 	pid=$("$CRICTL" inspect -o go-template --template '{{.info.pid}}' "$cid")
 	[[ $(status_field "$pid" Uid) == 0 ]] || fail "uid $(status_field "$pid" Uid)"
 	for v in CapPrm CapEff CapBnd; do
