@@ -443,6 +443,9 @@ pub(super) async fn get<S: AsyncRead + AsyncWrite + Unpin>(
         let len: usize = len
             .parse()
             .map_err(|_| HttpError::Malformed("bad Content-Length"))?;
+        if len > limit {
+            return Err(HttpError::Malformed("body larger than the limit"));
+        }
         if body.len() < len {
             return Err(HttpError::Malformed("body shorter than its Content-Length"));
         }
