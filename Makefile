@@ -11,7 +11,7 @@ export PATH := $(HOME)/.cargo/bin:/usr/local/go/bin:$(PATH)
 export GOTOOLCHAIN := local
 export CARGO_TERM_COLOR := never
 
-.PHONY: release demo test lint unit conformance e2e e2e-k8s e2e-deploy bench bench-nri bench-e2e bench-k8s bench-daemon codegen build
+.PHONY: release demo test lint unit conformance e2e e2e-k8s e2e-k8s-api e2e-deploy bench bench-nri bench-e2e bench-k8s bench-daemon codegen build
 
 # The shipped binary: statically linked (no shared libc pages: idle RSS about 1.3 MiB below a
 # dynamically linked build) and built for an explicit target, so the static flag reaches only the
@@ -25,7 +25,7 @@ release:
 demo:
 	tests/e2e/demo.sh
 
-test: lint unit conformance e2e e2e-k8s e2e-deploy
+test: lint unit conformance e2e e2e-k8s e2e-k8s-api e2e-deploy
 
 build:
 	cargo build --workspace --all-targets
@@ -46,6 +46,11 @@ e2e:
 # Kubernetes: a real standalone kubelet with static pods, SPIRE's k8s attestor, selectors mode.
 e2e-k8s:
 	tests/e2e/k8s.sh
+
+# Kubernetes with a control plane (etcd, kube-apiserver): the daemon authenticates to the
+# kubelet with a service-account token under deploy/'s RBAC; pods have service accounts.
+e2e-k8s-api:
+	tests/e2e/k8s_api.sh
 
 # The shipped DaemonSet (deploy/) as a static pod on the real kubelet: its security context
 # is enough, required-plugins keeps annotated pods out until it runs.

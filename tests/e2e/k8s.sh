@@ -39,21 +39,6 @@ EOF
 	kubelet_static_pod "$name" "$uid" "$body" >/dev/null
 }
 
-# ours CID : the selectors the daemon derived for a container (its debug log).
-ours() {
-	grep "container_id=$1" "$E2E/logs/nii.log" | grep -m1 'derived selectors' |
-		grep -o 'selectors=\[.*\]' | tr -d '[]"' | sed 's/^selectors=//; s/, /\n/g' | sort
-}
-
-# attested CID : the k8s selectors SPIRE's attestor produces for the container's PID.
-attested() {
-	local pid
-	pid=$("$CRICTL" inspect -o go-template --template '{{.info.pid}}' "$1")
-	"$NII_DELEGATED_FETCH" -socket "$ADMIN_SOCK" -pid "$pid" -timeout 30s >/dev/null 2>&1 || true
-	grep -F "msg=\"PID attested to have selectors\" pid=$pid " "$E2E/logs/spire-agent.log" | tail -1 |
-		grep -o 'type:\\"k8s\\" value:\\"[^\\]*' | sed 's/.*value:\\"/k8s:/' | sort -u
-}
-
 # kubelet_daemon [HOW] : (re)start the daemon against the kubelet. HOW: secure (TLS checked
 # against the bed CA, client certificate: the default), read-only, token (a bearer token the
 # kubelet cannot accept), wrong-ca (the serving certificate checked against another CA).
@@ -119,8 +104,8 @@ scenario_proposal() {
 	# container, and every attestor selector of a kind we derive is one we sent.
 	kinds='^k8s:(ns|sa|pod-name|pod-uid|pod-label|container-name|node-name|pod-owner|pod-owner-uid):'
 	for c in "$c0" "$c1"; do
-		o=$(ours "$c")
-		a=$(attested "$c")
+		o=$(nii_selectors_sent "$c")
+		a=$(nii_selectors_attested "$c")
 		[[ -n $o && -n $a ]] || fail "no selectors to compare (ours: '$o', attested: '$a')"
 		extra=$(comm -23 <(echo "$o") <(echo "$a"))
 		missing=$(comm -13 <(echo "$o") <(echo "$a" | grep -E "$kinds" || true))

@@ -19,12 +19,16 @@ NII_CONTAINERD_VERSION=${NII_CONTAINERD_VERSION:-v2.3.4}
 NII_CRICTL_VERSION=${NII_CRICTL_VERSION:-v1.34.0}
 NII_SPIRE_VERSION=${NII_SPIRE_VERSION:-v1.13.3}
 NII_KUBELET_VERSION=${NII_KUBELET_VERSION:-v1.34.4}
+NII_ETCD_VERSION=${NII_ETCD_VERSION:-v3.6.16}
 
 NII_CONTAINERD_DIR=$NII_CACHE/bin/containerd-$NII_CONTAINERD_VERSION
 NII_CRICTL_DIR=$NII_CACHE/bin/crictl-$NII_CRICTL_VERSION
 NII_SPIRE_DIR=$NII_CACHE/bin/spire-$NII_SPIRE_VERSION
 NII_KUBELET_DIR=$NII_CACHE/bin/kubelet-$NII_KUBELET_VERSION
-export NII_CACHE NII_CONTAINERD_DIR NII_CRICTL_DIR NII_SPIRE_DIR NII_KUBELET_DIR
+# kube-apiserver, kube-controller-manager and kubectl of the kubelet's release.
+NII_CONTROL_PLANE_DIR=$NII_CACHE/bin/kube-control-plane-$NII_KUBELET_VERSION
+NII_ETCD_DIR=$NII_CACHE/bin/etcd-$NII_ETCD_VERSION
+export NII_CACHE NII_CONTAINERD_DIR NII_CRICTL_DIR NII_SPIRE_DIR NII_KUBELET_DIR NII_CONTROL_PLANE_DIR NII_ETCD_DIR
 
 # The toolchain must be the installed one: the module proxy is reachable but
 # toolchain downloads are not, and a silent toolchain switch would hide a
@@ -115,20 +119,23 @@ _nii_build_spire() {
 	return "$rc"
 }
 
-_nii_build_kubelet() {
+# _nii_build_k8s GOBIN CMD... : k8s.io/kubernetes/cmd/CMD for each CMD, at the
+# kubelet's version.
+_nii_build_k8s() {
 	# k8s.io/kubernetes cannot be `go install`ed: its go.mod replaces every
 	# k8s.io staging module with ./staging/src/... and requires them at
 	# v0.0.0. A throwaway main module requires it and points each of those
 	# at the published staging release of the same patch (v1.X.Y ->
 	# v0.X.Y); only the main module's replace directives count.
-	local gobin=$1 mod rc=0 k=$NII_KUBELET_VERSION staging gomod m ver
+	local gobin=$1 mod rc=0 k=$NII_KUBELET_VERSION staging gomod m ver c pkgs
+	shift
 	staging=v0.${k#v1.}
-	mod=$(mktemp -d "${TMPDIR:-/tmp}/nii-kubelet-wrap.XXXXXX")
+	mod=$(mktemp -d "${TMPDIR:-/tmp}/nii-k8s-wrap.XXXXXX")
 	(
 		set -euo pipefail
 		cd "$mod"
 		export CGO_ENABLED=0
-		_nii_go mod init example.invalid/kubelet-wrap >/dev/null 2>&1
+		_nii_go mod init example.invalid/k8s-wrap >/dev/null 2>&1
 		_nii_go mod edit -require="k8s.io/kubernetes@$k"
 		gomod=$(_nii_go mod download -json "k8s.io/kubernetes@$k" |
 			sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')
@@ -141,14 +148,59 @@ _nii_build_kubelet() {
 		# `godebug default=go1.24`; a wrapper's go line would be newer).
 		ver=$(awk '$1 == "godebug" { print $2; exit }' "$gomod")
 		[[ -z $ver ]] || _nii_go mod edit -godebug="$ver"
-		_nii_go get "k8s.io/kubernetes/cmd/kubelet@$k"
-		# The version stamps the kubelet reports (and logs) instead of v0.0.0.
-		_nii_go build -trimpath -o "$gobin/kubelet" -ldflags "-s -w \
-			-X k8s.io/component-base/version.gitVersion=$k \
-			-X k8s.io/client-go/pkg/version.gitVersion=$k" \
-			k8s.io/kubernetes/cmd/kubelet
+		# Every command in one `go get` (go.sum must cover all their packages),
+		# each at $k: without a version `go get` would upgrade kubernetes.
+		pkgs=()
+		for c in "$@"; do pkgs+=("k8s.io/kubernetes/cmd/$c@$k"); done
+		_nii_go get "${pkgs[@]}"
+		for c in "$@"; do
+			# The version stamps the binaries report (and log) instead of v0.0.0.
+			_nii_go build -trimpath -o "$gobin/$c" -ldflags "-s -w \
+				-X k8s.io/component-base/version.gitVersion=$k \
+				-X k8s.io/client-go/pkg/version.gitVersion=$k" \
+				"k8s.io/kubernetes/cmd/$c"
+		done
 	) || rc=$?
 	rm -rf "$mod"
+	return "$rc"
+}
+
+_nii_build_kubelet() { _nii_build_k8s "$1" kubelet; }
+
+_nii_build_control_plane() { _nii_build_k8s "$1" kube-apiserver kube-controller-manager kubectl; }
+
+_nii_build_etcd() {
+	# go.etcd.io/etcd/server/v3 (etcd's main package) replaces its sibling
+	# modules with ../ paths: pin them to the same release instead.
+	local gobin=$1 mod rc=0 e=$NII_ETCD_VERSION m
+	mod=$(mktemp -d "${TMPDIR:-/tmp}/nii-etcd-wrap.XXXXXX")
+	(
+		set -euo pipefail
+		cd "$mod"
+		export CGO_ENABLED=0
+		_nii_go mod init example.invalid/etcd-wrap >/dev/null 2>&1
+		_nii_go mod edit -require="go.etcd.io/etcd/server/v3@$e"
+		for m in api/v3 client/pkg/v3 client/v3 pkg/v3; do
+			_nii_go mod edit -replace="go.etcd.io/etcd/$m=go.etcd.io/etcd/$m@$e"
+		done
+		_nii_go get "go.etcd.io/etcd/server/v3@$e"
+		_nii_go build -trimpath -ldflags '-s -w' -o "$gobin/etcd" go.etcd.io/etcd/server/v3
+	) || rc=$?
+	rm -rf "$mod"
+	return "$rc"
+}
+
+# nii_build_control_plane: etcd, kube-apiserver, kube-controller-manager and
+# kubectl (lib/apiserver.sh), built only on demand: about 7 minutes cold.
+nii_build_control_plane() {
+	local lock rc=0
+	mkdir -p "$NII_CACHE/bin"
+	exec {lock}>"$NII_CACHE/.build.lock"
+	flock "$lock"
+	_nii_build "etcd $NII_ETCD_VERSION" "$NII_ETCD_DIR" etcd _nii_build_etcd || rc=1
+	_nii_build "kube control plane $NII_KUBELET_VERSION" "$NII_CONTROL_PLANE_DIR" \
+		"kube-apiserver kube-controller-manager kubectl" _nii_build_control_plane || rc=1
+	exec {lock}>&-
 	return "$rc"
 }
 

@@ -99,6 +99,21 @@ nii_delivered_ms() {
 # nii_ms : milliseconds since the epoch.
 nii_ms() { date +%s%3N; }
 
+# nii_selectors_sent CID : the selectors the daemon derived for a container (its debug log).
+nii_selectors_sent() {
+	grep "container_id=$1" "$E2E/logs/nii.log" | grep -m1 'derived selectors' |
+		grep -o 'selectors=\[.*\]' | tr -d '[]"' | sed 's/^selectors=//; s/, /\n/g' | sort
+}
+
+# nii_selectors_attested CID : the k8s selectors SPIRE's attestor produces for the container's PID.
+nii_selectors_attested() {
+	local pid
+	pid=$("$CRICTL" inspect -o go-template --template '{{.info.pid}}' "$1")
+	"$NII_DELEGATED_FETCH" -socket "$ADMIN_SOCK" -pid "$pid" -timeout 30s >/dev/null 2>&1 || true
+	grep -F "msg=\"PID attested to have selectors\" pid=$pid " "$E2E/logs/spire-agent.log" | tail -1 |
+		grep -o 'type:\\"k8s\\" value:\\"[^\\]*' | sed 's/.*value:\\"/k8s:/' | sort -u
+}
+
 # --- running scenarios --------------------------------------------------------------------
 NII_PASSED=0
 NII_FAILED=0
