@@ -23,32 +23,15 @@ _as_log() { printf 'apiserver: %s\n' "$*" >&2; }
 _as_pki() {
 	local d=$1 node=$2
 	mkdir -p "$d" && chmod 700 "$d"
-	(
-		set -e
-		cd "$d"
-		ec() { openssl ecparam -name prime256v1 -genkey -noout 2>/dev/null | openssl pkcs8 -topk8 -nocrypt -out "$1"; }
-		ec ca-key.pem
-		openssl req -x509 -new -key ca-key.pem -subj /CN=nii-e2e-k8s-ca -days 1 -out ca.pem \
-			-addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
-		leaf() { # NAME SUBJECT EXTENSIONS
-			ec "$1-key.pem"
-			openssl req -new -key "$1-key.pem" -subj "$2" -out "$1.csr" 2>/dev/null
-			printf '%s\n' "$3" >"$1.ext"
-			openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca-key.pem -CAcreateserial -days 1 \
-				-extfile "$1.ext" -out "$1.pem" 2>/dev/null
-			rm -f "$1.csr" "$1.ext"
-		}
-		local srv=$'extendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature'
-		local cli=$'extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature'
-		leaf apiserver /CN=kube-apiserver "subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc
-$srv"
-		leaf admin /O=system:masters/CN=nii-e2e-admin "$cli"
-		leaf node "/O=system:nodes/CN=system:node:$node" "$cli"
-		leaf kcm /CN=system:kube-controller-manager "$cli"
-		leaf apiserver-kubelet-client /CN=kube-apiserver-kubelet-client "$cli"
-		ec sa-key.pem
-		openssl pkey -in sa-key.pem -pubout -out sa.pub 2>/dev/null
-	)
+	bed_ca "$d" ca nii-e2e-k8s-ca &&
+		bed_cert "$d" ca apiserver /CN=kube-apiserver server \
+			IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc &&
+		bed_cert "$d" ca admin /O=system:masters/CN=nii-e2e-admin client &&
+		bed_cert "$d" ca node "/O=system:nodes/CN=system:node:$node" client &&
+		bed_cert "$d" ca kcm /CN=system:kube-controller-manager client &&
+		bed_cert "$d" ca apiserver-kubelet-client /CN=kube-apiserver-kubelet-client client &&
+		bed_ec_key "$d/sa-key.pem" &&
+		openssl pkey -in "$d/sa-key.pem" -pubout -out "$d/sa.pub" 2>/dev/null
 }
 
 # _as_kubeconfig FILE CERT-NAME : a kubeconfig for $APISERVER_URL with the

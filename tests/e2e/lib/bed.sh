@@ -347,6 +347,35 @@ _bed_import_images() {
 
 # ---------------------------------------------------------------- SPIRE
 
+# bed_ec_key FILE : a new EC P-256 private key, PKCS#8 PEM.
+bed_ec_key() {
+	openssl ecparam -name prime256v1 -genkey -noout 2>/dev/null | openssl pkcs8 -topk8 -nocrypt -out "$1"
+}
+
+# bed_ca DIR NAME CN : a self-signed EC P-256 CA valid one day, DIR/NAME.pem
+# and DIR/NAME-key.pem.
+bed_ca() {
+	bed_ec_key "$1/$2-key.pem" &&
+		openssl req -x509 -new -key "$1/$2-key.pem" -subj "/CN=$3" -days 1 -out "$1/$2.pem" \
+			-addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
+}
+
+# bed_cert DIR CA NAME SUBJECT server|client [SANS] : a leaf certificate signed by
+# DIR/CA.pem for one day, DIR/NAME.pem and DIR/NAME-key.pem; SANS e.g.
+# IP:127.0.0.1,DNS:localhost.
+bed_cert() {
+	local d=$1 ca=$2 name=$3 subject=$4 use=$5 sans=${6:-}
+	bed_ec_key "$d/$name-key.pem" || return 1
+	openssl req -new -key "$d/$name-key.pem" -subj "$subject" -out "$d/$name.csr" 2>/dev/null || return 1
+	{
+		printf 'extendedKeyUsage=%sAuth\nkeyUsage=critical,digitalSignature\n' "$use"
+		[[ -z $sans ]] || printf 'subjectAltName=%s\n' "$sans"
+	} >"$d/$name.ext"
+	openssl x509 -req -in "$d/$name.csr" -CA "$d/$ca.pem" -CAkey "$d/$ca-key.pem" -CAcreateserial \
+		-days 1 -extfile "$d/$name.ext" -out "$d/$name.pem" 2>/dev/null || return 1
+	rm -f "$d/$name.csr" "$d/$name.ext"
+}
+
 _bed_free_port() {
 	python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }

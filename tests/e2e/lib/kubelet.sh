@@ -202,29 +202,12 @@ _kubelet_pki() {
 	local d=$KUBELET_PKI
 	[[ -s $d/client.pem ]] && return 0
 	mkdir -p "$d" && chmod 700 "$d"
-	(
-		set -e
-		cd "$d"
-		ec() { openssl ecparam -name prime256v1 -genkey -noout 2>/dev/null | openssl pkcs8 -topk8 -nocrypt -out "$1"; }
-		ec ca-key.pem
-		openssl req -x509 -new -key ca-key.pem -subj /CN=nii-e2e-kubelet-ca -days 1 -out ca.pem \
-			-addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
-		ec other-ca-key.pem
-		openssl req -x509 -new -key other-ca-key.pem -subj /CN=nii-e2e-other-ca -days 1 -out other-ca.pem \
-			-addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
-		leaf() { # NAME CN EXTENSIONS
-			ec "$1-key.pem"
-			openssl req -new -key "$1-key.pem" -subj "/CN=$2" -out "$1.csr" 2>/dev/null
-			printf '%s\n' "$3" >"$1.ext"
-			openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca-key.pem -CAcreateserial -days 1 \
-				-extfile "$1.ext" -out "$1.pem" 2>/dev/null
-		}
-		leaf serving "$KUBELET_NODE" "subjectAltName=IP:127.0.0.1,DNS:localhost
-extendedKeyUsage=serverAuth
-keyUsage=critical,digitalSignature"
-		leaf client nri-identity-injector "extendedKeyUsage=clientAuth
-keyUsage=critical,digitalSignature"
-	) || _bed_die "cannot make the kubelet's certificates in $d"
+	{
+		bed_ca "$d" ca nii-e2e-kubelet-ca &&
+			bed_ca "$d" other-ca nii-e2e-other-ca &&
+			bed_cert "$d" ca serving "/CN=$KUBELET_NODE" server IP:127.0.0.1,DNS:localhost &&
+			bed_cert "$d" ca client /CN=nri-identity-injector client
+	} || _bed_die "cannot make the kubelet's certificates in $d"
 }
 
 # kubelet_up : start the kubelet (builds it on first use) and wait for
