@@ -96,19 +96,38 @@ scenario_service_account() {
 	kubectl_e2e -n "$KUBELET_NS" delete pod sa-web --wait=false >/dev/null
 }
 
-# --- a service account without the ClusterRole is refused by the kubelet, and says so ------
+# --- a service account without the ClusterRole is refused, and says so; the token file is
+# read for every connection, so putting a good token back heals without a restart -------
 scenario_rbac_refused() {
-	local line
+	local e line c id good
 	kubectl_e2e -n "$DAEMON_NS" create serviceaccount no-rbac >/dev/null
-	api_daemon no-rbac "$DAEMON_NS"
-	bed_wait 10 "kubelet not ready" bash -c "curl -sS http://$NII_HTTP/readyz | grep -q 'kubelet: not ready'"
-	api_pod refused web
+	kubectl_e2e -n "$KUBELET_NS" create serviceaccount web2 >/dev/null
+	e=$(bed_entry /k8s/sa-web2 "k8s:ns:$KUBELET_NS" k8s:sa:web2)
+	bed_wait_entry "$e"
+	good=$(<"$E2E/daemon-token")
+	kubectl_e2e -n "$DAEMON_NS" create token no-rbac --duration=1h >"$E2E/daemon-token.new"
+	mv "$E2E/daemon-token.new" "$E2E/daemon-token"
+	api_pod refused web2
 	bed_wait 30 "the daemon's refusal" grep -q "pod $KUBELET_NS/refused container w: " "$E2E/logs/nii.log"
 	line=$(grep -m1 "pod $KUBELET_NS/refused container w: " "$E2E/logs/nii.log")
 	[[ $line == *"403 Forbidden"*"nodes/proxy or nodes/pods"* ]] || fail "the refusal does not say 403: $line"
 	if api_container refused w >/dev/null; then fail "w runs without identity"; fi
-	note "no-rbac: $(echo "$line" | grep -o 'error=.*' | cut -c1-200)"
+	note "no-rbac token: $(echo "$line" | grep -o 'error=.*' | cut -c1-200)"
+
+	# The kubelet retries the container with back-off; the next attempt reads the good token.
+	printf '%s\n' "$good" >"$E2E/daemon-token.new"
+	mv "$E2E/daemon-token.new" "$E2E/daemon-token"
+	bed_wait 90 "w started after the token was restored" api_container refused w
+	c=$(api_container refused w)
+	id=$(nii_spiffe_id "$(nii_dir "$(api_uid refused)" "$c")/svid.pem")
+	[[ $id == "spiffe://$E2E_TD/k8s/sa-web2" ]] || fail "w has $id"
+	note "good token back in the file, no restart: w = $id"
 	kubectl_e2e -n "$KUBELET_NS" delete pod refused --wait=false >/dev/null
+
+	# Readiness says the same when the daemon starts with a refused token.
+	api_daemon no-rbac "$DAEMON_NS"
+	bed_wait 10 "kubelet not ready" bash -c "curl -sS http://$NII_HTTP/readyz | grep -q 'kubelet: not ready'"
+	grep -q 'the kubelet does not list this node.*403 Forbidden' "$E2E/logs/nii.log" || fail "no warning naming the 403"
 	api_daemon "$DAEMON_SA" "$DAEMON_NS"
 }
 
