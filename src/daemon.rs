@@ -83,48 +83,37 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             }
         }
     });
-    // ...and whether the agent answers.
-    let probe_engine = engine.clone();
-    let probe_stop = shutdown.clone();
-    tokio::spawn(async move {
-        let mut last = None;
-        loop {
-            let ok = probe_engine.probe_agent().await;
-            if last != Some(ok) {
-                if ok {
-                    info!("the SPIRE agent answers")
-                } else {
-                    warn!("the SPIRE agent does not answer")
-                }
-                last = Some(ok);
+    // ...and whether the agent answers...
+    let e = engine.clone();
+    watch(shutdown.clone(), Duration::from_secs(10), move |last| {
+        let e = e.clone();
+        async move {
+            let ok = e.probe_agent().await;
+            match (ok, last) {
+                (true, l) if l != Some(true) => info!("the SPIRE agent answers"),
+                (false, l) if l != Some(false) => warn!("the SPIRE agent does not answer"),
+                _ => {}
             }
-            tokio::select! {
-                _ = probe_stop.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(if ok { 10 } else { 2 })) => {}
-            }
+            Some(ok)
         }
     });
-
     // ...and, in selectors mode, whether the kubelet lists the node's pods: without it no
     // selectors-mode container can start, and the log says why (refused token, unknown CA).
-    let kubelet_engine = engine.clone();
-    let kubelet_stop = shutdown.clone();
-    tokio::spawn(async move {
-        let mut last: Option<bool> = None;
-        while let Some(result) = kubelet_engine.probe_kubelet().await {
-            let ok = result.is_ok();
-            match result {
-                Ok(pods) if last != Some(true) => info!(pods, "the kubelet lists this node's pods"),
-                Err(e) if last != Some(false) => {
-                    warn!(error = %e, "the kubelet does not list this node's pods")
+    let e = engine.clone();
+    watch(shutdown.clone(), Duration::from_secs(30), move |last| {
+        let e = e.clone();
+        async move {
+            let result = e.probe_kubelet().await?;
+            match (&result, last) {
+                (Ok(pods), l) if l != Some(true) => {
+                    info!(pods, "the kubelet lists this node's pods")
+                }
+                (Err(error), l) if l != Some(false) => {
+                    warn!(%error, "the kubelet does not list this node's pods")
                 }
                 _ => {}
             }
-            last = Some(ok);
-            tokio::select! {
-                _ = kubelet_stop.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(if ok { 30 } else { 2 })) => {}
-            }
+            Some(result.is_ok())
         }
     });
 
@@ -178,4 +167,24 @@ fn warn_unless_tmpfs(root: &std::path::Path) {
             warn!(artifact_root = %root.display(), %error, "cannot tell which filesystem holds the artifact root")
         }
     }
+}
+
+/// Probes a dependency until `stop`: every `every_ok` while it answers, every 2 s while it
+/// does not. `probe` gets the previous answer (to log changes) and returns whether it
+/// answered, or `None` when there is nothing to probe.
+fn watch<F, Fut>(stop: CancellationToken, every_ok: Duration, mut probe: F)
+where
+    F: FnMut(Option<bool>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Option<bool>> + Send,
+{
+    tokio::spawn(async move {
+        let mut last = None;
+        while let Some(ok) = probe(last).await {
+            last = Some(ok);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(if ok { every_ok } else { Duration::from_secs(2) }) => {}
+            }
+        }
+    });
 }

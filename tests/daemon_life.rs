@@ -82,14 +82,8 @@ async fn an_annotated_container_gets_its_identity_before_start_and_loses_it_on_r
     // Rotation: a new SVID replaces the files.
     let rotated = bed.svid("/web");
     bed.serve_pid(4001, rotated.clone());
-    let leaf = rotated.cert_chain[0].clone();
     assert!(
-        bed.wait_file(
-            &dir.join("svid.pem"),
-            Duration::from_secs(5),
-            |b| pem_blocks(b, "CERTIFICATE").first() == Some(&leaf)
-        )
-        .await,
+        bed.wait_leaf(&dir.join("svid.pem"), &rotated).await,
         "the rotated certificate reaches the file"
     );
 
@@ -234,14 +228,8 @@ async fn an_agent_restart_keeps_the_files_and_resumes_updates() {
     let after_restart = bed.svid("/web");
     bed.serve_pid(4005, after_restart.clone());
     bed.agent.resume().unwrap();
-    let leaf = after_restart.cert_chain[0].clone();
     assert!(
-        bed.wait_file(
-            &dir.join("svid.pem"),
-            Duration::from_secs(5),
-            |b| pem_blocks(b, "CERTIFICATE").first() == Some(&leaf)
-        )
-        .await,
+        bed.wait_leaf(&dir.join("svid.pem"), &after_restart).await,
         "updates resume after the agent restarts"
     );
 }
@@ -277,14 +265,8 @@ async fn a_daemon_restart_resumes_rotation_and_removes_directories_of_vanished_c
     );
     let rotated = bed.svid("/web");
     bed.serve_pid(4006, rotated.clone());
-    let leaf = rotated.cert_chain[0].clone();
     assert!(
-        bed.wait_file(
-            &dir.join("svid.pem"),
-            Duration::from_secs(5),
-            |b| pem_blocks(b, "CERTIFICATE").first() == Some(&leaf)
-        )
-        .await,
+        bed.wait_leaf(&dir.join("svid.pem"), &rotated).await,
         "rotation continues after the daemon restarts"
     );
 }
@@ -474,14 +456,9 @@ async fn readers_never_see_a_torn_or_partial_identity_during_1000_rotations() {
     for svid in &svids[1..] {
         bed.serve_pid(5001, svid.clone());
         bed.serve_pid(5002, svid.clone());
-        let leaf = svid.cert_chain[0].clone();
         assert!(
-            bed.wait_file(
-                &comb_dir.join("credential-bundle.pem"),
-                Duration::from_secs(5),
-                |b| pem_blocks(b, "CERTIFICATE").first() == Some(&leaf)
-            )
-            .await
+            bed.wait_leaf(&comb_dir.join("credential-bundle.pem"), svid)
+                .await
         );
     }
     stop.store(true, Ordering::Relaxed);

@@ -104,15 +104,7 @@ async fn the_identity_is_on_disk_when_create_container_returns() {
             federates_with: vec![],
         },
     );
-    let leaf = rotated.cert_chain[0].clone();
-    assert!(
-        bed.wait_file(
-            &dir.join("svid.pem"),
-            Duration::from_secs(5),
-            |b| pem_blocks(b, "CERTIFICATE").first() == Some(&leaf)
-        )
-        .await
-    );
+    assert!(bed.wait_leaf(&dir.join("svid.pem"), &rotated).await);
     bed.remove(&pod, &c).await;
     assert!(!dir.exists());
 }

@@ -104,7 +104,7 @@ impl Bed {
         pod: &pb::PodSandbox,
         c: &pb::Container,
     ) -> Result<pb::CreateContainerResponse, nri_plugin::Status> {
-        create(&self.conn, pod, c).await
+        self.conn.create_container(pod, c).await
     }
 
     pub async fn start(
@@ -112,7 +112,7 @@ impl Bed {
         pod: &pb::PodSandbox,
         c: &pb::Container,
     ) -> Result<pb::Empty, nri_plugin::Status> {
-        start(&self.conn, pod, c).await
+        self.conn.start_container(pod, c).await
     }
 
     /// Stops the daemon side and removes the artifact root.
@@ -125,36 +125,6 @@ impl Bed {
             let _ = std::fs::remove_dir_all(parent);
         }
     }
-}
-
-pub async fn create(
-    conn: &PluginConn,
-    pod: &pb::PodSandbox,
-    c: &pb::Container,
-) -> Result<pb::CreateContainerResponse, nri_plugin::Status> {
-    conn.call(
-        "CreateContainer",
-        &pb::CreateContainerRequest {
-            pod: Some(pod.clone()),
-            container: Some(c.clone()),
-        },
-    )
-    .await
-}
-
-pub async fn start(
-    conn: &PluginConn,
-    pod: &pb::PodSandbox,
-    c: &pb::Container,
-) -> Result<pb::Empty, nri_plugin::Status> {
-    conn.call(
-        "StartContainer",
-        &pb::StartContainerRequest {
-            pod: Some(pod.clone()),
-            container: Some(c.clone()),
-        },
-    )
-    .await
 }
 
 /// The design proposal's annotation, with `agent` as the socket.

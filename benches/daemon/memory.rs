@@ -17,7 +17,7 @@ use nri_identity_injector::spire::{SvidUpdate, X509Svid};
 use nri_plugin::testing::{FakeRuntime, RuntimeSettings, temp_socket};
 use tokio::runtime::Runtime;
 
-use crate::bed::{TD, annotated_pod, container, create, identity_annotation, start, unique_dir};
+use crate::bed::{TD, annotated_pod, container, identity_annotation, unique_dir};
 
 /// How the daemon process is launched.
 pub struct Variant {
@@ -351,8 +351,8 @@ fn run_variant(
             let pod = annotated_pod(&format!("pod-mem-{i:04}"), &annotation);
             let c = container(&pod, id, *cpid);
             let t = Instant::now();
-            let result = match create(&conn, &pod, &c).await {
-                Ok(_) => start(&conn, &pod, &c).await.map(drop),
+            let result = match conn.create_container(&pod, &c).await {
+                Ok(_) => conn.start_container(&pod, &c).await.map(drop),
                 Err(e) => Err(e),
             };
             match result {

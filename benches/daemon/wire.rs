@@ -17,8 +17,7 @@ use tokio::runtime::Handle;
 use tokio_stream::StreamExt;
 
 use crate::bed::{
-    Bed, Summary, annotated_pod, container, identity_annotation, plain_pod, start as start_call,
-    summarize, us,
+    Bed, Summary, annotated_pod, container, identity_annotation, plain_pod, summarize, us,
 };
 
 pub struct CreateFigures {
@@ -206,7 +205,7 @@ pub async fn start(daemon: &Handle, root_base: &Path, m: usize) -> StartFigures 
                 let pod = plain_pod(&format!("{tag}-{i}"));
                 let c = container(&pod, &format!("ctr-{tag}-{i}"), 0);
                 let t = Instant::now();
-                crate::bed::create(&conn, &pod, &c).await.unwrap();
+                conn.create_container(&pod, &c).await.unwrap();
                 took.push(us(t.elapsed()));
             }
             took
@@ -218,7 +217,7 @@ pub async fn start(daemon: &Handle, root_base: &Path, m: usize) -> StartFigures 
     let t = Instant::now();
     for (pod, c) in burst_ctrs {
         let conn = bed.conn.clone();
-        starts.spawn(async move { start_call(&conn, &pod, &c).await });
+        starts.spawn(async move { conn.start_container(&pod, &c).await });
     }
     let (create_during_burst, burst_took) =
         tokio::join!(probe("busy", Some(stop.clone())), async {

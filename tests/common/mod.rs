@@ -224,15 +224,7 @@ impl Bed {
         pod: &pb::PodSandbox,
         c: &pb::Container,
     ) -> Result<pb::CreateContainerResponse, Status> {
-        self.conn
-            .call(
-                "CreateContainer",
-                &pb::CreateContainerRequest {
-                    pod: Some(pod.clone()),
-                    container: Some(c.clone()),
-                },
-            )
-            .await
+        self.conn.create_container(pod, c).await
     }
 
     pub async fn start(
@@ -240,15 +232,7 @@ impl Bed {
         pod: &pb::PodSandbox,
         c: &pb::Container,
     ) -> Result<pb::Empty, Status> {
-        self.conn
-            .call(
-                "StartContainer",
-                &pb::StartContainerRequest {
-                    pod: Some(pod.clone()),
-                    container: Some(c.clone()),
-                },
-            )
-            .await
+        self.conn.start_container(pod, c).await
     }
 
     pub async fn stop(&self, pod: &pb::PodSandbox, c: &pb::Container) {
@@ -280,6 +264,15 @@ impl Bed {
     }
 
     /// Waits until `file` in a container's directory has `predicate`-satisfying contents.
+    /// Waits up to 5 s for the certificate file at `path` to lead with `svid`'s leaf.
+    pub async fn wait_leaf(&self, path: &Path, svid: &X509Svid) -> bool {
+        let leaf = &svid.cert_chain[0];
+        self.wait_file(path, Duration::from_secs(5), |b| {
+            pem_blocks(b, "CERTIFICATE").first() == Some(leaf)
+        })
+        .await
+    }
+
     pub async fn wait_file(
         &self,
         path: &Path,

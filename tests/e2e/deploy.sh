@@ -29,7 +29,7 @@ EXAMPLE_NS=identity-demo
 # CHOWN (bit 0) and DAC_OVERRIDE (bit 1): the DaemonSet's capabilities, nothing else.
 WANT_CAPS=0000000000000003
 
-note() { printf '  %s\n' "$*"; }
+# fail (lib/nii.sh), also showing the daemon pod's logs.
 fail() {
 	printf '  FAIL: %s\n' "$*" >&2
 	daemon_logs

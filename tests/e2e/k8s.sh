@@ -16,12 +16,6 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 CHECK='if [ -f /var/certs/svid.pem ]; then echo "svid exists!"; else echo "svid does NOT exist."; fi; sleep 3600'
 
-note() { printf '  %s\n' "$*"; }
-fail() {
-	printf '  FAIL: %s\n' "$*" >&2
-	return 1
-}
-
 # static_pod NAME UID NAMESPACE ANNOTATIONS-JSON CONTAINER... : write the manifest, with
 # every container running $CHECK.
 static_pod() {
@@ -43,32 +37,21 @@ EOF
 # against the bed CA, client certificate: the default), read-only, token (a bearer token the
 # kubelet cannot accept), wrong-ca (the serving certificate checked against another CA).
 kubelet_daemon() {
-	local how=${1:-secure} url=https://127.0.0.1:$KUBELET_PORT
-	local ca=$KUBELET_PKI/ca.pem cert=$KUBELET_PKI/client.pem key=$KUBELET_PKI/client-key.pem
-	if bed_pid nii >/dev/null; then nii_stop; fi
-	nii_places
-	(
-		case $how in
-		secure) ;;
-		read-only) url=http://127.0.0.1:$KUBELET_RO_PORT ;;
-		token)
-			printf 'not-a-token-this-kubelet-can-review\n' >"$KUBELET_PKI/token"
-			export NRI_IDENTITY_KUBELET_TOKEN_PATH=$KUBELET_PKI/token
-			cert='' key=''
-			export NII_WAIT=healthz
-			;;
-		wrong-ca)
-			ca=$KUBELET_PKI/other-ca.pem
-			export NII_WAIT=healthz
-			;;
-		*) fail "kubelet_daemon: unknown $how" ;;
-		esac
-		export NRI_IDENTITY_KUBELET_CA_PATH=$ca
-		if [[ -n $cert ]]; then
-			export NRI_IDENTITY_KUBELET_CERTIFICATE_PATH=$cert NRI_IDENTITY_KUBELET_PRIVATE_KEY_PATH=$key
-		fi
-		nii_start --kubelet-url "$url"
-	)
+	local how=${1:-secure} url=https://127.0.0.1:$KUBELET_PORT ca=$KUBELET_PKI/ca.pem
+	local client=(NRI_IDENTITY_KUBELET_CERTIFICATE_PATH="$KUBELET_PKI/client.pem"
+		NRI_IDENTITY_KUBELET_PRIVATE_KEY_PATH="$KUBELET_PKI/client-key.pem")
+	local env=()
+	case $how in
+	secure) env=("${client[@]}") ;;
+	read-only) url=http://127.0.0.1:$KUBELET_RO_PORT ;;
+	token)
+		printf 'not-a-token-this-kubelet-can-review\n' >"$KUBELET_PKI/token"
+		env=(NRI_IDENTITY_KUBELET_TOKEN_PATH="$KUBELET_PKI/token" NII_WAIT=healthz)
+		;;
+	wrong-ca) ca=$KUBELET_PKI/other-ca.pem env=("${client[@]}" NII_WAIT=healthz) ;;
+	*) fail "kubelet_daemon: unknown $how" ;;
+	esac
+	nii_restart NRI_IDENTITY_KUBELET_CA_PATH="$ca" "${env[@]}" -- --kubelet-url "$url"
 }
 
 # --- the design proposal's pod, selectors mode -------------------------------
@@ -192,8 +175,7 @@ scenario_kubelet_access() {
 }
 
 ALL=(proposal impersonation pid_mode kubelet_access)
-selected=("$@")
-((${#selected[@]})) || selected=("${ALL[@]}")
+(($#)) || set -- "${ALL[@]}"
 
 trap 'nii_finish k8s' EXIT
 trap 'exit 130' INT TERM
@@ -206,4 +188,4 @@ bed_up
 kubelet_up
 kubelet_daemon secure
 echo "k8s: bed, kubelet and daemon up in $(($(nii_ms) - t0)) ms"
-nii_scenarios "${selected[@]}"
+nii_scenarios "$@"

@@ -23,25 +23,15 @@ CHECK='if [ -f /var/certs/svid.pem ]; then echo "svid exists!"; else echo "svid 
 DAEMON_NS=nri-identity-injector
 DAEMON_SA=nri-identity-injector
 
-note() { printf '  %s\n' "$*"; }
-fail() {
-	printf '  FAIL: %s\n' "$*" >&2
-	return 1
-}
-
 # api_daemon SERVICE-ACCOUNT NAMESPACE : (re)start the daemon with a fresh token of that
 # service account, on the kubelet's secure port, verifying it against the bed CA.
 api_daemon() {
-	local sa=$1 ns=$2
-	if bed_pid nii >/dev/null; then nii_stop; fi
-	nii_places
+	local sa=$1 ns=$2 wait=()
 	kubectl_e2e -n "$ns" create token "$sa" --duration=1h >"$E2E/daemon-token"
-	(
-		export NRI_IDENTITY_KUBELET_CA_PATH=$KUBELET_PKI/ca.pem
-		export NRI_IDENTITY_KUBELET_TOKEN_PATH=$E2E/daemon-token
-		[[ $sa == "$DAEMON_SA" ]] || export NII_WAIT=healthz
-		nii_start --kubelet-url "https://127.0.0.1:$KUBELET_PORT"
-	)
+	[[ $sa == "$DAEMON_SA" ]] || wait=(NII_WAIT=healthz)
+	nii_restart NRI_IDENTITY_KUBELET_CA_PATH="$KUBELET_PKI/ca.pem" \
+		NRI_IDENTITY_KUBELET_TOKEN_PATH="$E2E/daemon-token" "${wait[@]}" \
+		-- --kubelet-url "https://127.0.0.1:$KUBELET_PORT"
 }
 
 # api_pod NAME SERVICE-ACCOUNT : an annotated pod on this node, from the API server.
@@ -132,8 +122,7 @@ scenario_rbac_refused() {
 }
 
 ALL=(service_account rbac_refused)
-selected=("$@")
-((${#selected[@]})) || selected=("${ALL[@]}")
+(($#)) || set -- "${ALL[@]}"
 
 trap 'nii_finish k8s-api' EXIT
 trap 'exit 130' INT TERM
@@ -154,4 +143,4 @@ kubectl_e2e create namespace "$KUBELET_NS" >/dev/null
 kubectl_e2e -n "$KUBELET_NS" create serviceaccount web >/dev/null
 api_daemon "$DAEMON_SA" "$DAEMON_NS"
 echo "k8s-api: bed, control plane, kubelet and daemon up in $(($(nii_ms) - t0)) ms"
-nii_scenarios "${selected[@]}"
+nii_scenarios "$@"

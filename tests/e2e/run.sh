@@ -15,12 +15,6 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 CHECK='if [ -f /var/certs/svid.pem ]; then echo "svid exists!"; else echo "svid does NOT exist."; fi'
 
-note() { printf '  %s\n' "$*"; }
-fail() {
-	printf '  FAIL: %s\n' "$*" >&2
-	return 1
-}
-
 # start_ctr POD_ID CTR_JSON POD_JSON : create+start; sets CID and START_MS (crictl start
 # latency). Not called through $(...), so the variables reach the caller.
 start_ctr() {
@@ -219,8 +213,7 @@ scenario_agent_down() {
 }
 
 ALL=(proposal selectors rotation containerd_restart hostile agent_down)
-selected=("$@")
-((${#selected[@]})) || selected=("${ALL[@]}")
+(($#)) || set -- "${ALL[@]}"
 
 trap 'nii_finish e2e' EXIT
 trap 'exit 130' INT TERM
@@ -230,4 +223,4 @@ nii_build
 bed_up
 nii_start
 echo "e2e: bed and daemon up in $(($(nii_ms) - t0)) ms"
-nii_scenarios "${selected[@]}"
+nii_scenarios "$@"

@@ -228,6 +228,32 @@ impl PluginConn {
         Ok(Resp::decode(&payload[..]).unwrap())
     }
 
+    /// CreateContainer for `c` in `pod`, as the runtime sends it.
+    pub async fn create_container(
+        &self,
+        pod: &pb::PodSandbox,
+        c: &pb::Container,
+    ) -> Result<pb::CreateContainerResponse, Status> {
+        let req = pb::CreateContainerRequest {
+            pod: Some(pod.clone()),
+            container: Some(c.clone()),
+        };
+        self.call("CreateContainer", &req).await
+    }
+
+    /// StartContainer for `c` in `pod`, as the runtime sends it.
+    pub async fn start_container(
+        &self,
+        pod: &pb::PodSandbox,
+        c: &pb::Container,
+    ) -> Result<pb::Empty, Status> {
+        let req = pb::StartContainerRequest {
+            pod: Some(pod.clone()),
+            container: Some(c.clone()),
+        };
+        self.call("StartContainer", &req).await
+    }
+
     pub async fn configure(&self) -> pb::ConfigureResponse {
         let req = pb::ConfigureRequest {
             config: String::new(),

@@ -98,96 +98,93 @@ _nii_build_crictl() {
 		"sigs.k8s.io/cri-tools/cmd/crictl@$NII_CRICTL_VERSION"
 }
 
-_nii_build_spire() {
-	# A direct `go install ...@version` of SPIRE may be refused, so resolve it
-	# through a throwaway tools module (only the main module's directives
-	# count). The module downloads stay in GOMODCACHE; the module dir goes.
-	local gobin=$1 mod rc=0 s=github.com/spiffe/spire/cmd
-	mod=$(mktemp -d "${TMPDIR:-/tmp}/nii-spire-tools.XXXXXX")
+# _nii_in_module NAME FUNC ARGS... : FUNC ARGS, with errexit, inside a throwaway Go
+# module example.invalid/NAME. Only a main module's replace directives count, so
+# programs whose own go.mod replaces modules are built through one of these; the
+# downloads stay in GOMODCACHE, the module directory goes.
+_nii_in_module() {
+	local name=$1 mod rc=0
+	shift
+	mod=$(mktemp -d "${TMPDIR:-/tmp}/nii-$name.XXXXXX")
 	(
+		set -euo pipefail
 		cd "$mod"
-		_nii_go mod init example.invalid/tools >/dev/null 2>&1
-		_nii_go get -tool "$s/spire-server@$NII_SPIRE_VERSION" "$s/spire-agent@$NII_SPIRE_VERSION"
-		# The server's sqlite datastore exists only with cgo (bundled
-		# amalgamation, so gcc is enough); without it the server builds but
-		# refuses sqlite3 at run time.
-		GOBIN=$gobin CGO_ENABLED=1 _nii_go install -trimpath -ldflags='-s -w' "$s/spire-server"
-		# The agent needs no cgo; keep it static.
-		GOBIN=$gobin CGO_ENABLED=0 _nii_go install -trimpath -ldflags='-s -w' "$s/spire-agent"
+		_nii_go mod init "example.invalid/$name" >/dev/null 2>&1
+		"$@"
 	) || rc=$?
 	rm -rf "$mod"
 	return "$rc"
 }
 
-# _nii_build_k8s GOBIN CMD... : k8s.io/kubernetes/cmd/CMD for each CMD, at the
-# kubelet's version.
-_nii_build_k8s() {
+_nii_build_spire() { _nii_in_module spire-tools _nii_spire "$1"; }
+
+_nii_spire() {
+	# A direct `go install ...@version` of SPIRE may be refused: resolve it as
+	# tools of a throwaway module.
+	local gobin=$1 s=github.com/spiffe/spire/cmd
+	_nii_go get -tool "$s/spire-server@$NII_SPIRE_VERSION" "$s/spire-agent@$NII_SPIRE_VERSION"
+	# The server's sqlite datastore exists only with cgo (bundled
+	# amalgamation, so gcc is enough); without it the server builds but
+	# refuses sqlite3 at run time.
+	GOBIN=$gobin CGO_ENABLED=1 _nii_go install -trimpath -ldflags='-s -w' "$s/spire-server"
+	# The agent needs no cgo; keep it static.
+	GOBIN=$gobin CGO_ENABLED=0 _nii_go install -trimpath -ldflags='-s -w' "$s/spire-agent"
+}
+
+# _nii_k8s GOBIN CMD... : k8s.io/kubernetes/cmd/CMD for each CMD, at the
+# kubelet's version (run by _nii_in_module).
+_nii_k8s() {
 	# k8s.io/kubernetes cannot be `go install`ed: its go.mod replaces every
 	# k8s.io staging module with ./staging/src/... and requires them at
-	# v0.0.0. A throwaway main module requires it and points each of those
-	# at the published staging release of the same patch (v1.X.Y ->
-	# v0.X.Y); only the main module's replace directives count.
-	local gobin=$1 mod rc=0 k=$NII_KUBELET_VERSION staging gomod m ver c pkgs
+	# v0.0.0. The throwaway module requires it and points each of those at
+	# the published staging release of the same patch (v1.X.Y -> v0.X.Y).
+	local gobin=$1 k=$NII_KUBELET_VERSION staging gomod m ver c pkgs=()
 	shift
 	staging=v0.${k#v1.}
-	mod=$(mktemp -d "${TMPDIR:-/tmp}/nii-k8s-wrap.XXXXXX")
-	(
-		set -euo pipefail
-		cd "$mod"
-		export CGO_ENABLED=0
-		_nii_go mod init example.invalid/k8s-wrap >/dev/null 2>&1
-		_nii_go mod edit -require="k8s.io/kubernetes@$k"
-		gomod=$(_nii_go mod download -json "k8s.io/kubernetes@$k" |
-			sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')
-		[[ -r $gomod ]] || { _nii_log "no go.mod for k8s.io/kubernetes@$k"; exit 1; }
-		# The modules kubernetes itself redirects into its staging tree.
-		while read -r m; do
-			_nii_go mod edit -replace="$m=$m@$staging"
-		done < <(awk '$2 == "=>" && $3 ~ /^\.\/staging\// { print $1 }' "$gomod")
-		# Keep kubernetes' own GODEBUG defaults (its go.mod says
-		# `godebug default=go1.24`; a wrapper's go line would be newer).
-		ver=$(awk '$1 == "godebug" { print $2; exit }' "$gomod")
-		[[ -z $ver ]] || _nii_go mod edit -godebug="$ver"
-		# Every command in one `go get` (go.sum must cover all their packages),
-		# each at $k: without a version `go get` would upgrade kubernetes.
-		pkgs=()
-		for c in "$@"; do pkgs+=("k8s.io/kubernetes/cmd/$c@$k"); done
-		_nii_go get "${pkgs[@]}"
-		for c in "$@"; do
-			# The version stamps the binaries report (and log) instead of v0.0.0.
-			_nii_go build -trimpath -o "$gobin/$c" -ldflags "-s -w \
-				-X k8s.io/component-base/version.gitVersion=$k \
-				-X k8s.io/client-go/pkg/version.gitVersion=$k" \
-				"k8s.io/kubernetes/cmd/$c"
-		done
-	) || rc=$?
-	rm -rf "$mod"
-	return "$rc"
+	export CGO_ENABLED=0
+	_nii_go mod edit -require="k8s.io/kubernetes@$k"
+	gomod=$(_nii_go mod download -json "k8s.io/kubernetes@$k" |
+		sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')
+	[[ -r $gomod ]] || { _nii_log "no go.mod for k8s.io/kubernetes@$k"; return 1; }
+	# The modules kubernetes itself redirects into its staging tree.
+	while read -r m; do
+		_nii_go mod edit -replace="$m=$m@$staging"
+	done < <(awk '$2 == "=>" && $3 ~ /^\.\/staging\// { print $1 }' "$gomod")
+	# Keep kubernetes' own GODEBUG defaults (its go.mod says
+	# `godebug default=go1.24`; a wrapper's go line would be newer).
+	ver=$(awk '$1 == "godebug" { print $2; exit }' "$gomod")
+	[[ -z $ver ]] || _nii_go mod edit -godebug="$ver"
+	# Every command in one `go get` (go.sum must cover all their packages),
+	# each at $k: without a version `go get` would upgrade kubernetes.
+	for c in "$@"; do pkgs+=("k8s.io/kubernetes/cmd/$c@$k"); done
+	_nii_go get "${pkgs[@]}"
+	for c in "$@"; do
+		# The version stamps the binaries report (and log) instead of v0.0.0.
+		_nii_go build -trimpath -o "$gobin/$c" -ldflags "-s -w \
+			-X k8s.io/component-base/version.gitVersion=$k \
+			-X k8s.io/client-go/pkg/version.gitVersion=$k" \
+			"k8s.io/kubernetes/cmd/$c"
+	done
 }
 
-_nii_build_kubelet() { _nii_build_k8s "$1" kubelet; }
+_nii_build_kubelet() { _nii_in_module k8s-wrap _nii_k8s "$1" kubelet; }
 
-_nii_build_control_plane() { _nii_build_k8s "$1" kube-apiserver kube-controller-manager kubectl; }
+_nii_build_control_plane() {
+	_nii_in_module k8s-wrap _nii_k8s "$1" kube-apiserver kube-controller-manager kubectl
+}
 
-_nii_build_etcd() {
+_nii_build_etcd() { _nii_in_module etcd-wrap _nii_etcd "$1"; }
+
+_nii_etcd() {
 	# go.etcd.io/etcd/server/v3 (etcd's main package) replaces its sibling
 	# modules with ../ paths: pin them to the same release instead.
-	local gobin=$1 mod rc=0 e=$NII_ETCD_VERSION m
-	mod=$(mktemp -d "${TMPDIR:-/tmp}/nii-etcd-wrap.XXXXXX")
-	(
-		set -euo pipefail
-		cd "$mod"
-		export CGO_ENABLED=0
-		_nii_go mod init example.invalid/etcd-wrap >/dev/null 2>&1
-		_nii_go mod edit -require="go.etcd.io/etcd/server/v3@$e"
-		for m in api/v3 client/pkg/v3 client/v3 pkg/v3; do
-			_nii_go mod edit -replace="go.etcd.io/etcd/$m=go.etcd.io/etcd/$m@$e"
-		done
-		_nii_go get "go.etcd.io/etcd/server/v3@$e"
-		_nii_go build -trimpath -ldflags '-s -w' -o "$gobin/etcd" go.etcd.io/etcd/server/v3
-	) || rc=$?
-	rm -rf "$mod"
-	return "$rc"
+	local gobin=$1 e=$NII_ETCD_VERSION m
+	_nii_go mod edit -require="go.etcd.io/etcd/server/v3@$e"
+	for m in api/v3 client/pkg/v3 client/v3 pkg/v3; do
+		_nii_go mod edit -replace="go.etcd.io/etcd/$m=go.etcd.io/etcd/$m@$e"
+	done
+	_nii_go get "go.etcd.io/etcd/server/v3@$e"
+	CGO_ENABLED=0 _nii_go build -trimpath -ldflags '-s -w' -o "$gobin/etcd" go.etcd.io/etcd/server/v3
 }
 
 # nii_build_control_plane: etcd, kube-apiserver, kube-controller-manager and

@@ -53,6 +53,21 @@ nii_start() {
 
 nii_stop() { bed_stop nii 15; }
 
+# nii_restart [VAR=VALUE...] [-- EXTRA-ARGS...] : stop the daemon if it runs, then start it
+# with those environment variables (NRI_IDENTITY_*, NII_WAIT) and arguments.
+nii_restart() {
+	if bed_pid nii >/dev/null; then nii_stop; fi
+	nii_places
+	(
+		while (($#)) && [[ $1 != -- ]]; do
+			export "${1?}"
+			shift
+		done
+		(($#)) && shift
+		nii_start "$@"
+	)
+}
+
 # nii_metric NAME : the value of a metric line (first match).
 nii_metric() {
 	curl -fsS "http://$NII_HTTP/metrics" | awk -v m="$1" '$1 == m { print $2; exit }'
@@ -115,6 +130,14 @@ nii_selectors_attested() {
 }
 
 # --- running scenarios --------------------------------------------------------------------
+
+# note TEXT : a result line of a scenario. fail TEXT : a failed check (errexit ends the
+# scenario).
+note() { printf '  %s\n' "$*"; }
+fail() {
+	printf '  FAIL: %s\n' "$*" >&2
+	return 1
+}
 NII_PASSED=0
 NII_FAILED=0
 NII_FAILURES=()
