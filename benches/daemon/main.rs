@@ -207,7 +207,11 @@ fn main() -> ExitCode {
                     "variant", "state", "VmRSS", "VmHWM", "RssAnon", "RssFile", "Pss", "thr", "fds"
                 );
                 for f in &figures {
-                    for (state, s) in [("idle", &f.idle), ("loaded", &f.loaded)] {
+                    for (state, s) in [
+                        ("idle", &f.idle),
+                        ("probed", &f.probed),
+                        ("loaded", &f.loaded),
+                    ] {
                         println!(
                             "{:<20} {:>7} {:>6} KiB {:>6} KiB {:>5} KiB {:>5} KiB {:>5} KiB {:>4} {:>5}",
                             f.variant, state, s.rss, s.hwm, s.anon, s.file, s.pss, s.threads, s.fds
