@@ -71,6 +71,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use nri_identity_backends::Attestation;
+
+pub use crate::spiffe::{MAX_SPIFFE_ID_BYTES, MAX_TRUST_DOMAIN_BYTES, SpiffeId, SpiffeIdError};
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_saphyr::budget::{BudgetBreach, EnforcingPolicy};
@@ -91,10 +93,6 @@ pub const MAX_FILE_NAME_BYTES: usize = 255;
 pub const MAX_PATH_BYTES: usize = 4095;
 /// SPIRE hints are short labels; the cap only bounds what we keep and log.
 pub const MAX_HINT_BYTES: usize = 1024;
-/// The SPIFFE ID specification caps IDs at 2048 bytes.
-pub const MAX_SPIFFE_ID_BYTES: usize = 2048;
-/// The SPIFFE ID specification caps trust domain names at 255 bytes.
-pub const MAX_TRUST_DOMAIN_BYTES: usize = 255;
 
 /// Default name of the certificate chain file (spiffe-helper's name).
 pub const DEFAULT_SVID_FILE_NAME: &str = "svid.pem";
@@ -327,120 +325,6 @@ impl FileSet {
             } => vec![credentials, bundle],
         }
     }
-}
-
-/// A validated SPIFFE ID of a workload: `spiffe://<trust-domain>/<path>`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct SpiffeId {
-    id: String,
-    // Byte offset of the `/` that starts the path.
-    path_start: usize,
-}
-
-const SPIFFE_SCHEME: &str = "spiffe://";
-
-impl SpiffeId {
-    /// Parses a workload ID. The scheme and trust domain must be lowercase (the specification
-    /// makes them case-insensitive but requires implementations to emit lowercase, so anything
-    /// else is a typo or an attempt to confuse a comparison) and the path must be non-empty.
-    pub fn parse(s: &str) -> Result<Self, SpiffeIdError> {
-        if s.len() > MAX_SPIFFE_ID_BYTES {
-            return Err(SpiffeIdError::TooLong {
-                max: MAX_SPIFFE_ID_BYTES,
-            });
-        }
-        let rest = s
-            .strip_prefix(SPIFFE_SCHEME)
-            .ok_or(SpiffeIdError::MissingScheme)?;
-        let (trust_domain, path) = match rest.find('/') {
-            Some(i) => rest.split_at(i),
-            None => (rest, ""),
-        };
-        if trust_domain.is_empty() {
-            return Err(SpiffeIdError::EmptyTrustDomain);
-        }
-        if trust_domain.len() > MAX_TRUST_DOMAIN_BYTES {
-            return Err(SpiffeIdError::TrustDomainTooLong {
-                max: MAX_TRUST_DOMAIN_BYTES,
-            });
-        }
-        if !trust_domain.bytes().all(is_trust_domain_byte) {
-            return Err(SpiffeIdError::TrustDomainCharacter);
-        }
-        if path.is_empty() {
-            return Err(SpiffeIdError::MissingPath);
-        }
-        // `path` starts with '/', so the first item of the split is the empty prefix.
-        for segment in path.split('/').skip(1) {
-            if segment.is_empty() {
-                return Err(SpiffeIdError::EmptySegment);
-            }
-            if segment == "." || segment == ".." {
-                return Err(SpiffeIdError::DotSegment);
-            }
-            if !segment.bytes().all(is_path_segment_byte) {
-                return Err(SpiffeIdError::PathCharacter);
-            }
-        }
-        Ok(Self {
-            id: s.to_owned(),
-            path_start: SPIFFE_SCHEME.len() + trust_domain.len(),
-        })
-    }
-
-    /// The whole ID.
-    pub fn as_str(&self) -> &str {
-        &self.id
-    }
-
-    /// The trust domain name, without scheme.
-    pub fn trust_domain(&self) -> &str {
-        self.id
-            .get(SPIFFE_SCHEME.len()..self.path_start)
-            .unwrap_or_default()
-    }
-
-    /// The path, starting with `/`.
-    pub fn path(&self) -> &str {
-        self.id.get(self.path_start..).unwrap_or_default()
-    }
-}
-
-impl fmt::Display for SpiffeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.id)
-    }
-}
-
-fn is_trust_domain_byte(b: u8) -> bool {
-    matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_')
-}
-
-fn is_path_segment_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_')
-}
-
-/// Why a string is not a valid workload SPIFFE ID.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum SpiffeIdError {
-    #[error("is over {max} bytes")]
-    TooLong { max: usize },
-    #[error("does not start with spiffe://")]
-    MissingScheme,
-    #[error("has an empty trust domain")]
-    EmptyTrustDomain,
-    #[error("has a trust domain over {max} bytes")]
-    TrustDomainTooLong { max: usize },
-    #[error("has a trust domain with characters other than a-z, 0-9, '.', '-', '_'")]
-    TrustDomainCharacter,
-    #[error("has no path")]
-    MissingPath,
-    #[error("has an empty path segment")]
-    EmptySegment,
-    #[error("has a '.' or '..' path segment")]
-    DotSegment,
-    #[error("has a path with characters other than A-Z, a-z, 0-9, '.', '-', '_'")]
-    PathCharacter,
 }
 
 /// Everything the daemon needs to deliver one container's identity, defaults resolved.

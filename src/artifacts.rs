@@ -86,6 +86,7 @@ use crate::annotation::{
 use crate::host::{
     DirHandle, FileAttrs, HostError, HostOps, Owner, SELINUX_XATTR, TEMP_PREFIX, validate_component,
 };
+use crate::spiffe::TrustDomain;
 
 const CERTIFICATE_LABEL: &str = "CERTIFICATE";
 const PRIVATE_KEY_LABEL: &str = "PRIVATE KEY";
@@ -103,8 +104,8 @@ pub struct Material {
     pub key: Zeroizing<Vec<u8>>,
     /// DER CA certificates of the SVID's own trust domain.
     pub own_bundle: Vec<Vec<u8>>,
-    /// DER CA certificates per federated trust domain (the name without `spiffe://`).
-    pub federated: BTreeMap<String, Vec<Vec<u8>>>,
+    /// DER CA certificates per federated trust domain.
+    pub federated: BTreeMap<TrustDomain, Vec<Vec<u8>>>,
 }
 
 impl fmt::Debug for Material {
@@ -128,7 +129,7 @@ pub enum ArtifactError {
     #[error("the trust bundle of the svid's trust domain is empty")]
     EmptyBundle,
     #[error(
-        "federated trust domain {name:?} cannot name a file (expected a-z, 0-9, '.', '-', '_', not starting with '.')"
+        "federated trust domain {name:?} cannot name a file (it starts with '.' or is too long)"
     )]
     InvalidTrustDomain { name: String },
     #[error("output file name {name:?} is not a single path component")]
@@ -232,7 +233,7 @@ pub enum RenderedKind {
     KeyAndChain,
     SvidChain,
     TrustBundle,
-    FederatedBundle { trust_domain: String },
+    FederatedBundle { trust_domain: TrustDomain },
 }
 
 impl RenderedKind {
@@ -411,22 +412,17 @@ fn render_output(
     })
 }
 
-/// `<trust-domain>.x509.pem`, refusing anything that is not a plain trust domain name: the
-/// names come from the agent, and a `/` or a leading `.` (our temp prefix) must never reach
-/// the file system.
-fn federated_file_name(trust_domain: &str) -> Result<String, ArtifactError> {
-    let valid = !trust_domain.is_empty()
-        && !trust_domain.starts_with('.')
-        && trust_domain.len() + FEDERATED_BUNDLE_SUFFIX.len() <= MAX_FILE_NAME_BYTES
-        && trust_domain
-            .bytes()
-            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_'));
-    if !valid {
+/// `<trust-domain>.x509.pem`. The type guarantees a plain name (no `/`); the file system
+/// adds its own limits: a leading `.` is our temp prefix and must never name a bundle, and the
+/// whole name must fit `NAME_MAX`.
+fn federated_file_name(trust_domain: &TrustDomain) -> Result<String, ArtifactError> {
+    let name = trust_domain.name();
+    if name.starts_with('.') || name.len() + FEDERATED_BUNDLE_SUFFIX.len() > MAX_FILE_NAME_BYTES {
         return Err(ArtifactError::InvalidTrustDomain {
-            name: trust_domain.chars().take(MAX_FILE_NAME_BYTES).collect(),
+            name: name.to_owned(),
         });
     }
-    Ok(format!("{trust_domain}{FEDERATED_BUNDLE_SUFFIX}"))
+    Ok(format!("{name}{FEDERATED_BUNDLE_SUFFIX}"))
 }
 
 /// The annotation module validated the names; this is the writer's own guard that nothing

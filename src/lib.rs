@@ -14,4 +14,5 @@ pub mod k8s;
 pub mod metrics;
 pub mod nri;
 pub mod selinux;
+pub mod spiffe;
 pub mod spire;

@@ -9,6 +9,7 @@ use crate::annotation::InvalidAnnotation;
 use crate::artifacts::ArtifactError;
 use crate::host::HostError;
 use crate::k8s::NamingError;
+use crate::spiffe::TrustDomain;
 use crate::spire::SourceError;
 
 /// Why a container could not get its identity. Messages name what failed; the pod and
@@ -52,8 +53,8 @@ pub enum EngineError {
     },
     #[error("the agent issued {got} but the annotation expects {expected}")]
     UnexpectedSpiffeId { expected: String, got: String },
-    #[error("the trust bundle of {trust_domain} is missing from the agent's bundles")]
-    MissingTrustDomain { trust_domain: String },
+    #[error("the trust bundle of {} is missing from the agent's bundles", trust_domain.id())]
+    MissingTrustDomain { trust_domain: TrustDomain },
     #[error(transparent)]
     Host(#[from] HostError),
     #[error(transparent)]

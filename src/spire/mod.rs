@@ -21,6 +21,8 @@ use std::str::FromStr;
 use tokio_stream::Stream;
 use zeroize::Zeroizing;
 
+use crate::spiffe::{SpiffeId, TrustDomain};
+
 mod client;
 mod der;
 #[cfg(any(test, feature = "testing"))]
@@ -111,8 +113,7 @@ pub struct InvalidSelector(pub String);
 /// One X.509 SVID with its private key, as the agent issued it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct X509Svid {
-    /// `spiffe://<trust domain><path>`.
-    pub spiffe_id: String,
+    pub spiffe_id: SpiffeId,
     /// DER certificates, leaf first, then intermediates (never empty).
     pub cert_chain: Vec<Vec<u8>>,
     /// PKCS#8 DER private key of the leaf (never empty); wiped from memory on drop.
@@ -148,9 +149,9 @@ impl fmt::Debug for X509Svid {
 pub struct SvidUpdate {
     /// In the agent's order; choose by [`X509Svid::hint`] when configured, else the first.
     pub svids: Vec<X509Svid>,
-    /// Trust domains (`spiffe://<name>`) the workload's entries federate with: pick their
-    /// bundles from the [`BundleSet`] along with the SVID's own trust domain.
-    pub federates_with: Vec<String>,
+    /// Trust domains the workload's entries federate with: pick their bundles from the
+    /// [`BundleSet`] along with the SVID's own trust domain.
+    pub federates_with: Vec<TrustDomain>,
 }
 
 /// One message of a bundle subscription: every X.509 trust bundle the agent knows.
@@ -159,8 +160,8 @@ pub struct SvidUpdate {
 /// that was removed keeps appearing until the engine subscribes again.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BundleSet {
-    /// `spiffe://<name>` to its CA certificates (DER, one per element, in the agent's order).
-    pub bundles: BTreeMap<String, Vec<Vec<u8>>>,
+    /// Each trust domain's CA certificates (DER, one per element, in the agent's order).
+    pub bundles: BTreeMap<TrustDomain, Vec<Vec<u8>>>,
 }
 
 /// Updates of one SVID subscription. Every `Err` is the last item: the stream ends after it,
