@@ -132,96 +132,65 @@ pub enum ArtifactError {
         "federated trust domain {name:?} cannot name a file (it starts with '.' or is too long)"
     )]
     InvalidTrustDomain { name: String },
-    #[error("output file name {name:?} is not a single path component")]
-    InvalidFileName {
-        name: String,
-        #[source]
-        source: HostError,
-    },
+    #[error("output file name {name:?} is not a single path component: {error}")]
+    InvalidFileName { name: String, error: HostError },
     #[error("output file name {name:?} is used twice")]
     DuplicateFileName { name: String },
     #[error("pem encoding of {name} overflowed its buffer")]
     PemEncoding { name: String },
-    #[error("creating the artifact directory for pod {pod_uid} container {container_id}")]
+    #[error("creating the artifact directory for pod {pod_uid} container {container_id}: {error}")]
     CreateDir {
         pod_uid: String,
         container_id: String,
-        #[source]
-        source: HostError,
+        error: HostError,
     },
-    #[error("labelling the artifact directory {dir}")]
-    LabelDir {
-        dir: PathBuf,
-        #[source]
-        source: HostError,
-    },
-    #[error("listing {dir}")]
-    List {
-        dir: PathBuf,
-        #[source]
-        source: HostError,
-    },
-    #[error("removing leftover temporary file {name} in {dir}")]
+    #[error("labelling the artifact directory {dir}: {error}")]
+    LabelDir { dir: PathBuf, error: HostError },
+    #[error("listing {dir}: {error}")]
+    List { dir: PathBuf, error: HostError },
+    #[error("removing leftover temporary file {name} in {dir}: {error}")]
     Sweep {
         dir: PathBuf,
         name: String,
-        #[source]
-        source: HostError,
+        error: HostError,
     },
-    #[error("staging {name} in {dir}; previous files are untouched")]
+    #[error("staging {name} in {dir} (previous files are untouched): {error}")]
     Stage {
         dir: PathBuf,
         name: String,
-        #[source]
-        source: HostError,
+        error: HostError,
     },
-    #[error("replacing {name} in {dir} after {committed} file(s) were replaced")]
+    #[error("replacing {name} in {dir} after {committed} file(s) were replaced: {error}")]
     Commit {
         dir: PathBuf,
         name: String,
         committed: usize,
-        #[source]
-        source: HostError,
+        error: HostError,
     },
-    #[error("removing stale federated bundle {name} in {dir}")]
+    #[error("removing stale federated bundle {name} in {dir}: {error}")]
     RemoveStale {
         dir: PathBuf,
         name: String,
-        #[source]
-        source: HostError,
+        error: HostError,
     },
-    #[error("syncing {dir}")]
-    Sync {
-        dir: PathBuf,
-        #[source]
-        source: HostError,
-    },
-    #[error("removing the artifact directory for pod {pod_uid} container {container_id}")]
+    #[error("syncing {dir}: {error}")]
+    Sync { dir: PathBuf, error: HostError },
+    #[error("removing the artifact directory for pod {pod_uid} container {container_id}: {error}")]
     Remove {
         pod_uid: String,
         container_id: String,
-        #[source]
-        source: HostError,
+        error: HostError,
     },
-    #[error("emptying {dir}")]
+    #[error("emptying {dir}: {error}")]
     Empty {
         dir: PathBuf,
         name: String,
-        #[source]
-        source: HostError,
+        error: HostError,
     },
-    #[error("removing the artifact directory of pod {pod_uid}")]
-    RemovePod {
-        pod_uid: String,
-        #[source]
-        source: HostError,
-    },
-    #[error("opening the artifact root {root}")]
-    Root {
-        root: PathBuf,
-        #[source]
-        source: HostError,
-    },
+    #[error("removing the artifact directory of pod {pod_uid}: {error}")]
+    RemovePod { pod_uid: String, error: HostError },
+    #[error("opening the artifact root {root}: {error}")]
+    Root { root: PathBuf, error: HostError },
 }
 
 // === rendering ===
@@ -428,9 +397,9 @@ fn federated_file_name(trust_domain: &TrustDomain) -> Result<String, ArtifactErr
 /// The annotation module validated the names; this is the writer's own guard that nothing
 /// lands outside the directory.
 fn check_file_name(name: &str) -> Result<(), ArtifactError> {
-    validate_component(name).map_err(|source| ArtifactError::InvalidFileName {
+    validate_component(name).map_err(|error| ArtifactError::InvalidFileName {
         name: name.to_owned(),
-        source,
+        error,
     })
 }
 
@@ -572,17 +541,17 @@ impl ArtifactWriter {
         let handle = self
             .host
             .create_container_dir(&self.root, pod_uid, container_id)
-            .map_err(|source| ArtifactError::CreateDir {
+            .map_err(|error| ArtifactError::CreateDir {
                 pod_uid: pod_uid.to_owned(),
                 container_id: container_id.to_owned(),
-                source,
+                error,
             })?;
         if let Some(label) = label {
             self.host
                 .set_xattr(&handle, None, SELINUX_XATTR, label.as_bytes())
-                .map_err(|source| ArtifactError::LabelDir {
+                .map_err(|error| ArtifactError::LabelDir {
                     dir: handle.path().to_path_buf(),
-                    source,
+                    error,
                 })?;
         }
         Ok(ArtifactDir {
@@ -617,10 +586,10 @@ impl ArtifactWriter {
         {
             self.host
                 .unlink(handle, name)
-                .map_err(|source| ArtifactError::Sweep {
+                .map_err(|error| ArtifactError::Sweep {
                     dir: dir_path(),
                     name: name.clone(),
-                    source,
+                    error,
                 })?;
         }
 
@@ -633,19 +602,19 @@ impl ArtifactWriter {
             };
             match self.host.create_temp(handle, &file.contents, attrs) {
                 Ok(temp) => staged.push((temp, file)),
-                Err(source) => {
+                Err(error) => {
                     self.discard(handle, &staged);
                     return Err(ArtifactError::Stage {
                         dir: dir_path(),
                         name: file.name.clone(),
-                        source,
+                        error,
                     });
                 }
             }
         }
 
         for (committed, (temp, file)) in staged.iter().enumerate() {
-            if let Err(source) = self.host.rename(handle, temp, &file.name) {
+            if let Err(error) = self.host.rename(handle, temp, &file.name) {
                 self.discard(handle, staged.get(committed..).unwrap_or_default());
                 // Make the renames that did happen durable; the rename error is the news.
                 let _ = self.host.fsync_dir(handle);
@@ -653,7 +622,7 @@ impl ArtifactWriter {
                     dir: dir_path(),
                     name: file.name.clone(),
                     committed,
-                    source,
+                    error,
                 });
             }
         }
@@ -667,19 +636,19 @@ impl ArtifactWriter {
             for name in stale {
                 self.host
                     .unlink(handle, &name)
-                    .map_err(|source| ArtifactError::RemoveStale {
+                    .map_err(|error| ArtifactError::RemoveStale {
                         dir: dir_path(),
                         name: name.clone(),
-                        source,
+                        error,
                     })?;
             }
         }
 
         self.host
             .fsync_dir(handle)
-            .map_err(|source| ArtifactError::Sync {
+            .map_err(|error| ArtifactError::Sync {
                 dir: dir_path(),
-                source,
+                error,
             })
     }
 
@@ -710,10 +679,10 @@ impl ArtifactWriter {
         }
         self.host
             .remove_container_dir(&self.root, pod_uid, container_id)
-            .map_err(|source| ArtifactError::Remove {
+            .map_err(|error| ArtifactError::Remove {
                 pod_uid: pod_uid.to_owned(),
                 container_id: container_id.to_owned(),
-                source,
+                error,
             })
     }
 
@@ -725,17 +694,17 @@ impl ArtifactWriter {
         for name in self.list(handle)? {
             self.host
                 .unlink(handle, &name)
-                .map_err(|source| ArtifactError::Empty {
+                .map_err(|error| ArtifactError::Empty {
                     dir: handle.path().to_path_buf(),
                     name: name.clone(),
-                    source,
+                    error,
                 })?;
         }
         self.host
             .fsync_dir(handle)
-            .map_err(|source| ArtifactError::Sync {
+            .map_err(|error| ArtifactError::Sync {
                 dir: handle.path().to_path_buf(),
-                source,
+                error,
             })
     }
 
@@ -745,9 +714,9 @@ impl ArtifactWriter {
         if validate_component(pod_uid).is_err() {
             return Ok(());
         }
-        let remove_pod = |source| ArtifactError::RemovePod {
+        let remove_pod = |error| ArtifactError::RemovePod {
             pod_uid: pod_uid.to_owned(),
-            source,
+            error,
         };
         let root = self.host.open_root(&self.root).map_err(remove_pod)?;
         self.host.remove_all(&root, pod_uid).map_err(remove_pod)
@@ -763,9 +732,9 @@ impl ArtifactWriter {
         let root = self
             .host
             .open_root(&self.root)
-            .map_err(|source| ArtifactError::Root {
+            .map_err(|error| ArtifactError::Root {
                 root: self.root.clone(),
-                source,
+                error,
             })?;
         let mut removed = Vec::new();
         for pod in self.list(&root)? {
@@ -790,12 +759,10 @@ impl ArtifactWriter {
     }
 
     fn list(&self, handle: &DirHandle) -> Result<Vec<String>, ArtifactError> {
-        self.host
-            .list(handle)
-            .map_err(|source| ArtifactError::List {
-                dir: handle.path().to_path_buf(),
-                source,
-            })
+        self.host.list(handle).map_err(|error| ArtifactError::List {
+            dir: handle.path().to_path_buf(),
+            error,
+        })
     }
 
     /// Removes staged temp files after a failure. Best effort: the failure that got us here is

@@ -135,7 +135,7 @@ impl Default for Config {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{0}")]
+    #[error(transparent)]
     Load(#[from] Box<figment::Error>),
     #[error("{field}: {problem}")]
     Invalid {

@@ -465,9 +465,9 @@ fn failure_while_staging_keeps_every_previous_file() {
             .deliver(&dir, &req, &material(&["other.org"]), owner)
             .unwrap_err();
         match &err {
-            ArtifactError::Stage { name, source, .. } => {
+            ArtifactError::Stage { name, error, .. } => {
                 assert_eq!(name, "svid.pem", "{what}");
-                assert!(matches!(source, HostError::Injected { .. }));
+                assert!(matches!(error, HostError::Injected { .. }));
             }
             other => panic!("{what}: {other}"),
         }
@@ -725,7 +725,7 @@ fn real_symlinked_pod_dir_is_refused() {
         matches!(
             &err,
             ArtifactError::CreateDir {
-                source: HostError::NotADirectory { .. },
+                error: HostError::NotADirectory { .. },
                 ..
             }
         ),

@@ -28,16 +28,12 @@ pub enum EngineError {
     ProcessGone { pid: u32 },
     #[error("the container's process {pid} is not in the container any more (cgroup {cgroup:?})")]
     ProcessMoved { pid: u32, cgroup: String },
-    #[error("{}", match source {
+    #[error("{}", match error {
         // Already names the agent.
-        SourceError::Connect { .. } => source.to_string(),
-        _ => format!("the SPIRE agent at {}: {source}", agent.display()),
+        SourceError::Connect { .. } => error.to_string(),
+        _ => format!("the SPIRE agent at {}: {error}", agent.display()),
     })]
-    Agent {
-        agent: PathBuf,
-        #[source]
-        source: SourceError,
-    },
+    Agent { agent: PathBuf, error: SourceError },
     #[error("no identity from the SPIRE agent at {agent} within {budget:?}{}", if *.empty_updates > 0 { " (the agent has no registration entry matching this workload)" } else { "" })]
     NoIdentity {
         agent: PathBuf,
@@ -74,7 +70,7 @@ impl EngineError {
             EngineError::Backend(_) => "backend",
             EngineError::ProcessGone { .. } => "process_gone",
             EngineError::ProcessMoved { .. } => "process_moved",
-            EngineError::Agent { source, .. } => source.kind(),
+            EngineError::Agent { error, .. } => error.kind(),
             EngineError::NoIdentity { .. } => "no_identity",
             EngineError::NoBundle { .. } => "no_bundle",
             EngineError::NoSuchHint { .. } => "no_such_hint",
@@ -90,13 +86,13 @@ impl EngineError {
     }
 }
 
-/// An [`EngineError`] for one container: its message names the pod and container.
+/// An [`EngineError`] for one container: its message names the pod and container, and
+/// prints the error.
 #[derive(Debug, thiserror::Error)]
 pub struct ContainerError {
     pub namespace: String,
     pub pod: String,
     pub container: String,
-    #[source]
     pub error: Box<EngineError>,
 }
 

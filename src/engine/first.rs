@@ -71,9 +71,9 @@ impl<S: IdentitySource> Engine<S> {
         };
         let agent = request.agent_address.clone();
         let bundles = self.bundles_for(&agent);
-        let agent_err = |source| EngineError::Agent {
+        let agent_err = |error| EngineError::Agent {
             agent: agent.clone(),
-            source,
+            error,
         };
 
         let mut stream =

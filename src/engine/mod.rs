@@ -563,7 +563,7 @@ async fn blocking<T: Send + 'static>(
         Err(EngineError::Host(HostError::Io {
             op: "writing identity files",
             path: PathBuf::new(),
-            source: std::io::Error::other(e.to_string()),
+            error: std::io::Error::other(e.to_string()),
         }))
     })
 }

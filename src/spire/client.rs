@@ -98,7 +98,7 @@ impl DelegatedIdentityApi {
             self.lock().remove(agent);
             return SourceError::Connect {
                 path: agent.to_owned(),
-                source: Box::new(status),
+                error: Box::new(status),
             };
         }
         status.into()
@@ -162,11 +162,11 @@ async fn connect(agent: &Path, timeout: Duration) -> Result<Channel, SourceError
 
 fn connect_error(
     agent: &Path,
-    source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    error: impl Into<Box<dyn std::error::Error + Send + Sync>>,
 ) -> SourceError {
     SourceError::Connect {
         path: agent.to_owned(),
-        source: source.into(),
+        error: error.into(),
     }
 }
 
@@ -259,9 +259,9 @@ fn bundle_set(response: SubscribeToX509BundlesResponse) -> Result<BundleSet, Sou
         let Some(trust_domain) = trust_domain(&key, "a bundle") else {
             continue;
         };
-        let certs = split_der_certificates(&der).map_err(|source| DecodeError::Bundle {
+        let certs = split_der_certificates(&der).map_err(|error| DecodeError::Bundle {
             trust_domain: key,
-            source,
+            error,
         })?;
         bundles.insert(trust_domain, certs);
     }

@@ -202,27 +202,32 @@ pub trait IdentitySource: Send + Sync + 'static {
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     /// The agent's socket could not be reached (missing, refused, or no answer in time).
-    #[error("cannot connect to the SPIRE agent at {}: {}", path.display(), root_cause(source.as_ref()))]
+    #[error("cannot connect to the SPIRE agent at {}: {}", path.display(), root_cause(error.as_ref()))]
     Connect {
         path: PathBuf,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        error: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The connection broke while a stream was open (typically the agent exited).
-    #[error("lost the connection to the SPIRE agent: {0}")]
-    Disconnected(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("lost the connection to the SPIRE agent: {}", root_cause(.0.as_ref()))]
+    Disconnected(Box<dyn std::error::Error + Send + Sync>),
     /// The agent (or the gRPC layer) ended the call with a status.
     #[error("SPIRE agent answered {code:?}: {message}")]
     Status { code: tonic::Code, message: String },
     /// The agent sent something we cannot use.
     #[error("malformed response from the SPIRE agent: {0}")]
-    Decode(#[from] DecodeError),
+    Decode(DecodeError),
     /// The agent closed the stream without an error (e.g. on shutdown).
     #[error("the SPIRE agent closed the stream")]
     StreamEnded,
     /// The request was refused before it was sent (see [`Workload`]).
     #[error("invalid workload reference: {0}")]
     InvalidWorkload(&'static str),
+}
+
+impl From<DecodeError> for SourceError {
+    fn from(e: DecodeError) -> Self {
+        SourceError::Decode(e)
+    }
 }
 
 /// The innermost error of a chain: transport layers wrap the one worth reading (e.g.
@@ -239,11 +244,10 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     /// A trust bundle is not a sequence of DER certificates.
-    #[error("bundle of {trust_domain}: {source}")]
+    #[error("bundle of {trust_domain}: {error}")]
     Bundle {
         trust_domain: String,
-        #[source]
-        source: DerError,
+        error: DerError,
     },
 }
 

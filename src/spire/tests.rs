@@ -214,7 +214,7 @@ async fn bundles_are_split_into_certificates() {
     assert!(matches!(
         err,
         SourceError::Decode(DecodeError::Bundle {
-            source: DerError::Truncated { .. },
+            error: DerError::Truncated { .. },
             ..
         })
     ));
