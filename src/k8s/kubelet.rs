@@ -139,6 +139,8 @@ pub struct KubeletPods {
     /// A miss refreshes the list at most this often, so a pod the kubelet does not know
     /// cannot make every event hit the kubelet.
     min_refresh: Duration,
+    /// Largest pod list accepted.
+    max_body: usize,
     cache: Mutex<Cache>,
     refresh: tokio::sync::Mutex<()>,
 }
@@ -157,6 +159,7 @@ impl KubeletPods {
             endpoint,
             timeout: Duration::from_millis(500),
             min_refresh: Duration::from_millis(200),
+            max_body: MAX_BODY,
             cache: Mutex::new(Cache {
                 pods: HashMap::new(),
                 fetched: None,
@@ -256,7 +259,7 @@ impl KubeletPods {
         // for that flight's (delayed) acknowledgement.
         tcp.set_nodelay(true).map_err(connect)?;
         let response = match prepared {
-            None => transport::get(tcp, &authority, "/pods", None, MAX_BODY).await,
+            None => transport::get(tcp, &authority, "/pods", None, self.max_body).await,
             Some(p) => {
                 let tls = tokio_rustls::TlsConnector::from(p.config)
                     .connect(p.server_name, tcp)
@@ -266,7 +269,7 @@ impl KubeletPods {
                         error,
                     })?;
                 let bearer = p.bearer.as_ref().map(|t| t.as_str());
-                transport::get(tls, &authority, "/pods", bearer, MAX_BODY).await
+                transport::get(tls, &authority, "/pods", bearer, self.max_body).await
             }
         };
         let malformed = |reason: String| LookupError::Malformed {

@@ -440,6 +440,13 @@ pub(super) async fn get<S: AsyncRead + AsyncWrite + Unpin>(
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let mut body = raw.split_off(split + 4);
     let status_line = head.lines().next().unwrap_or("").to_owned();
+    let has_status = status_line
+        .strip_prefix("HTTP/1.")
+        .and_then(|rest| rest.split_whitespace().nth(1))
+        .is_some_and(|code| code.len() == 3 && code.bytes().all(|b| b.is_ascii_digit()));
+    if !has_status {
+        return Err(HttpError::Malformed("no HTTP/1.x status line"));
+    }
     let header = |name: &str| {
         head.lines().skip(1).find_map(|l| {
             let (k, v) = l.split_once(':')?;
