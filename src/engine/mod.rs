@@ -15,6 +15,8 @@
 mod error;
 mod first;
 mod maintain;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
