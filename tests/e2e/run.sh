@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# End-to-end scenarios: the daemon on real containerd + runc + crictl + SPIRE. Each scenario
-# asserts and prints its timings; the last line is "N passed, M failed".
+# End-to-end scenarios: the daemon on a real runtime (containerd, or CRI-O with
+# E2E_RUNTIME=cri-o) + runc + crictl + SPIRE. Each scenario asserts and prints its timings;
+# the last line is "N passed, M failed". Every scenario runs on both runtimes.
 #
 #   tests/e2e/run.sh [SCENARIO...]     (default: all; names as in the list below)
 #
@@ -141,14 +142,14 @@ scenario_rotation() {
 	[[ ! -e $NII_ARTIFACTS/$pod_uid ]] || fail "pod directory left behind"
 }
 
-# --- 5. containerd restart ----------------------------------------------------
-scenario_containerd_restart() {
+# --- 5. runtime restart -------------------------------------------------------
+scenario_runtime_restart() {
 	local e pod_uid pod pid cid t
-	bed_restart_containerd
+	bed_restart_runtime
 	t=$(nii_ms)
-	bed_wait 30 "re-registration" grep -q 'registered as.*10-identity-injector' "$E2E/logs/containerd.log"
+	bed_wait 30 "re-registration" grep -q 'registered as.*10-identity-injector' "$E2E_RUNTIME_LOG"
 	bed_wait 30 "daemon ready again" curl -fsS -o /dev/null "http://$NII_HTTP/readyz"
-	note "daemon re-registered $(($(nii_ms) - t)) ms after containerd came back"
+	note "daemon re-registered $(($(nii_ms) - t)) ms after $E2E_RUNTIME came back"
 	e=$(bed_entry /after-restart unix:uid:1005)
 	bed_wait_entry "$e"
 	pod_uid=$(bed_uuid)
@@ -157,7 +158,7 @@ scenario_containerd_restart() {
 	start_ctr "$pid" "$(E2E_CTR_UID=1005 bed_ctr_json ar sh -c "$CHECK")" "$pod"
 	cid=$CID
 	bed_wait_exited "$cid" 30
-	[[ $(logs_of "$cid") == *"svid exists!"* ]] || fail "new pod after containerd restart: $(logs_of "$cid")"
+	[[ $(logs_of "$cid") == *"svid exists!"* ]] || fail "new pod after the $E2E_RUNTIME restart: $(logs_of "$cid")"
 	note "a new pod got its identity (crictl start ${START_MS} ms)"
 	"$CRICTL" rmp -f "$pid" >/dev/null
 }
@@ -212,7 +213,7 @@ scenario_agent_down() {
 	"$CRICTL" rmp -f "$pid" >/dev/null
 }
 
-ALL=(proposal selectors rotation containerd_restart hostile agent_down)
+ALL=(proposal selectors rotation runtime_restart hostile agent_down)
 (($#)) || set -- "${ALL[@]}"
 
 trap 'nii_finish e2e' EXIT
@@ -222,5 +223,5 @@ t0=$(nii_ms)
 nii_build
 bed_up
 nii_start
-echo "e2e: bed and daemon up in $(($(nii_ms) - t0)) ms"
+echo "e2e: bed ($E2E_RUNTIME) and daemon up in $(($(nii_ms) - t0)) ms"
 nii_scenarios "$@"

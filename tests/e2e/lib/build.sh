@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the real programs the end-to-end bed runs (containerd, its runc shim,
-# ctr, crictl, spire-server, spire-agent) from the Go module proxy, and
-# installs the Debian packages the bed needs (runc, busybox-static, gcc).
+# ctr, crictl, spire-server, spire-agent; CRI-O and pinns on demand) from the
+# Go module proxy, and installs the Debian packages the bed needs (runc,
+# busybox-static, gcc; conmon and libseccomp-dev for CRI-O).
 #
 # Executed: builds everything that is missing, then prints the binary dirs.
 # Sourced:  defines nii_build_all and the NII_*_DIR variables (bed.sh does
@@ -20,6 +21,7 @@ NII_CRICTL_VERSION=${NII_CRICTL_VERSION:-v1.34.0}
 NII_SPIRE_VERSION=${NII_SPIRE_VERSION:-v1.13.3}
 NII_KUBELET_VERSION=${NII_KUBELET_VERSION:-v1.34.4}
 NII_ETCD_VERSION=${NII_ETCD_VERSION:-v3.6.16}
+NII_CRIO_VERSION=${NII_CRIO_VERSION:-v1.36.3}
 
 NII_CONTAINERD_DIR=$NII_CACHE/bin/containerd-$NII_CONTAINERD_VERSION
 NII_CRICTL_DIR=$NII_CACHE/bin/crictl-$NII_CRICTL_VERSION
@@ -28,7 +30,10 @@ NII_KUBELET_DIR=$NII_CACHE/bin/kubelet-$NII_KUBELET_VERSION
 # kube-apiserver, kube-controller-manager and kubectl of the kubelet's release.
 NII_CONTROL_PLANE_DIR=$NII_CACHE/bin/kube-control-plane-$NII_KUBELET_VERSION
 NII_ETCD_DIR=$NII_CACHE/bin/etcd-$NII_ETCD_VERSION
-export NII_CACHE NII_CONTAINERD_DIR NII_CRICTL_DIR NII_SPIRE_DIR NII_KUBELET_DIR NII_CONTROL_PLANE_DIR NII_ETCD_DIR
+# crio, pinns (its namespace pinner) and copyimg (its test suite's image loader).
+NII_CRIO_DIR=$NII_CACHE/bin/crio-$NII_CRIO_VERSION
+export NII_CACHE NII_CONTAINERD_DIR NII_CRICTL_DIR NII_SPIRE_DIR NII_KUBELET_DIR NII_CONTROL_PLANE_DIR NII_ETCD_DIR \
+	NII_CRIO_DIR
 
 # The toolchain must be the installed one: the module proxy is reachable but
 # toolchain downloads are not, and a silent toolchain switch would hide a
@@ -114,6 +119,36 @@ _nii_in_module() {
 	) || rc=$?
 	rm -rf "$mod"
 	return "$rc"
+}
+
+_nii_build_crio() { _nii_in_module crio-tools _nii_crio "$1"; }
+
+# CRI-O's build tags: seccomp (libseccomp through cgo, as CRI-O ships it, so
+# RuntimeDefault means what it means on containerd); OpenPGP in Go instead of
+# gpgme; no ostree and no btrfs (neither has headers here, neither is used).
+NII_CRIO_TAGS='seccomp containers_image_openpgp containers_image_ostree_stub exclude_graphdriver_btrfs'
+
+_nii_crio() {
+	# `go install github.com/cri-o/cri-o/cmd/crio@version` is refused by the
+	# proxy (it will not list the module's versions), but the exact version
+	# resolves as a tool of a throwaway module.
+	local gobin=$1 m=github.com/cri-o/cri-o v=$NII_CRIO_VERSION src
+	_nii_go get -tool "$m/cmd/crio@$v" "$m/test/copyimg@$v"
+	CGO_ENABLED=1 _nii_go build -trimpath -tags "$NII_CRIO_TAGS" \
+		-ldflags "-s -w -X $m/internal/version.buildCommit=$v" -o "$gobin/crio" "$m/cmd/crio"
+	# copyimg loads an OCI archive into CRI-O's storage with the same
+	# containers/image and storage code CRI-O runs: no skopeo, whose Debian
+	# dependencies would write /etc/containers.
+	CGO_ENABLED=1 _nii_go build -trimpath -tags "$NII_CRIO_TAGS" -ldflags '-s -w' \
+		-o "$gobin/copyimg" "$m/test/copyimg"
+	# pinns is C in the module's pinns/ (no Debian package ships it); its
+	# Makefile writes ../bin, so build in a copy (the module cache is read-only).
+	src=$(_nii_go list -m -f '{{.Dir}}' "$m")
+	cp -r "$src/pinns" "$gobin/pinns-src"
+	chmod -R u+w "$gobin/pinns-src"
+	make -s -C "$gobin/pinns-src" ../bin/pinns
+	mv "$gobin/bin/pinns" "$gobin/pinns"
+	rm -rf "${gobin:?}/pinns-src" "${gobin:?}/bin"
 }
 
 _nii_build_spire() { _nii_in_module spire-tools _nii_spire "$1"; }
@@ -237,11 +272,39 @@ _nii_build_delegated_fetch() {
 		-ldflags='-s -w' -o "$1/delegated-fetch" .)
 }
 
+# nii_build_crio: CRI-O (crio, pinns, copyimg) and the Debian packages it
+# needs, built only on demand (E2E_RUNTIME=cri-o): about N minutes cold.
+nii_build_crio() {
+	local lock rc=0
+	_nii_apt conmon libseccomp-dev || return 1
+	mkdir -p "$NII_CACHE/bin"
+	exec {lock}>"$NII_CACHE/.build.lock"
+	flock "$lock"
+	_nii_build "cri-o $NII_CRIO_VERSION" "$NII_CRIO_DIR" "crio pinns copyimg" _nii_build_crio || rc=1
+	exec {lock}>&-
+	return "$rc"
+}
+
+# _nii_apt PACKAGE... : install the packages that are not installed yet.
+_nii_apt() {
+	local missing=() p start=$SECONDS
+	for p in "$@"; do
+		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+	done
+	((${#missing[@]})) || return 0
+	# Refresh the lists only when the cached ones cannot satisfy the install.
+	if ! DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"; then
+		apt-get update
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+	fi
+	_nii_log "packages ${missing[*]} installed in $((SECONDS - start))s"
+}
+
 # nii_install_packages: runc (the OCI runtime the shim calls), a static busybox
 # (the only content of the test images) and gcc (spire-server's cgo). Debian's
 # containerd is deliberately not installed: its shim would shadow ours.
 nii_install_packages() {
-	local missing=() start=$SECONDS
+	local missing=()
 	[[ -x /usr/sbin/runc ]] || missing+=(runc)
 	# The images need the *static* busybox; the dynamic one would not run
 	# inside a rootfs that holds nothing else.
@@ -251,12 +314,7 @@ nii_install_packages() {
 		_nii_log "packages present (0s)"
 		return 0
 	fi
-	# Refresh the lists only when the cached ones cannot satisfy the install.
-	if ! DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"; then
-		apt-get update
-		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
-	fi
-	_nii_log "packages ${missing[*]} installed in $((SECONDS - start))s"
+	_nii_apt "${missing[@]}"
 }
 
 nii_build_all() {
@@ -284,9 +342,21 @@ if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
 	nii_build_all
 	printf 'NII_CONTAINERD_DIR=%s\nNII_CRICTL_DIR=%s\nNII_SPIRE_DIR=%s\n' \
 		"$NII_CONTAINERD_DIR" "$NII_CRICTL_DIR" "$NII_SPIRE_DIR"
-	# `build.sh kubelet`: also the standalone kubelet.
-	if [[ ${1:-} == kubelet ]]; then
-		nii_build_kubelet
-		printf 'NII_KUBELET_DIR=%s\n' "$NII_KUBELET_DIR"
-	fi
+	# `build.sh kubelet cri-o`: also the standalone kubelet, CRI-O.
+	for extra in "$@"; do
+		case $extra in
+		kubelet)
+			nii_build_kubelet
+			printf 'NII_KUBELET_DIR=%s\n' "$NII_KUBELET_DIR"
+			;;
+		cri-o)
+			nii_build_crio
+			printf 'NII_CRIO_DIR=%s\n' "$NII_CRIO_DIR"
+			;;
+		*)
+			_nii_log "unknown extra '$extra' (kubelet, cri-o)"
+			exit 2
+			;;
+		esac
+	done
 fi
