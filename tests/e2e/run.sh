@@ -28,6 +28,12 @@ start_ctr() {
 
 logs_of() { "$CRICTL" logs "$1" 2>&1; }
 
+# refused_start POD CONTAINER : the daemon's reason if it failed the container's NRI
+# StartContainer (CRI-O only logs that and starts the container anyway).
+refused_start() {
+	grep -F "failing the start" "$E2E/logs/nii.log" | grep -F "pod e2e/$1 container $2:" | tail -1 | sed 's/.*error=//'
+}
+
 # --- 1. the design proposal's pod --------------------------------------------
 scenario_proposal() {
 	local e0 e1 pod_uid ann pod pid c0 c1 c2 d0 d1 id
@@ -85,6 +91,10 @@ scenario_selectors() {
 	pid=$("$CRICTL" runp "$pod")
 	cid=$("$CRICTL" create "$pid" "$(E2E_CTR_UID=1003 bed_ctr_json bypath sh -c "$CHECK")" "$pod")
 	if err=$("$CRICTL" start "$cid" 2>&1); then
+		bed_wait_exited "$cid" 10 || true
+		note "it ran and printed: $(logs_of "$cid")"
+		err=$(refused_start bypath bypath)
+		[[ -z $err ]] || fail "$E2E_RUNTIME started it although the daemon failed the start: $err"
 		fail "a unix:path entry matched at StartContainer"
 	fi
 	[[ $err == *"no registration entry"* ]] || fail "unexpected error: $err"
@@ -198,7 +208,13 @@ scenario_agent_down() {
 	pid=$("$CRICTL" runp "$pod")
 	cid=$("$CRICTL" create "$pid" "$(E2E_CTR_UID=1006 bed_ctr_json strict sh -c "$CHECK")" "$pod")
 	t=$(nii_ms)
-	if err=$("$CRICTL" start "$cid" 2>&1); then fail "started without an agent"; fi
+	if err=$("$CRICTL" start "$cid" 2>&1); then
+		bed_wait_exited "$cid" 10 || true
+		note "it ran and printed: $(logs_of "$cid")"
+		err=$(refused_start down strict)
+		[[ -z $err ]] || fail "started without an agent: $E2E_RUNTIME ignored the daemon's refusal: $err"
+		fail "started without an agent"
+	fi
 	note "default policy: start refused after $(($(nii_ms) - t)) ms: ${err##*nri-identity-injector: }"
 	[[ $err == *"SPIRE agent"* ]] || fail "unclear error: $err"
 	start_ctr "$pid" "$(E2E_CTR_UID=1006 bed_ctr_json lenient sh -c 'while [ ! -f /var/certs/svid.pem ]; do sleep 0.2; done; echo "identity arrived"; sleep 3600')" "$pod"
