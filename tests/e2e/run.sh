@@ -99,7 +99,7 @@ scenario_selectors() {
 	fi
 	[[ $err == *"no registration entry"* ]] || fail "unexpected error: $err"
 	note "unix:path:/bin/busybox does not match at StartContainer (the process is runc init): start refused"
-	"$CRICTL" rmp -f "$pid" >/dev/null
+	bed_rmp "$pid"
 }
 
 # --- 2. rotation, 4. daemon restart, 6. agent restart -------------------------
@@ -148,7 +148,7 @@ scenario_rotation() {
 	[[ ! -e $dir ]] || fail "$dir still exists after removal"
 	bed_wait 5 "no active identities" bash -c "[[ \$(curl -fsS http://$NII_HTTP/metrics | awk '\$1==\"nri_identity_active_identities\"{print \$2}') == 0 ]]"
 	note "removed: directory gone, active identities 0"
-	"$CRICTL" rmp -f "$pid" >/dev/null
+	bed_rmp "$pid"
 	[[ ! -e $NII_ARTIFACTS/$pod_uid ]] || fail "pod directory left behind"
 }
 
@@ -170,7 +170,7 @@ scenario_runtime_restart() {
 	bed_wait_exited "$cid" 30
 	[[ $(logs_of "$cid") == *"svid exists!"* ]] || fail "new pod after the $E2E_RUNTIME restart: $(logs_of "$cid")"
 	note "a new pod got its identity (crictl start ${START_MS} ms)"
-	"$CRICTL" rmp -f "$pid" >/dev/null
+	bed_rmp "$pid"
 }
 
 # --- 7. hostile annotations ---------------------------------------------------
@@ -186,7 +186,7 @@ scenario_hostile() {
 		[[ $err == *"$field"* && $err == *"e2e/evil"* && $err == *"c0"* ]] || fail "error does not name pod, container and $field: $err"
 		[[ ! -e $NII_ARTIFACTS/$pod_uid ]] || fail "something was written for '$value'"
 		note "refused ($field): ${err##*nri-identity-injector: }"
-		"$CRICTL" rmp -f "$pid" >/dev/null
+		bed_rmp "$pid"
 	done <<-EOF
 		cert_dir: /|cert_dir
 		cert_dir: /var/certs\nsvid_file_name: ../x|svid_file_name
@@ -226,7 +226,7 @@ scenario_agent_down() {
 	bed_wait 40 "identity after the agent is back" test -s "$dir/svid.pem"
 	bed_wait 10 "workload saw it" bash -c "$CRICTL logs $cid 2>&1 | grep -q 'identity arrived'"
 	note "identity delivered once the agent was back"
-	"$CRICTL" rmp -f "$pid" >/dev/null
+	bed_rmp "$pid"
 }
 
 ALL=(proposal selectors rotation runtime_restart hostile agent_down)

@@ -287,7 +287,7 @@ kubelet_down() {
 		ids=$(_kubelet_pod_ids)
 		if [[ -n $ids ]]; then
 			# shellcheck disable=SC2086 # one ID per word
-			timeout 120 "$E2E/bin/crictl" rmp -f $ids >/dev/null 2>&1 || _kubelet_log "crictl rmp of the kubelet's pods failed"
+			bed_rmp $ids 2>/dev/null || _kubelet_log "crictl rmp of the kubelet's pods failed"
 		fi
 	fi
 	# Processes left in the kubelet's pod cgroups (a pod CRI failed to remove).
