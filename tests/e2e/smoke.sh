@@ -81,8 +81,10 @@ step "entry unix:uid:1001 created and synced to agent" "$t"
 
 "$SPIRE_AGENT" healthcheck -socketPath "$AGENT_SOCK" >/dev/null || fail "agent unhealthy"
 echo "smoke: spire-agent healthy"
-"$SPIRE_SERVER" entry show -spiffeID "spiffe://$E2E_TD/smoke" | grep -q "^Entry ID *: *$eid\$" ||
-	fail "entry $eid not listed by spire-server entry show"
+# Captured first: `| grep -q` would stop reading at the match, and the
+# server's SIGPIPE on its next line would fail the pipeline (pipefail).
+out=$("$SPIRE_SERVER" entry show -spiffeID "spiffe://$E2E_TD/smoke")
+grep -q "^Entry ID *: *$eid\$" <<<"$out" || fail "entry $eid not listed by spire-server entry show: $out"
 echo "smoke: spire-server lists entry $eid"
 
 # The Workload API hands that identity to a uid-1001 process on the host.
