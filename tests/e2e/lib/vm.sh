@@ -36,11 +36,12 @@
 #     (vm-guest/ctr.sh).
 # Differences from Kata: no vsock agent protocol (this host has no vhost-vsock;
 # requests travel through a second virtio-fs share with a doorbell on a
-# second serial port, see vm-guest/init), no
-# containerd shim or OCI bundle (the caller passes the container's mounts and
-# command), qemu under TCG (this host's /dev/kvm cannot run stock kernels),
-# virtiofsd logs to a file instead of syslog, and a container's rootfs is a
-# busybox directory the bed writes.
+# second serial port, see vm-guest/init), no containerd shim or OCI bundle
+# (the caller passes the container's mounts and command), qemu's `pc` machine
+# under TCG (Kata uses q35 with KVM; this host's /dev/kvm cannot run stock
+# kernels), virtiofsd 1.14 told --inode-file-handles=never (the default of the
+# 1.13 that Kata 3.x ships) and logging to a file instead of syslog, and a
+# container's rootfs is a busybox directory the bed writes.
 #
 # Knobs: VM_CACHE_MODE (auto|never|always|metadata, default auto), VM_MEM_MIB
 # (default 256), VM_BOOT_TIMEOUT (seconds, default 120), VM_AGENT_POLL (how
@@ -146,13 +147,18 @@ _vm_pid() {
 }
 
 # _vm_spawn SB NAME CMD... : CMD in the background, logged to logs/NAME.log,
-# its PID recorded. Run through a subshell that exits right after the exec,
-# so the caller's $(...) and pipes never wait on it.
+# its PID recorded. It inherits neither the caller's output (a $(...) around
+# vm_up returns) nor the e2e bed's lock (lib/bed.sh), so a sandbox left
+# behind never blocks the next bed.
 _vm_spawn() {
 	local sb=$1 name=$2 d pid
 	shift 2
 	d=$(_vm_dir "$sb")
-	"$@" >>"$d/logs/$name.log" 2>&1 </dev/null &
+	if [[ -n ${_BED_LOCK_FD:-} ]]; then
+		"$@" >>"$d/logs/$name.log" 2>&1 </dev/null {_BED_LOCK_FD}>&- &
+	else
+		"$@" >>"$d/logs/$name.log" 2>&1 </dev/null &
+	fi
 	pid=$!
 	echo "$pid $(_vm_starttime "$pid" || echo 0)" >"$d/pids/$name"
 }
@@ -438,6 +444,7 @@ vm_check_clean() {
 	[[ ! -e $d && ! -e $k ]] || { _vm_log "left: $d or $k"; bad=1; }
 	return "$bad"
 }
+
 # vm_cpu SB : CPU seconds used so far by SB's processes ("qemu=… other=…").
 vm_cpu() {
 	local d p f qt=0 ot=0 hz
@@ -491,8 +498,8 @@ vm_exec() {
 # does with an OCI mount of container CID (OPTIONS: the OCI options, comma
 # separated, default rbind,ro). Prints the shared entry's name (the guest sees
 # it at $VM_GUEST_SHARED/NAME), or nothing for a mount Kata does not share
-# (not a bind mount, a /proc or /sys source, /dev/shm or a /dev destination
-# other than a regular file).
+# (not a bind mount, a /proc or /sys source, /dev/shm, or a /dev destination
+# that is not a regular file on the host).
 vm_shim_add_mount() {
 	local sb=$1 cid=$2 src=$3 dest=$4 opts=${5:-rbind,ro} k d o bind=0 ro=0 name
 	_vm_check_id "$sb" && _vm_check_id "$cid" || return 1
@@ -507,8 +514,9 @@ vm_shim_add_mount() {
 	done
 	# Kata shares bind mounts only, and not these (container.go).
 	src=$(realpath -e -- "$src") || _vm_die "source '$3' does not exist" || return 1
+	# (isHostDevice looks at the destination's path on the host.)
 	if ((!bind)) || [[ $src == /proc || $src == /proc/* || $src == /sys || $src == /sys/* ||
-		$dest == /dev/shm || $dest == /dev || ($dest == /dev/* && ! -f $src) ]]; then
+		$dest == /dev/shm || $dest == /dev || ($dest == /dev/* && -e $dest && ! -f $dest) ]]; then
 		_vm_log "$cid: $dest ($opts) is not shared by Kata"
 		return 0
 	fi
