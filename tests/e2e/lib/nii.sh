@@ -20,6 +20,15 @@ nii_build() {
 	export NII_BIN
 }
 
+# nii_build_identity_check : the workload-side checker (tools/identity-check), static like the
+# shipped binary so it runs in any container or VM guest; sets NII_IDENTITY_CHECK.
+nii_build_identity_check() {
+	(cd "$NII_ROOT" && RUSTFLAGS="-C target-feature=+crt-static" cargo build -q --release \
+		--target x86_64-unknown-linux-gnu -p nii-identity-check --bin identity-check) || return 1
+	NII_IDENTITY_CHECK=${CARGO_TARGET_DIR:-$NII_ROOT/target}/x86_64-unknown-linux-gnu/release/identity-check
+	export NII_IDENTITY_CHECK
+}
+
 # nii_places : choose (once per bed) the artifact root and the HTTP address, so that a
 # daemon started in a subshell leaves its caller with the right ones.
 nii_places() {
