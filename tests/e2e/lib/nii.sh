@@ -177,10 +177,12 @@ nii_scenarios() {
 	done
 }
 
-# nii_finish LABEL : the EXIT trap of a scenario script: stops the daemon, tears the bed down,
-# checks the host is clean, and prints the closing "N passed, M failed" line.
+# nii_finish LABEL [STATUS] : the EXIT trap of a scenario script: stops the daemon, tears the
+# bed down, checks the host is clean, and prints the closing "N passed, M failed" line. STATUS
+# (default: the status the script is exiting with) is for traps that do more first.
 nii_finish() {
 	local rc=$? label=$1
+	rc=${2:-$rc}
 	trap - EXIT
 	nii_stop 2>/dev/null || true
 	bed_down "$rc" || true

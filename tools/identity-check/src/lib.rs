@@ -92,7 +92,7 @@ impl Layout {
 }
 
 /// One read of the directory: the PEM text behind the key, the chain and the bundle.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Snapshot {
     key: Vec<u8>,
     chain: Vec<u8>,
@@ -158,7 +158,8 @@ pub struct Identity {
     pub spiffe_id: String,
     /// The leaf's serial number, hex.
     pub serial: String,
-    /// Seconds until the leaf expires.
+    /// When the leaf expires (seconds since the epoch), and how long until then.
+    pub not_after: i64,
     pub expires_in: i64,
     /// Certificates in the chain file (leaf first) and in the bundle.
     pub chain_len: usize,
@@ -169,8 +170,13 @@ impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "spiffe_id={} serial={} expires_in={}s chain={} bundle={}",
-            self.spiffe_id, self.serial, self.expires_in, self.chain_len, self.bundle_len
+            "spiffe_id={} serial={} not_after={} expires_in={}s chain={} bundle={}",
+            self.spiffe_id,
+            self.serial,
+            self.not_after,
+            self.expires_in,
+            self.chain_len,
+            self.bundle_len
         )
     }
 }
@@ -392,6 +398,7 @@ pub fn check(
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect(),
+        not_after: expires,
         expires_in: expires - now,
         chain_len: chain.len(),
         bundle_len: anchors.len(),

@@ -301,6 +301,7 @@ fn identity(serial: &str) -> Identity {
     Identity {
         spiffe_id: format!("{TD}/web"),
         serial: serial.into(),
+        not_after: 1_000_060,
         expires_in: 60,
         chain_len: 1,
         bundle_len: 1,
