@@ -17,7 +17,7 @@ const RECHECK: Duration = Duration::from_secs(1);
 
 const USAGE: &str = "usage: identity-check [--spiffe-id ID] [--layout spiffe-helper|combined]
     [--cert NAME] [--key NAME] [--bundle NAME] [--credentials NAME] [--clock-skew-s N]
-    [--watch [--for SECONDS] [--interval-ms N] [--converge-ms N]] DIR
+    [--watch [--for SECONDS] [--interval-ms N] [--converge-ms N] [--inotify]] DIR
 
 Checks DIR's identity files: one SPIFFE ID in the leaf (the expected one with --spiffe-id),
 valid now (notBefore may be up to --clock-skew-s ahead, default 30), the private key the
@@ -27,7 +27,9 @@ daemon's (svid.pem, svid_key.pem, svid_bundle.pem; credential-bundle.pem for com
 --watch: re-reads every --interval-ms (default 10) for --for seconds (default: forever) and
 prints `seen ...` for each new certificate. With the combined layout a read whose key is not
 the certificate's is a failure (TORN); with separate files it must resolve within
---converge-ms (default 3000).";
+--converge-ms (default 3000). --inotify also counts the changes inotify reports in DIR
+(entries created, written, renamed or deleted; not this reader's own reads) and adds
+inotify_events=N to the summary.";
 
 struct Args {
     dir: PathBuf,
@@ -40,6 +42,7 @@ struct WatchArgs {
     duration: Option<Duration>,
     interval: Duration,
     converge: Duration,
+    inotify: bool,
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -53,6 +56,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut duration = None;
     let mut interval = Duration::from_millis(10);
     let mut converge = Duration::from_millis(3000);
+    let mut inotify = false;
     let mut dir = None;
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
@@ -74,6 +78,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
             "--for" => duration = Some(Duration::from_secs(number(&arg, value(&arg)?)?)),
             "--interval-ms" => interval = Duration::from_millis(number(&arg, value(&arg)?)?),
             "--converge-ms" => converge = Duration::from_millis(number(&arg, value(&arg)?)?),
+            "--inotify" => inotify = true,
             "-h" | "--help" => return Err(String::new()),
             s if s.starts_with('-') => return Err(format!("unknown option {s}")),
             _ if dir.is_none() => dir = Some(PathBuf::from(arg)),
@@ -94,8 +99,8 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         "combined" => return Err("--cert and --key are for --layout spiffe-helper".into()),
         other => return Err(format!("--layout {other:?}: spiffe-helper or combined")),
     };
-    if !watch && duration.is_some() {
-        return Err("--for needs --watch".into());
+    if !watch && (duration.is_some() || inotify) {
+        return Err("--for and --inotify need --watch".into());
     }
     Ok(Args {
         dir: dir.ok_or("no directory given")?,
@@ -105,6 +110,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
             duration,
             interval,
             converge,
+            inotify,
         }),
     })
 }
@@ -141,6 +147,13 @@ fn main() -> ExitCode {
             }
         };
     };
+    let mut changes = match w.inotify.then(|| Changes::watch(&args.dir)).transpose() {
+        Ok(c) => c,
+        Err(e) => {
+            println!("FAIL cannot watch {} with inotify: {e}", args.dir.display());
+            return ExitCode::FAILURE;
+        }
+    };
     let start = Instant::now();
     let mut watch = Watch::new(&args.layout, w.converge);
     // Unchanged files need no new verification (a slow VM guest reads every few ms), except
@@ -161,15 +174,56 @@ fn main() -> ExitCode {
         for line in watch.observe(result, start.elapsed().as_millis() as u64) {
             println!("{line}");
         }
+        if let Some(c) = &mut changes {
+            c.drain();
+        }
         if w.duration.is_some_and(|d| start.elapsed() >= d) {
             break;
         }
         std::thread::sleep(w.interval);
     }
-    println!("{}", watch.summary());
+    match &changes {
+        Some(c) => println!("{} inotify_events={}", watch.summary(), c.count),
+        None => println!("{}", watch.summary()),
+    }
     if watch.ok() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// Changes to a directory's entries as inotify reports them: what a workload that waits for
+/// events instead of re-reading would see.
+struct Changes {
+    fd: rustix::fd::OwnedFd,
+    count: u64,
+}
+
+impl Changes {
+    fn watch(dir: &std::path::Path) -> rustix::io::Result<Changes> {
+        use rustix::fs::inotify::{CreateFlags, WatchFlags, add_watch, init};
+        let fd = init(CreateFlags::NONBLOCK | CreateFlags::CLOEXEC)?;
+        add_watch(
+            &fd,
+            dir,
+            WatchFlags::CREATE
+                | WatchFlags::MODIFY
+                | WatchFlags::CLOSE_WRITE
+                | WatchFlags::MOVED_TO
+                | WatchFlags::MOVED_FROM
+                | WatchFlags::DELETE
+                | WatchFlags::ATTRIB,
+        )?;
+        Ok(Changes { fd, count: 0 })
+    }
+
+    /// Counts the events that arrived since the last call.
+    fn drain(&mut self) {
+        let mut buf = [std::mem::MaybeUninit::uninit(); 4096];
+        let mut reader = rustix::fs::inotify::Reader::new(&self.fd, &mut buf);
+        while reader.next().is_ok() {
+            self.count += 1;
+        }
     }
 }
