@@ -166,7 +166,8 @@ note_result() { echo "$*" >>"$E2E/kata-results"; }
 
 # A pod of handler kata-qemu in a sandbox with virtio-fs cache MODE.
 vm_scenario() {
-	local mode=$1 sa=vm-$1 e pod_uid ann pod sb t dir ino gino id out rc i c kind
+	local mode=$1 sa=vm-$1 e pod_uid ann pod sb t ino gino id out rc i c dest summary n lat
+	local stats f owner m
 	local -A cids dirs names outs stamped
 	local stampers=()
 	id=spiffe://$E2E_TD/ns/e2e/sa/$sa
@@ -192,10 +193,13 @@ vm_scenario() {
 		grep "container_id=${cids[$c]}" "$E2E/logs/nii.log" | grep -q 'sandbox=VM (shared file system)' ||
 			fail "$c: the daemon did not treat ${cids[$c]} as a VM container"
 		kata_share "$sb" "${cids[$c]}"
-		case $c in sep) kind=$SEP_DIR ;; comb) kind=$COMB_DIR ;; esac
-		names[$c]=${ENTRIES[$kind]:-}
-		[[ -n ${names[$c]} ]] || fail "$c: no shared entry for $kind (spec mounts: $(kata_spec "${cids[$c]}" | tr '\t\n' ' |'))"
+		case $c in sep) dest=$SEP_DIR ;; comb) dest=$COMB_DIR ;; esac
+		names[$c]=${ENTRIES[$dest]:-}
+		[[ -n ${names[$c]} ]] || fail "$c: no shared entry for $dest (spec mounts: $(kata_spec "${cids[$c]}" | tr '\t\n' ' |'))"
 		[[ $CTR_USER == "$CTR_UID $CTR_GID" ]] || fail "$c: the spec's user is $CTR_USER"
+		# The daemon gave the files the user the runtime reported through NRI.
+		[[ $(stat -c '%u %g' "${dirs[$c]}/svid_bundle.pem") == "$CTR_USER" ]] ||
+			fail "$c: the files on the host are owned by $(stat -c '%u %g' "${dirs[$c]}/svid_bundle.pem")"
 		# The host stand-in starts too (NRI StartContainer; nothing left to deliver).
 		"$CRICTL" start "${cids[$c]}" >/dev/null
 		note "$c: created with its identity and shared in $(($(nii_ms) - t)) ms: entry ${names[$c]:0:12}…-${names[$c]##*-}, user $CTR_USER"
@@ -226,10 +230,12 @@ vm_scenario() {
 		((rc == 0)) || fail "$c: the guest reader failed ($rc):"$'\n'"$out"
 		[[ $(sed -n 1p <<<"$out") == "ok spiffe_id=$id "* ]] || fail "$c: first instruction: $(sed -n 1p <<<"$out")"
 		# Files as on the host: the container's uid:gid, the key 0600.
+		stats=$(grep -E '^[a-z_.-]+\.pem [0-9]+:[0-9]+ [0-7]+$' <<<"$out") || fail "$c: no file listing: $out"
+		[[ $(wc -l <<<"$stats") == "$([[ $c == sep ]] && echo 3 || echo 2)" ]] || fail "$c: files in the guest: $stats"
 		while read -r f owner m; do
 			[[ $owner == "$CTR_UID:$CTR_GID" ]] || fail "$c: $f is owned by $owner in the guest"
 			case $f in svid_key.pem | credential-bundle.pem) [[ $m == 600 ]] || fail "$c: $f has mode $m" ;; esac
-		done < <(grep -E '^[a-z_.-]+\.pem [0-9]+:[0-9]+ [0-7]+$' <<<"$out")
+		done <<<"$stats"
 		summary=$(grep '^summary ' <<<"$out")
 		i=$(grep -o 'serials=[0-9]*' <<<"$summary" | cut -d= -f2)
 		((i >= MIN_ROTATIONS + 1)) || fail "$c: the guest saw $((i - 1)) rotations in ${WATCH_S} s (want $MIN_ROTATIONS): $out"
