@@ -11,7 +11,7 @@ export PATH := $(HOME)/.cargo/bin:/usr/local/go/bin:$(PATH)
 export GOTOOLCHAIN := local
 export CARGO_TERM_COLOR := never
 
-.PHONY: release demo test lint unit conformance e2e e2e-k8s e2e-k8s-api e2e-deploy bench bench-nri bench-e2e bench-k8s bench-daemon codegen build
+.PHONY: release demo test lint unit conformance e2e e2e-k8s e2e-k8s-api e2e-deploy e2e-kata e2e-vm bench bench-nri bench-e2e bench-k8s bench-daemon codegen build
 
 # The shipped binary: statically linked (no shared libc pages: idle RSS about 1.3 MiB below a
 # dynamically linked build) and built for an explicit target, so the static flag reaches only the
@@ -25,7 +25,7 @@ release:
 demo:
 	tests/e2e/demo.sh
 
-test: lint unit conformance e2e e2e-k8s e2e-k8s-api e2e-deploy
+test: lint unit conformance e2e e2e-k8s e2e-k8s-api e2e-deploy e2e-kata
 
 build:
 	cargo build --workspace --all-targets
@@ -56,6 +56,15 @@ e2e-k8s-api:
 # is enough, required-plugins keeps annotated pods out until it runs.
 e2e-deploy:
 	tests/e2e/deploy.sh
+
+# Kata/VM guests: pods of Kata runtime handlers on real containerd, the daemon's mount carried
+# into a Kata-style virtio-fs guest (cache auto and never), checked from inside the guest.
+e2e-kata:
+	tests/e2e/kata.sh
+
+# The VM bed alone: a Kata-style virtio-fs guest per cache mode (qemu TCG, virtiofsd, no containerd).
+e2e-vm:
+	tests/e2e/vm_smoke.sh
 
 bench: bench-nri bench-daemon
 

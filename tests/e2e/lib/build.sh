@@ -338,7 +338,18 @@ nii_build_all() {
 	fi
 }
 
+# The VM bed's programs (qemu, a guest kernel, virtiofsd): lib/vm.sh.
+# shellcheck source=tests/e2e/lib/build_vm.sh
+. "$(dirname "${BASH_SOURCE[0]}")/build_vm.sh"
+
 if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+	# `build.sh vm`: only what the VM bed needs.
+	if [[ ${1:-} == vm ]]; then
+		nii_build_vm
+		printf 'NII_VM_QEMU=%s\nNII_VIRTIOFSD=%s\nNII_VM_KERNEL_DIR=%s\n' \
+			"$NII_VM_QEMU" "$NII_VIRTIOFSD" "$NII_VM_KERNEL_DIR"
+		exit 0
+	fi
 	nii_build_all
 	printf 'NII_CONTAINERD_DIR=%s\nNII_CRICTL_DIR=%s\nNII_SPIRE_DIR=%s\n' \
 		"$NII_CONTAINERD_DIR" "$NII_CRICTL_DIR" "$NII_SPIRE_DIR"
