@@ -20,6 +20,7 @@ NII_CRICTL_VERSION=${NII_CRICTL_VERSION:-v1.34.0}
 NII_SPIRE_VERSION=${NII_SPIRE_VERSION:-v1.13.3}
 NII_KUBELET_VERSION=${NII_KUBELET_VERSION:-v1.34.4}
 NII_ETCD_VERSION=${NII_ETCD_VERSION:-v3.6.16}
+NII_HELM_VERSION=${NII_HELM_VERSION:-v3.22.0}
 
 NII_CONTAINERD_DIR=$NII_CACHE/bin/containerd-$NII_CONTAINERD_VERSION
 NII_CRICTL_DIR=$NII_CACHE/bin/crictl-$NII_CRICTL_VERSION
@@ -28,7 +29,8 @@ NII_KUBELET_DIR=$NII_CACHE/bin/kubelet-$NII_KUBELET_VERSION
 # kube-apiserver, kube-controller-manager and kubectl of the kubelet's release.
 NII_CONTROL_PLANE_DIR=$NII_CACHE/bin/kube-control-plane-$NII_KUBELET_VERSION
 NII_ETCD_DIR=$NII_CACHE/bin/etcd-$NII_ETCD_VERSION
-export NII_CACHE NII_CONTAINERD_DIR NII_CRICTL_DIR NII_SPIRE_DIR NII_KUBELET_DIR NII_CONTROL_PLANE_DIR NII_ETCD_DIR
+NII_HELM_DIR=$NII_CACHE/bin/helm-$NII_HELM_VERSION
+export NII_CACHE NII_CONTAINERD_DIR NII_CRICTL_DIR NII_SPIRE_DIR NII_KUBELET_DIR NII_CONTROL_PLANE_DIR NII_ETCD_DIR NII_HELM_DIR
 
 # The toolchain must be the installed one: the module proxy is reachable but
 # toolchain downloads are not, and a silent toolchain switch would hide a
@@ -198,6 +200,30 @@ nii_build_control_plane() {
 	_nii_build "kube control plane $NII_KUBELET_VERSION" "$NII_CONTROL_PLANE_DIR" \
 		"kube-apiserver kube-controller-manager kubectl" _nii_build_control_plane || rc=1
 	exec {lock}>&-
+	return "$rc"
+}
+
+_nii_build_helm() { _nii_in_module helm-tools _nii_helm "$1"; }
+
+_nii_helm() {
+	# The proxy refuses helm's version list, so `go install ...@version` may be
+	# refused too: resolve the exact version as a tool of a throwaway module.
+	local gobin=$1 h=helm.sh/helm/${NII_HELM_VERSION%%.*}/cmd/helm
+	_nii_go get -tool "$h@$NII_HELM_VERSION"
+	GOBIN=$gobin CGO_ENABLED=0 _nii_go install -trimpath \
+		-ldflags="-s -w -X helm.sh/helm/${NII_HELM_VERSION%%.*}/internal/version.version=$NII_HELM_VERSION" "$h"
+}
+
+# nii_build_helm: the helm CLI (charts/), built only on demand; sets NII_HELM.
+nii_build_helm() {
+	local lock rc=0
+	mkdir -p "$NII_CACHE/bin"
+	exec {lock}>"$NII_CACHE/.build.lock"
+	flock "$lock"
+	_nii_build "helm $NII_HELM_VERSION" "$NII_HELM_DIR" helm _nii_build_helm || rc=1
+	exec {lock}>&-
+	NII_HELM=$NII_HELM_DIR/helm
+	export NII_HELM
 	return "$rc"
 }
 
