@@ -263,6 +263,29 @@ _nii_build_delegated_fetch() {
 		-ldflags='-s -w' -o "$1/delegated-fetch" .)
 }
 
+# nii_build_e2e_tool NAME : tests/e2e/tools/NAME, a Go program of the tests with its own
+# module (committed go.mod and go.sum), cached under a hash of its sources; prints the
+# binary's path. The OpenShift checkers (ignition-check, scc-admission) are built this way.
+nii_build_e2e_tool() {
+	local name=$1 src hash dir lock rc=0
+	src=$(cd "$(dirname "${BASH_SOURCE[0]}")/../tools/$name" && pwd)
+	hash=$(cat "$src/go.mod" "$src/go.sum" "$src"/*.go | sha256sum | cut -c1-12)
+	dir=$NII_CACHE/bin/$name-$hash
+	mkdir -p "$NII_CACHE/bin"
+	exec {lock}>"$NII_CACHE/.build.lock"
+	flock "$lock"
+	_NII_TOOL_SRC=$src _NII_TOOL_NAME=$name _nii_build "$name $hash" "$dir" "$name" _nii_build_e2e_tool >&2 || rc=1
+	exec {lock}>&-
+	((rc == 0)) || return 1
+	echo "$dir/$name"
+}
+
+_nii_build_e2e_tool() {
+	# -mod=readonly: the committed go.sum must be complete.
+	(cd "$_NII_TOOL_SRC" && CGO_ENABLED=0 _nii_go build -mod=readonly -trimpath \
+		-ldflags='-s -w' -o "$1/$_NII_TOOL_NAME" .)
+}
+
 # nii_install_packages: runc (the OCI runtime the shim calls), a static busybox
 # (the only content of the test images) and gcc (spire-server's cgo). Debian's
 # containerd is deliberately not installed: its shim would shadow ours.
