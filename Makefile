@@ -71,7 +71,7 @@ bench-k8s:
 # CreateContainer/StartContainer latency through the NRI wire path and the memory of the
 # release binary (needs root for the memory part: real processes in their own cgroups).
 bench-daemon: release
-	NII_BENCH_DAEMON_BIN=$(CURDIR)/$(RELEASE_BIN) cargo bench -p nri-identity-injector --features fake-agent --bench daemon
+	NII_BENCH_DAEMON_BIN=$(CURDIR)/$(RELEASE_BIN) cargo bench -p nri-identity-injector --features testing --bench daemon
 
 codegen:
 	cargo xtask codegen

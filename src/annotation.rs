@@ -70,6 +70,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use nri_identity_backends::Attestation;
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_saphyr::budget::{BudgetBreach, EnforcingPolicy};
@@ -209,16 +210,6 @@ pub enum FederatedBundles {
     Append,
 }
 
-/// How the agent is told which workload the container is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Attestation {
-    /// Let the agent attest the container's process by PID.
-    Pid,
-    /// Send selectors computed by the daemon (for VM-isolated runtimes without a host PID).
-    Selectors,
-}
-
 impl OnFailure {
     /// The annotation spelling.
     pub fn as_str(self) -> &'static str {
@@ -249,16 +240,6 @@ impl FederatedBundles {
     }
 }
 
-impl Attestation {
-    /// The annotation spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pid => "pid",
-            Self::Selectors => "selectors",
-        }
-    }
-}
-
 macro_rules! display_as_str {
     ($($ty:ty),*) => {$(
         impl fmt::Display for $ty {
@@ -268,7 +249,7 @@ macro_rules! display_as_str {
         }
     )*};
 }
-display_as_str!(OnFailure, Layout, FederatedBundles, Attestation, Field);
+display_as_str!(OnFailure, Layout, FederatedBundles, Field);
 
 // === validated output ===
 
@@ -479,6 +460,9 @@ pub struct IdentityRequest {
     pub federated_bundles: FederatedBundles,
     /// `None` leaves the choice to the daemon's configuration.
     pub attestation: Option<Attestation>,
+    /// The pod accepts that in a VM sandbox without a shared file system its files are
+    /// copied in once and never rotated.
+    pub copy_once: bool,
 }
 
 impl IdentityRequest {
@@ -557,6 +541,15 @@ impl IdentityRequest {
             OnFailure::Continue => "continue (the container starts; delivery keeps retrying)",
         };
         push_line(&mut out, "on failure", format_args!("{on_failure}"));
+        if self.copy_once {
+            push_line(
+                &mut out,
+                "copy once",
+                format_args!(
+                    "accepted (in a VM without a shared file system, files are never rotated)"
+                ),
+            );
+        }
         out
     }
 
@@ -594,11 +587,12 @@ pub enum Field {
     Layout,
     FederatedBundles,
     Attestation,
+    CopyOnce,
 }
 
 impl Field {
     /// Every field, in documentation order.
-    pub const ALL: [Field; 15] = [
+    pub const ALL: [Field; 16] = [
         Self::SpireAgentAddress,
         Self::CertDir,
         Self::SvidFileName,
@@ -614,6 +608,7 @@ impl Field {
         Self::Layout,
         Self::FederatedBundles,
         Self::Attestation,
+        Self::CopyOnce,
     ];
 
     /// The YAML key.
@@ -634,6 +629,7 @@ impl Field {
             Self::Layout => "layout",
             Self::FederatedBundles => "federated_bundles",
             Self::Attestation => "attestation",
+            Self::CopyOnce => "copy_once",
         }
     }
 
@@ -659,6 +655,7 @@ impl Field {
             Self::Layout => "`spiffe-helper` or `combined`",
             Self::FederatedBundles => "`separate` or `append`",
             Self::Attestation => "`pid` or `selectors`",
+            Self::CopyOnce => "`true` or `false`",
         }
     }
 }
@@ -997,6 +994,7 @@ struct RawSpec {
     layout: Option<Layout>,
     federated_bundles: Option<FederatedBundles>,
     attestation: Option<Attestation>,
+    copy_once: Option<bool>,
 }
 
 /// Where the deserializer was when it failed. serde errors carry no field path, and the
@@ -1194,6 +1192,7 @@ impl<'de> Visitor<'de> for SpecVisitor<'_> {
                 Field::Layout => raw.layout = map.next_value()?,
                 Field::FederatedBundles => raw.federated_bundles = map.next_value()?,
                 Field::Attestation => raw.attestation = map.next_value()?,
+                Field::CopyOnce => raw.copy_once = map.next_value()?,
             }
             t.field = None;
         }
@@ -1323,6 +1322,7 @@ fn validate(raw: RawSpec, policy: &Policy) -> Result<IdentityRequest, Annotation
         on_failure: raw.on_failure.unwrap_or_default(),
         federated_bundles,
         attestation: raw.attestation,
+        copy_once: raw.copy_once.unwrap_or(false),
     })
 }
 

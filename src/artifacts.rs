@@ -70,7 +70,7 @@
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -199,6 +199,25 @@ pub enum ArtifactError {
     Remove {
         pod_uid: String,
         container_id: String,
+        #[source]
+        source: HostError,
+    },
+    #[error("emptying {dir}")]
+    Empty {
+        dir: PathBuf,
+        name: String,
+        #[source]
+        source: HostError,
+    },
+    #[error("removing the artifact directory of pod {pod_uid}")]
+    RemovePod {
+        pod_uid: String,
+        #[source]
+        source: HostError,
+    },
+    #[error("opening the artifact root {root}")]
+    Root {
+        root: PathBuf,
         #[source]
         source: HostError,
     },
@@ -476,11 +495,13 @@ fn push_pem(out: &mut Vec<u8>, label: &str, der: &[u8]) -> Option<()> {
 // === impl ArtifactWriter ===
 
 /// `<root>/<pod-uid>/<container-id>/`, opened; the bind-mount source for the container.
+/// Every file written into it gets the directory's SELinux label, if it has one.
 #[derive(Debug, Clone)]
 pub struct ArtifactDir {
     handle: DirHandle,
     pod_uid: String,
     container_id: String,
+    label: Option<Arc<str>>,
 }
 
 impl ArtifactDir {
@@ -500,14 +521,28 @@ impl ArtifactDir {
     pub fn container_id(&self) -> &str {
         &self.container_id
     }
+
+    /// The SELinux context of the directory and its files, if any.
+    pub fn label(&self) -> Option<&str> {
+        self.label.as_deref()
+    }
 }
 
-/// Creates per-container directories under one root and writes identity files into them.
+/// What the runtime still has, for [`ArtifactWriter::sweep`].
+#[derive(Debug, Clone, Default)]
+pub struct LiveContainers {
+    /// Directory names (pod UIDs or sandbox IDs) of the pods that exist.
+    pub pods: HashSet<String>,
+    /// `(pod directory, container ID)` of the containers that exist.
+    pub containers: HashSet<(String, String)>,
+}
+
+/// Owns the per-container directories under one root from creation to removal: creates and
+/// labels them, writes identity files into them, empties them in place and removes them.
 #[derive(Debug, Clone)]
 pub struct ArtifactWriter {
     host: Arc<dyn HostOps>,
     root: PathBuf,
-    selinux_label: Option<String>,
 }
 
 impl ArtifactWriter {
@@ -516,16 +551,7 @@ impl ArtifactWriter {
         Self {
             host,
             root: root.into(),
-            selinux_label: None,
         }
-    }
-
-    /// Labels every container directory and every file with this SELinux context (e.g.
-    /// `system_u:object_r:container_file_t:s0`). Runtimes never relabel NRI-added mounts, so
-    /// on SELinux hosts the files must carry a label containers may read.
-    pub fn with_selinux_label(mut self, label: impl Into<String>) -> Self {
-        self.selinux_label = Some(label.into());
-        self
     }
 
     pub fn root(&self) -> &Path {
@@ -537,11 +563,15 @@ impl ArtifactWriter {
     }
 
     /// Opens `<root>/<pod_uid>/<container_id>/`, creating it as needed (see
-    /// [`HostOps::create_container_dir`]), and labels it when a label is configured.
+    /// [`HostOps::create_container_dir`]), and labels it with `label` (an SELinux context;
+    /// runtimes never relabel NRI-added mounts, so on SELinux hosts the directory and files
+    /// must carry a label containers may read). The label is set again on every call, so a
+    /// directory re-created after a restart is never left unlabelled.
     pub fn create_dir(
         &self,
         pod_uid: &str,
         container_id: &str,
+        label: Option<&str>,
     ) -> Result<ArtifactDir, ArtifactError> {
         let handle = self
             .host
@@ -551,7 +581,7 @@ impl ArtifactWriter {
                 container_id: container_id.to_owned(),
                 source,
             })?;
-        if let Some(label) = &self.selinux_label {
+        if let Some(label) = label {
             self.host
                 .set_xattr(&handle, None, SELINUX_XATTR, label.as_bytes())
                 .map_err(|source| ArtifactError::LabelDir {
@@ -563,6 +593,7 @@ impl ArtifactWriter {
             handle,
             pod_uid: pod_uid.to_owned(),
             container_id: container_id.to_owned(),
+            label: label.map(Arc::from),
         })
     }
 
@@ -602,7 +633,7 @@ impl ArtifactWriter {
             let attrs = FileAttrs {
                 mode: file.mode,
                 owner,
-                selinux_label: self.selinux_label.as_deref(),
+                selinux_label: dir.label(),
             };
             match self.host.create_temp(handle, &file.contents, attrs) {
                 Ok(temp) => staged.push((temp, file)),
@@ -675,8 +706,12 @@ impl ArtifactWriter {
     }
 
     /// Removes `<root>/<pod_uid>/<container_id>/` (see [`HostOps::remove_container_dir`]),
-    /// e.g. after a restart, when no [`ArtifactDir`] is at hand. Missing is not an error.
+    /// e.g. after a restart, when no [`ArtifactDir`] is at hand. Missing is not an error;
+    /// names that are not single path components name nothing here and are ignored.
     pub fn remove_container(&self, pod_uid: &str, container_id: &str) -> Result<(), ArtifactError> {
+        if validate_component(pod_uid).is_err() || validate_component(container_id).is_err() {
+            return Ok(());
+        }
         self.host
             .remove_container_dir(&self.root, pod_uid, container_id)
             .map_err(|source| ArtifactError::Remove {
@@ -684,6 +719,78 @@ impl ArtifactWriter {
                 container_id: container_id.to_owned(),
                 source,
             })
+    }
+
+    /// Removes every file in `dir`, keeping the directory itself: it is the mount source of
+    /// a container that exists, and a VM guest's share pins its inode, so it is never
+    /// replaced.
+    pub fn empty(&self, dir: &ArtifactDir) -> Result<(), ArtifactError> {
+        let handle = &dir.handle;
+        for name in self.list(handle)? {
+            self.host
+                .unlink(handle, &name)
+                .map_err(|source| ArtifactError::Empty {
+                    dir: handle.path().to_path_buf(),
+                    name: name.clone(),
+                    source,
+                })?;
+        }
+        self.host
+            .fsync_dir(handle)
+            .map_err(|source| ArtifactError::Sync {
+                dir: handle.path().to_path_buf(),
+                source,
+            })
+    }
+
+    /// Removes `<root>/<pod_uid>/` with whatever is left in it. Missing is not an error;
+    /// an invalid name names nothing here and is ignored.
+    pub fn remove_pod(&self, pod_uid: &str) -> Result<(), ArtifactError> {
+        if validate_component(pod_uid).is_err() {
+            return Ok(());
+        }
+        let remove_pod = |source| ArtifactError::RemovePod {
+            pod_uid: pod_uid.to_owned(),
+            source,
+        };
+        let root = self.host.open_root(&self.root).map_err(remove_pod)?;
+        self.host.remove_all(&root, pod_uid).map_err(remove_pod)
+    }
+
+    /// Removes the directories of pods and containers that are not `live`, after the daemon
+    /// (re)connected to the runtime. Returns what was removed: `(pod, None)` for a whole
+    /// pod, `(pod, Some(container))` for one container. Best effort per directory.
+    pub fn sweep(
+        &self,
+        live: &LiveContainers,
+    ) -> Result<Vec<(String, Option<String>)>, ArtifactError> {
+        let root = self
+            .host
+            .open_root(&self.root)
+            .map_err(|source| ArtifactError::Root {
+                root: self.root.clone(),
+                source,
+            })?;
+        let mut removed = Vec::new();
+        for pod in self.list(&root)? {
+            if !live.pods.contains(&pod) {
+                if self.host.remove_all(&root, &pod).is_ok() {
+                    removed.push((pod, None));
+                }
+                continue;
+            }
+            let Ok(Some(pod_dir)) = self.host.open_dir(&root, &pod) else {
+                continue;
+            };
+            for id in self.list(&pod_dir)? {
+                if !live.containers.contains(&(pod.clone(), id.clone()))
+                    && self.host.remove_all(&pod_dir, &id).is_ok()
+                {
+                    removed.push((pod.clone(), Some(id)));
+                }
+            }
+        }
+        Ok(removed)
     }
 
     fn list(&self, handle: &DirHandle) -> Result<Vec<String>, ArtifactError> {

@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
-use nri_identity_backends::{NamingMode, RuntimeKind};
+pub use nri_identity_backends::Attestation;
+use nri_identity_backends::{RuntimeKind, SandboxClasses};
 use serde::{Deserialize, Serialize};
 
 use crate::k8s::{ClientAuth, Endpoint, KubeletUrl, Scheme, TlsSettings};
+pub use crate::selinux::SelinuxLabel;
 
 /// Prefix of the environment variables that override the file, e.g.
 /// `NRI_IDENTITY_AGENT_SOCKET=/run/spire/admin.sock`.
@@ -28,48 +30,14 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Attestation {
-    Pid,
-    Selectors,
-}
-
-impl From<Attestation> for NamingMode {
-    fn from(a: Attestation) -> Self {
-        match a {
-            Attestation::Pid => NamingMode::Pid,
-            Attestation::Selectors => NamingMode::Selectors,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Runtime {
-    Containerd,
-    #[serde(rename = "cri-o")]
-    CriO,
-    Kata,
-}
-
-impl From<Runtime> for RuntimeKind {
-    fn from(r: Runtime) -> Self {
-        match r {
-            Runtime::Containerd => RuntimeKind::Containerd,
-            Runtime::CriO => RuntimeKind::CriO,
-            Runtime::Kata => RuntimeKind::Kata,
-        }
-    }
-}
-
 /// Everything the daemon can be told. Field names are the file keys (TOML) and, upper-cased
 /// with [`ENV_PREFIX`], the environment variables.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// The container runtime whose NRI socket we serve.
-    pub runtime: Runtime,
+    /// The container runtime whose NRI socket we serve: `containerd` or `cri-o`. Unset: the
+    /// one that connects (it names itself at NRI Configure); set: any other is refused.
+    pub runtime: Option<RuntimeKind>,
     /// The runtime's NRI socket. A runtime that launched us hands over a socket instead.
     pub nri_socket: PathBuf,
     /// NRI plugin name and two-digit index.
@@ -114,12 +82,20 @@ pub struct Config {
     pub http_address: Option<SocketAddr>,
     /// How long SIGTERM waits for in-flight work before exiting.
     pub drain_timeout_ms: u64,
+    /// The SELinux label of the identity files: `auto`, `off`, `shared` or `private`.
+    pub selinux_label: SelinuxLabel,
+    /// Runtime handlers whose pods run in a VM with a shared file system (Kata Containers
+    /// with virtio-fs); a trailing `*` matches a prefix.
+    pub vm_runtime_handlers: Vec<String>,
+    /// Runtime handlers whose pods run in a VM without a shared file system (files copied in
+    /// once at creation); they win over `vm_runtime_handlers`.
+    pub copy_once_runtime_handlers: Vec<String>,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
-            runtime: Runtime::Containerd,
+            runtime: None,
             nri_socket: PathBuf::from(nri_plugin::DEFAULT_SOCKET_PATH),
             plugin_name: "identity-injector".into(),
             plugin_index: "10".into(),
@@ -139,6 +115,20 @@ impl Default for Config {
             log_level: "info".into(),
             http_address: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
             drain_timeout_ms: 5000,
+            selinux_label: SelinuxLabel::Auto,
+            vm_runtime_handlers: vec!["kata*".into()],
+            // Kata's handlers whose default configuration shares no file system with the
+            // guest: Firecracker and the confidential-computing guests.
+            copy_once_runtime_handlers: [
+                "kata-fc*",
+                "kata-qemu-tdx*",
+                "kata-qemu-snp*",
+                "kata-qemu-se*",
+                "kata-qemu-coco-dev*",
+                "kata-remote*",
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 }
@@ -274,19 +264,33 @@ impl Config {
                 format!("{name:?} is neither a DNS name nor an IP address"),
             ));
         }
-        if matches!(self.runtime, Runtime::CriO | Runtime::Kata) {
+        SandboxClasses::new(&self.vm_runtime_handlers, &[] as &[String])
+            .map_err(|e| invalid("vm_runtime_handlers", e))?;
+        SandboxClasses::new(&[] as &[String], &self.copy_once_runtime_handlers)
+            .map_err(|e| invalid("copy_once_runtime_handlers", e))?;
+        if self.selinux_label == SelinuxLabel::Private {
             return Err(invalid(
-                "runtime",
-                "only containerd is supported in this version",
+                "selinux_label",
+                "private labels are not available in this version; use shared",
             ));
         }
         Ok(())
     }
 
-    /// The naming mode for pods that do not choose one.
-    pub fn default_attestation(&self) -> Option<Attestation> {
-        self.attestation
-            .or(self.kubelet_url.as_ref().map(|_| Attestation::Selectors))
+    /// The naming mode for pods that do not choose one: the configured one, else selectors
+    /// where the kubelet is known (Kubernetes), else PID.
+    pub fn default_attestation(&self) -> Attestation {
+        self.attestation.unwrap_or(if self.kubelet_url.is_some() {
+            Attestation::Selectors
+        } else {
+            Attestation::Pid
+        })
+    }
+
+    /// Which runtime handlers run pods in VMs (validated by [`Config::validate`]).
+    pub fn sandbox_classes(&self) -> SandboxClasses {
+        SandboxClasses::new(&self.vm_runtime_handlers, &self.copy_once_runtime_handlers)
+            .unwrap_or_default()
     }
 
     /// Where and how to reach the kubelet, if configured.
@@ -387,6 +391,7 @@ pub struct Overrides {
 
 const STRING_FIELDS: &[&str] = &[
     "runtime",
+    "selinux_label",
     "nri_socket",
     "plugin_name",
     "plugin_index",
@@ -531,13 +536,13 @@ mod tests {
             kubelet_url: Some("http://127.0.0.1:10255".parse().unwrap()),
             ..Config::default()
         };
-        assert_eq!(c.default_attestation(), Some(Attestation::Selectors));
+        assert_eq!(c.default_attestation(), Attestation::Selectors);
         let c = Config {
             attestation: Some(Attestation::Pid),
             ..c
         };
-        assert_eq!(c.default_attestation(), Some(Attestation::Pid));
-        assert_eq!(Config::default().default_attestation(), None);
+        assert_eq!(c.default_attestation(), Attestation::Pid);
+        assert_eq!(Config::default().default_attestation(), Attestation::Pid);
     }
 
     #[test]

@@ -4,22 +4,23 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use nri_identity_backends::{AnyBackend, NamingMode, RuntimeKind};
 use nri_plugin::{ConnectionState, Options, Runner};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::engine::{Engine, EngineConfig};
+use crate::config::SelinuxLabel;
+use crate::engine::{Engine, EngineConfig, RuntimeError};
 use crate::host::RealHost;
 use crate::metrics::Metrics;
 use crate::nri::IdentityPlugin;
+use crate::selinux::{SELINUXFS, SHARED_CONTAINER_FILE_LABEL};
 use crate::spire::{ApiConfig, DelegatedIdentityApi};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("runtime {0} has no backend in this build")]
-    NoBackend(RuntimeKind),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
     #[error("cannot listen on {addr} for health and metrics: {source}")]
     Http {
         addr: std::net::SocketAddr,
@@ -33,12 +34,23 @@ pub enum DaemonError {
 /// Runs until SIGTERM/SIGINT (or `shutdown` is cancelled).
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
     warn_unless_tmpfs(&config.artifact_root);
-    let kind = RuntimeKind::from(config.runtime);
-    let backend = AnyBackend::for_kind(kind).ok_or(DaemonError::NoBackend(kind))?;
     let metrics = Arc::new(Metrics::default());
     let mut engine_cfg = EngineConfig::new(&config.artifact_root, config.annotation_policy());
+    engine_cfg.runtime = config.runtime;
+    engine_cfg.sandboxes = config.sandbox_classes();
     engine_cfg.first_svid_timeout = config.first_svid_timeout();
-    engine_cfg.default_mode = config.default_attestation().map(NamingMode::from);
+    engine_cfg.default_attestation = config.default_attestation();
+    engine_cfg.selinux_label = match config
+        .selinux_label
+        .resolve(std::path::Path::new(SELINUXFS))
+    {
+        SelinuxLabel::Shared => Some(SHARED_CONTAINER_FILE_LABEL.to_owned()),
+        _ => None,
+    };
+    info!(
+        selinux_label = engine_cfg.selinux_label.as_deref().unwrap_or("none"),
+        "identity file label"
+    );
     engine_cfg.kubelet = config
         .kubelet_endpoint()
         .map(|e| Arc::new(crate::k8s::KubeletPods::new(e)));
@@ -46,14 +58,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         engine_cfg,
         DelegatedIdentityApi::new(ApiConfig::default()),
         Arc::new(RealHost::new()),
-        backend,
         metrics.clone(),
     );
 
     let mut options =
         Options::new(&config.plugin_name, &config.plugin_index).socket_path(&config.nri_socket);
     options = options.from_env()?;
-    let runner = Runner::new(Arc::new(IdentityPlugin::new(engine.clone())), options)?;
+    let plugin =
+        Arc::new(IdentityPlugin::new(engine.clone()).stop_on_wrong_runtime(shutdown.clone()));
+    let runner = Runner::new(plugin.clone(), options)?;
 
     if let Some(addr) = config.http_address {
         let listener = crate::http::bind(addr)
@@ -144,6 +157,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             timeout_ms = config.drain_timeout_ms,
             "drain timed out; exiting anyway"
         );
+    }
+    if let Some(e) = plugin.wrong_runtime() {
+        return Err(e.into());
     }
     // Files stay in place: containers keep their identity across a daemon restart, and the
     // next instance resumes rotation from the runtime's Synchronize.

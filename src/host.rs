@@ -27,6 +27,7 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(any(test, feature = "testing"))]
 mod fake;
 mod real;
 #[cfg(test)]
@@ -40,8 +41,10 @@ use std::sync::Arc;
 
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
+#[cfg(any(test, feature = "testing"))]
 use tokio::sync::watch;
 
+#[cfg(any(test, feature = "testing"))]
 pub use fake::{FakeNode, FakeProcess, RecordingHost, SplitHost};
 pub use real::RealHost;
 
@@ -120,6 +123,7 @@ impl DirHandle {
         }
     }
 
+    #[cfg(any(test, feature = "testing"))]
     fn fake(path: PathBuf) -> Self {
         Self { path, fd: None }
     }
@@ -480,6 +484,7 @@ pub struct Pidfd {
 enum PidfdInner {
     Real(OwnedFd),
     /// `true` once the fake process has exited.
+    #[cfg(any(test, feature = "testing"))]
     Fake(watch::Receiver<bool>),
 }
 
@@ -493,6 +498,7 @@ impl Pidfd {
     pub fn fd(&self) -> Option<BorrowedFd<'_>> {
         match &self.inner {
             PidfdInner::Real(fd) => Some(fd.as_fd()),
+            #[cfg(any(test, feature = "testing"))]
             PidfdInner::Fake(_) => None,
         }
     }
@@ -502,6 +508,7 @@ impl Pidfd {
     pub fn is_alive(&self) -> Result<bool, HostError> {
         match &self.inner {
             PidfdInner::Real(fd) => real::pidfd_is_alive(fd, self.pid),
+            #[cfg(any(test, feature = "testing"))]
             PidfdInner::Fake(rx) => Ok(!*rx.borrow()),
         }
     }
@@ -534,6 +541,7 @@ impl Pidfd {
                     })?;
                 Ok(())
             }
+            #[cfg(any(test, feature = "testing"))]
             PidfdInner::Fake(rx) => {
                 let mut rx = rx.clone();
                 // The sender lives in the RecordingHost; if that is gone, nobody can make the

@@ -13,4 +13,5 @@ pub mod http;
 pub mod k8s;
 pub mod metrics;
 pub mod nri;
+pub mod selinux;
 pub mod spire;

@@ -151,6 +151,17 @@ fn main() -> ExitCode {
             }
             match run(config) {
                 Ok(()) => ExitCode::SUCCESS,
+                // The runtime that connected is not the configured one: a configuration
+                // problem, not a crash to restart from.
+                Err(e)
+                    if matches!(
+                        e.downcast_ref::<nri_identity_injector::daemon::DaemonError>(),
+                        Some(nri_identity_injector::daemon::DaemonError::Runtime(_))
+                    ) =>
+                {
+                    eprintln!("nri-identity-injector: {e:#}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
                 Err(e) => {
                     eprintln!("nri-identity-injector: {e:#}");
                     ExitCode::FAILURE

@@ -3,23 +3,48 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 use nri_identity_backends::{ContainerInfo, PodInfo};
 use nri_plugin::api::{Container, ContainerAdjustment, ContainerUpdate, Mount, PodSandbox};
 use nri_plugin::{Code, Context, CreateReply, Plugin, RuntimeInfo, Status};
-use tracing::{debug, info, warn};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
 
-use crate::engine::{ContainerError, Engine, EngineError};
+use crate::engine::{ContainerError, Engine, EngineError, RuntimeError};
+use crate::k8s::NamingError;
 use crate::spire::IdentitySource;
 
 /// The daemon as an NRI plugin.
 pub struct IdentityPlugin<S> {
     engine: Engine<S>,
+    /// Cancelled when a runtime the daemon must not serve connects.
+    stop: Option<CancellationToken>,
+    wrong_runtime: Mutex<Option<RuntimeError>>,
 }
 
 impl<S> IdentityPlugin<S> {
     pub fn new(engine: Engine<S>) -> Self {
-        IdentityPlugin { engine }
+        IdentityPlugin {
+            engine,
+            stop: None,
+            wrong_runtime: Mutex::new(None),
+        }
+    }
+
+    /// Cancels `stop` when the runtime that connects cannot be served, instead of
+    /// reconnecting to it forever.
+    pub fn stop_on_wrong_runtime(mut self, stop: CancellationToken) -> Self {
+        self.stop = Some(stop);
+        self
+    }
+
+    /// Why the daemon refused the runtime that connected, if it did.
+    pub fn wrong_runtime(&self) -> Option<RuntimeError> {
+        self.wrong_runtime
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -74,9 +99,10 @@ pub fn status(e: &ContainerError) -> Status {
         | EngineError::ProcessMoved { .. }
         | EngineError::MissingTrustDomain { .. }
         | EngineError::NoKubelet
-        | EngineError::Selectors(_)
-        | EngineError::EphemeralContainer => Code::FailedPrecondition,
-        EngineError::Kubelet(_) => Code::Unavailable,
+        | EngineError::Naming(NamingError::Selectors(_) | NamingError::EphemeralContainer) => {
+            Code::FailedPrecondition
+        }
+        EngineError::Naming(NamingError::Kubelet(_)) => Code::Unavailable,
         EngineError::Host(_) | EngineError::Artifacts(_) => Code::Internal,
     };
     // The whole cause chain: "cannot create the directory" alone does not say "too many open
@@ -98,9 +124,25 @@ pub fn status(e: &ContainerError) -> Status {
 #[nri_plugin::plugin]
 impl<S: IdentitySource> Plugin for IdentityPlugin<S> {
     async fn configure(&self, _ctx: &Context, runtime: &RuntimeInfo) -> Result<(), Status> {
-        info!(runtime = %runtime.name, version = %runtime.version, nri_version = %runtime.nri_version,
-            request_timeout_ms = runtime.request_timeout.as_millis() as u64, "connected to the runtime");
-        Ok(())
+        match self.engine.runtime_connected(&runtime.name) {
+            Ok(kind) => {
+                info!(runtime = %runtime.name, backend = %kind, version = %runtime.version, nri_version = %runtime.nri_version,
+                    request_timeout_ms = runtime.request_timeout.as_millis() as u64, "connected to the runtime");
+                Ok(())
+            }
+            Err(e) => {
+                error!(error = %e, "refusing the runtime");
+                let status = Status::new(
+                    Code::FailedPrecondition,
+                    format!("nri-identity-injector: {e}"),
+                );
+                *self.wrong_runtime.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                if let Some(stop) = &self.stop {
+                    stop.cancel();
+                }
+                Err(status)
+            }
+        }
     }
 
     async fn synchronize(

@@ -270,7 +270,7 @@ fn the_configmap_configuration_loads_with_the_daemonsets_environment_in_selector
         json["kubelet_url"], "https://10.0.0.5:10250",
         "the kubelet is the node's own, on its secure port"
     );
-    assert_eq!(config.default_attestation(), Some(Attestation::Selectors));
+    assert_eq!(config.default_attestation(), Attestation::Selectors);
     assert_eq!(
         config.plugin_name, "identity-injector",
         "the name required-plugins annotations use"

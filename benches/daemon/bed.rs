@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nri_identity_backends::{AnyBackend, RuntimeKind};
 use nri_identity_injector::annotation::Policy;
 use nri_identity_injector::engine::{Engine, EngineConfig};
 use nri_identity_injector::metrics::Metrics;
@@ -71,7 +70,6 @@ impl Bed {
             cfg,
             DelegatedIdentityApi::new(ApiConfig::default()),
             host.clone(),
-            AnyBackend::for_kind(RuntimeKind::Containerd).unwrap(),
             metrics.clone(),
         );
         let options = Options::new("identity", "10").socket_path(&nri_path);

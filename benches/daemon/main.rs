@@ -7,7 +7,7 @@
 //!
 //! ```sh
 //! make bench-daemon
-//! cargo bench -p nri-identity-injector --features fake-agent --bench daemon [-- create|start|memory]
+//! cargo bench -p nri-identity-injector --features testing --bench daemon [-- create|start|memory]
 //! ```
 //!
 //! Knobs: `NII_BENCH_CREATE_N` (5000), `NII_BENCH_START_M` (300), `NII_BENCH_MEMORY_N` (500),
@@ -23,8 +23,7 @@ use std::process::ExitCode;
 
 use bed::{Summary, loadavg};
 
-const COMMAND: &str =
-    "cargo bench -p nri-identity-injector --features fake-agent --bench daemon --";
+const COMMAND: &str = "cargo bench -p nri-identity-injector --features testing --bench daemon --";
 
 fn knob(name: &str, default: usize) -> usize {
     std::env::var(name)

@@ -603,6 +603,7 @@ fn design_proposal_example() {
             spiffe_id: None,
             on_failure: OnFailure::Fail,
             federated_bundles: FederatedBundles::Separate,
+            copy_once: false,
             attestation: None,
         }
     );

@@ -279,7 +279,7 @@ fn key_buffers_are_exact_and_wiped() {
 #[test]
 fn write_order_modes_and_owner() {
     let (host, writer) = fake_writer();
-    let dir = writer.create_dir(POD, CTR).unwrap();
+    let dir = writer.create_dir(POD, CTR, None).unwrap();
     assert_eq!(dir.path(), ctr_path());
     assert_eq!((dir.pod_uid(), dir.container_id()), (POD, CTR));
     host.take_ops();
@@ -342,7 +342,7 @@ fn write_order_modes_and_owner() {
 #[test]
 fn no_owner_leaves_files_to_the_daemon() {
     let (host, writer) = fake_writer();
-    let dir = writer.create_dir(POD, CTR).unwrap();
+    let dir = writer.create_dir(POD, CTR, None).unwrap();
     writer
         .deliver(&dir, &spiffe_helper(), &material(&[]), None)
         .unwrap();
@@ -356,7 +356,7 @@ fn no_owner_leaves_files_to_the_daemon() {
 #[test]
 fn stale_federated_bundles_are_removed_in_separate_mode_only() {
     let (host, writer) = fake_writer();
-    let dir = writer.create_dir(POD, CTR).unwrap();
+    let dir = writer.create_dir(POD, CTR, None).unwrap();
     let req = spiffe_helper();
     writer
         .deliver(&dir, &req, &material(&["other.org", "third.example"]), None)
@@ -397,7 +397,7 @@ fn stale_federated_bundles_are_removed_in_separate_mode_only() {
 
     // Append mode never deletes `*.x509.pem`: such names are the pod's own there.
     let (host, writer) = fake_writer();
-    let dir = writer.create_dir(POD, CTR).unwrap();
+    let dir = writer.create_dir(POD, CTR, None).unwrap();
     host.plant_file(ctr_path().join("mine.x509.pem"), b"x", 0o644, 0);
     let append = request("cert_dir: /x\nfederated_bundles: append\n");
     writer
@@ -409,7 +409,7 @@ fn stale_federated_bundles_are_removed_in_separate_mode_only() {
 #[test]
 fn leftover_temp_files_are_swept() {
     let (host, writer) = fake_writer();
-    let dir = writer.create_dir(POD, CTR).unwrap();
+    let dir = writer.create_dir(POD, CTR, None).unwrap();
     host.plant_file(ctr_path().join(".tmp-crashed"), b"half", 0o600, 0);
     writer
         .deliver(&dir, &spiffe_helper(), &material(&[]), None)
@@ -452,7 +452,7 @@ fn failure_while_staging_keeps_every_previous_file() {
     ];
     for (what, matcher) in cases {
         let (host, writer) = fake_writer();
-        let dir = writer.create_dir(POD, CTR).unwrap();
+        let dir = writer.create_dir(POD, CTR, None).unwrap();
         let req = spiffe_helper();
         let owner = Some(Owner { uid: 7, gid: 7 });
         writer
@@ -487,7 +487,7 @@ fn failure_while_staging_keeps_every_previous_file() {
 #[test]
 fn failure_while_committing_reports_progress_and_the_next_write_repairs() {
     let (host, writer) = fake_writer();
-    let dir = writer.create_dir(POD, CTR).unwrap();
+    let dir = writer.create_dir(POD, CTR, None).unwrap();
     let req = spiffe_helper();
     let old = material(&[]);
     writer.deliver(&dir, &req, &old, None).unwrap();
@@ -528,8 +528,8 @@ fn failure_while_committing_reports_progress_and_the_next_write_repairs() {
 #[test]
 fn selinux_label_goes_on_the_dir_and_on_each_temp_file_before_the_rename() {
     let host = Arc::new(RecordingHost::new());
-    let writer = ArtifactWriter::new(host.clone(), ROOT).with_selinux_label(LABEL);
-    let dir = writer.create_dir(POD, CTR).unwrap();
+    let writer = ArtifactWriter::new(host.clone(), ROOT);
+    let dir = writer.create_dir(POD, CTR, Some(LABEL)).unwrap();
     assert_eq!(
         host.node(ctr_path()).unwrap().xattr(SELINUX_XATTR),
         Some(LABEL.as_bytes())
@@ -559,9 +559,73 @@ fn selinux_label_goes_on_the_dir_and_on_each_temp_file_before_the_rename() {
 }
 
 #[test]
+fn a_directory_opened_again_is_labelled_again() {
+    let host = Arc::new(RecordingHost::new());
+    let writer = ArtifactWriter::new(host.clone(), ROOT);
+    writer.create_dir(POD, CTR, Some(LABEL)).unwrap();
+    host.take_ops();
+    let again = writer.create_dir(POD, CTR, Some(LABEL)).unwrap();
+    assert_eq!(again.label(), Some(LABEL));
+    assert!(host.take_ops().iter().any(
+        |op| matches!(op, Op::SetXattr { path, name, value } if path == &ctr_path() && name == SELINUX_XATTR && value == LABEL.as_bytes())
+    ));
+}
+
+#[test]
+fn emptying_keeps_the_directory_and_removes_every_file() {
+    let (host, writer) = fake_writer();
+    let dir = writer.create_dir(POD, CTR, None).unwrap();
+    writer
+        .deliver(&dir, &spiffe_helper(), &material(&[]), None)
+        .unwrap();
+    host.take_ops();
+    writer.empty(&dir).unwrap();
+    let ops = host.take_ops();
+    assert!(
+        !ops.iter().any(|op| matches!(
+            op,
+            Op::RemoveAll { .. } | Op::RemoveDir { .. } | Op::MkdirAt { .. }
+        )),
+        "the directory itself was touched: {ops:?}"
+    );
+    assert_eq!(
+        ops.iter()
+            .filter(|op| matches!(op, Op::Unlink { .. }))
+            .count(),
+        3
+    );
+    assert!(host.node(ctr_path()).is_some());
+    assert!(host.node(ctr_path().join("svid.pem")).is_none());
+}
+
+#[test]
+fn sweep_removes_only_what_the_runtime_no_longer_has() {
+    let (host, writer) = fake_writer();
+    for (pod, ctr) in [("p1", "c1"), ("p1", "c2"), ("p2", "c3")] {
+        writer.create_dir(pod, ctr, None).unwrap();
+    }
+    let live = LiveContainers {
+        pods: ["p1".to_owned()].into(),
+        containers: [("p1".to_owned(), "c1".to_owned())].into(),
+    };
+    let mut removed = writer.sweep(&live).unwrap();
+    removed.sort();
+    assert_eq!(
+        removed,
+        vec![
+            ("p1".to_owned(), Some("c2".to_owned())),
+            ("p2".to_owned(), None)
+        ]
+    );
+    assert!(host.node(Path::new(ROOT).join("p1/c1")).is_some());
+    assert!(host.node(Path::new(ROOT).join("p1/c2")).is_none());
+    assert!(host.node(Path::new(ROOT).join("p2")).is_none());
+}
+
+#[test]
 fn remove_takes_the_container_dir_and_the_empty_pod_dir() {
     let (host, writer) = fake_writer();
-    let dir = writer.create_dir(POD, CTR).unwrap();
+    let dir = writer.create_dir(POD, CTR, None).unwrap();
     writer
         .deliver(&dir, &spiffe_helper(), &material(&[]), None)
         .unwrap();
@@ -578,7 +642,7 @@ fn remove_takes_the_container_dir_and_the_empty_pod_dir() {
     );
     writer.remove_container(POD, CTR).unwrap();
     assert!(matches!(
-        writer.create_dir(POD, "a/b"),
+        writer.create_dir(POD, "a/b", None),
         Err(ArtifactError::CreateDir { .. })
     ));
 }
@@ -589,7 +653,7 @@ fn remove_takes_the_container_dir_and_the_empty_pod_dir() {
 fn real_files_land_with_modes_and_owner() {
     let tmp = TempRoot::new();
     let writer = ArtifactWriter::new(Arc::new(RealHost::new()), tmp.root());
-    let dir = writer.create_dir(POD, CTR).unwrap();
+    let dir = writer.create_dir(POD, CTR, None).unwrap();
     let owner = if is_root() {
         Some(Owner {
             uid: 1001,
@@ -658,7 +722,7 @@ fn real_symlinked_pod_dir_is_refused() {
     let elsewhere = tmp.base.join("elsewhere");
     std::fs::create_dir(&elsewhere).unwrap();
     symlink(&elsewhere, tmp.root().join(POD)).unwrap();
-    let err = writer.create_dir(POD, CTR).unwrap_err();
+    let err = writer.create_dir(POD, CTR, None).unwrap_err();
     assert!(
         matches!(
             &err,
@@ -676,7 +740,7 @@ fn real_symlinked_pod_dir_is_refused() {
 fn real_symlinked_file_name_is_replaced_not_followed() {
     let tmp = TempRoot::new();
     let writer = ArtifactWriter::new(Arc::new(RealHost::new()), tmp.root());
-    let dir = writer.create_dir(POD, CTR).unwrap();
+    let dir = writer.create_dir(POD, CTR, None).unwrap();
     let victim = tmp.base.join("victim");
     std::fs::write(&victim, b"victim").unwrap();
     symlink(&victim, dir.path().join("svid.pem")).unwrap();
@@ -695,7 +759,7 @@ fn real_symlinked_file_name_is_replaced_not_followed() {
 fn real_failed_commit_leaves_no_temp_files() {
     let tmp = TempRoot::new();
     let writer = ArtifactWriter::new(Arc::new(RealHost::new()), tmp.root());
-    let dir = writer.create_dir(POD, CTR).unwrap();
+    let dir = writer.create_dir(POD, CTR, None).unwrap();
     // A non-empty directory where the certificate goes makes its rename fail.
     std::fs::create_dir(dir.path().join("svid.pem")).unwrap();
     std::fs::write(dir.path().join("svid.pem/x"), b"x").unwrap();
@@ -718,7 +782,7 @@ fn real_failed_commit_leaves_no_temp_files() {
 fn real_rotations_leave_exactly_the_file_set() {
     let tmp = TempRoot::new();
     let writer = ArtifactWriter::new(Arc::new(RealHost::new()), tmp.root());
-    let dir = writer.create_dir(POD, CTR).unwrap();
+    let dir = writer.create_dir(POD, CTR, None).unwrap();
     let req = request("cert_dir: /x\nlayout: combined\n");
     let m = material(&[]);
     for _ in 0..50 {

@@ -1,334 +1,64 @@
-//! The one piece of pod metadata Kubernetes selectors need that CRI and NRI do not carry:
-//! the pod's service account (and owners), looked up by pod UID in the kubelet's pod list.
+//! Kubernetes naming (selectors mode): a container is named to the SPIRE agent by exactly the
+//! `k8s` selectors the agent's own k8s workload attestor would produce for it, built from what
+//! the runtime reports through NRI and what only the kubelet knows.
 //!
-//! The kubelet is asked on its secure port (TLS, authenticated by the daemon's
-//! service-account token or a client certificate) or its read-only port, as SPIRE's own
-//! k8s attestor does. Just enough HTTP/1.1 for that one GET is spoken here
-//! ([`transport`]) rather than pulling in an HTTP client stack.
+//! * [`attestor`]: the attestor's selector rules, pure.
+//! * [`kubelet`]: the kubelet's pod list (service account, owners, labels), cached.
+//! * [`derive_selectors`]: the two together for one container.
 
-mod transport;
+pub mod attestor;
+mod kubelet;
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
-use std::time::Duration;
-
-use nri_identity_backends::k8s::OwnerReference;
-use serde::Deserialize;
-use tokio::net::TcpStream;
+use nri_identity_backends::{ContainerInfo, PodInfo, RuntimeBackend};
 use tokio::time::Instant;
+use tracing::debug;
 
-pub use transport::{ClientAuth, CredentialError, Endpoint, KubeletUrl, Scheme, TlsSettings};
+pub use attestor::{K8sSelectorError, K8sWorkload, OwnerReference};
+pub use kubelet::{
+    ClientAuth, CredentialError, Endpoint, KubeletPods, KubeletUrl, LookupError, PodFacts, Scheme,
+    TlsSettings,
+};
 
-/// Largest pod list accepted (a node with hundreds of pods stays far below).
-const MAX_BODY: usize = 64 << 20;
+use crate::spire::Selector;
 
+/// Why a container cannot be named by selectors.
 #[derive(Debug, thiserror::Error)]
-pub enum LookupError {
-    #[error("cannot talk to the kubelet at {url}: {source}")]
-    Connect {
-        url: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(
-        "TLS with the kubelet at {url} failed (see kubelet_ca_path, kubelet_server_name): {source}"
-    )]
-    Tls {
-        url: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("kubelet credentials: {0}")]
-    Credentials(#[from] CredentialError),
-    #[error("the kubelet at {url} did not answer within {timeout:?}")]
-    Timeout { url: String, timeout: Duration },
-    #[error("the kubelet at {url} answered {status}{hint}")]
-    Status {
-        url: String,
-        status: String,
-        hint: &'static str,
-    },
-    #[error("unreadable pod list from the kubelet at {url}: {reason}")]
-    Malformed { url: String, reason: String },
-    #[error("pod {uid} is not in the kubelet's pod list")]
-    UnknownPod { uid: String },
+pub enum NamingError {
+    #[error(transparent)]
+    Kubelet(#[from] LookupError),
+    #[error("cannot name the workload by selectors: {0}")]
+    Selectors(#[from] K8sSelectorError),
+    #[error("ephemeral (debug) containers get no identity: SPIRE's k8s attestor never names them")]
+    EphemeralContainer,
 }
 
-#[derive(Debug, Deserialize)]
-struct PodList {
-    #[serde(default, deserialize_with = "nullable")]
-    items: Vec<Pod>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Pod {
-    metadata: Meta,
-    #[serde(default, deserialize_with = "nullable")]
-    spec: Spec,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Meta {
-    #[serde(default, deserialize_with = "nullable")]
-    uid: String,
-    #[serde(default, deserialize_with = "nullable")]
-    labels: BTreeMap<String, String>,
-    #[serde(default, deserialize_with = "nullable")]
-    owner_references: Vec<Owner>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Owner {
-    #[serde(default, deserialize_with = "nullable")]
-    kind: String,
-    #[serde(default, deserialize_with = "nullable")]
-    name: String,
-    #[serde(default, deserialize_with = "nullable")]
-    uid: String,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Spec {
-    #[serde(default, deserialize_with = "nullable")]
-    service_account_name: String,
-    #[serde(default, deserialize_with = "nullable")]
-    node_name: String,
-    #[serde(default, deserialize_with = "nullable")]
-    ephemeral_containers: Vec<Named>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Named {
-    #[serde(default, deserialize_with = "nullable")]
-    name: String,
-}
-
-/// Go's JSON encoder writes empty slices and maps as `null` (the kubelet's `"items":null`
-/// for a node without pods): read `null` as empty, like an absent field.
-fn nullable<'de, D, T>(d: D) -> Result<T, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Default + Deserialize<'de>,
-{
-    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
-}
-
-/// What the kubelet knows about a pod that selectors need and NRI does not carry.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct PodFacts {
-    /// Empty for static pods, which cannot name one.
-    pub service_account: String,
-    pub node_name: String,
-    /// The pod's own labels (NRI's sandbox labels also hold the runtime's and the pause
-    /// image's).
-    pub labels: BTreeMap<String, String>,
-    pub owners: Vec<OwnerReference>,
-    /// Debug containers: the attestor never gives them selectors, so neither do we.
-    pub ephemeral_containers: Vec<String>,
-}
-
-struct Cache {
-    pods: HashMap<String, PodFacts>,
-    fetched: Option<Instant>,
-}
-
-/// Service-account lookups against the kubelet, with a small cache refreshed on a miss.
-pub struct KubeletPods {
-    endpoint: Endpoint,
-    timeout: Duration,
-    /// A miss refreshes the list at most this often, so a pod the kubelet does not know
-    /// cannot make every event hit the kubelet.
-    min_refresh: Duration,
-    cache: Mutex<Cache>,
-    refresh: tokio::sync::Mutex<()>,
-}
-
-impl std::fmt::Debug for KubeletPods {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KubeletPods")
-            .field("url", &self.endpoint.url)
-            .finish()
+/// The `k8s` selectors SPIRE's k8s attestor would produce for container `c` of `pod`, from the
+/// runtime's metadata and the kubelet's pod list; `until` bounds the kubelet lookup.
+pub async fn derive_selectors(
+    kubelet: &KubeletPods,
+    runtime: &dyn RuntimeBackend,
+    pod: &PodInfo,
+    c: &ContainerInfo,
+    until: Instant,
+) -> Result<Vec<Selector>, NamingError> {
+    let asked = Instant::now();
+    let facts = tokio::time::timeout_at(until, kubelet.pod(&pod.uid))
+        .await
+        .map_err(|_| LookupError::Timeout {
+            url: kubelet.url().to_string(),
+            timeout: asked.elapsed(),
+        })??;
+    if facts.ephemeral_containers.contains(&c.name) {
+        return Err(NamingError::EphemeralContainer);
     }
+    let mut w = K8sWorkload::from_runtime(pod, c, runtime);
+    w.service_account = Some(facts.service_account);
+    w.node_name = Some(facts.node_name).filter(|n| !n.is_empty());
+    w.owner_references = Some(facts.owners);
+    // The kubelet's labels are the pod's own; NRI's also carry the runtime's and the pause
+    // image's.
+    w.pod_labels = facts.labels;
+    let derived = attestor::selectors(&w)?;
+    debug!(selectors = ?derived.selectors.iter().map(ToString::to_string).collect::<Vec<_>>(), "derived selectors");
+    Ok(derived.selectors)
 }
-
-impl KubeletPods {
-    pub fn new(endpoint: Endpoint) -> Self {
-        KubeletPods {
-            endpoint,
-            timeout: Duration::from_millis(500),
-            min_refresh: Duration::from_millis(200),
-            cache: Mutex::new(Cache {
-                pods: HashMap::new(),
-                fetched: None,
-            }),
-            refresh: tokio::sync::Mutex::new(()),
-        }
-    }
-
-    pub fn url(&self) -> &KubeletUrl {
-        &self.endpoint.url
-    }
-
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    fn cached(&self, uid: &str) -> Option<PodFacts> {
-        self.cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pods
-            .get(uid)
-            .cloned()
-    }
-
-    /// The facts of pod `uid`, from the cache or a fresh pod list.
-    pub async fn pod(&self, uid: &str) -> Result<PodFacts, LookupError> {
-        if let Some(f) = self.cached(uid) {
-            return Ok(f);
-        }
-        let _one_at_a_time = self.refresh.lock().await;
-        if let Some(f) = self.cached(uid) {
-            return Ok(f);
-        }
-        let last = self.cache.lock().unwrap_or_else(|p| p.into_inner()).fetched;
-        if let Some(last) = last {
-            tokio::time::sleep_until(last + self.min_refresh).await;
-        }
-        self.fetch_into_cache().await?;
-        self.cached(uid).ok_or_else(|| LookupError::UnknownPod {
-            uid: uid.to_owned(),
-        })
-    }
-
-    /// Lists the node's pods now, replacing the cache: the readiness probe, which also
-    /// drops pods that are gone.
-    pub async fn refresh(&self) -> Result<usize, LookupError> {
-        let _one_at_a_time = self.refresh.lock().await;
-        self.fetch_into_cache().await
-    }
-
-    async fn fetch_into_cache(&self) -> Result<usize, LookupError> {
-        let asked = Instant::now();
-        let pods = tokio::time::timeout(self.timeout, self.fetch())
-            .await
-            .map_err(|_| LookupError::Timeout {
-                url: self.endpoint.url.to_string(),
-                timeout: self.timeout,
-            })??;
-        let n = pods.len();
-        tracing::debug!(url = %self.endpoint.url, pods = n, elapsed_ms = asked.elapsed().as_secs_f64() * 1e3, "kubelet pod list fetched");
-        let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        c.pods = pods;
-        c.fetched = Some(Instant::now());
-        Ok(n)
-    }
-
-    /// Forgets a pod (on RemovePodSandbox).
-    pub fn forget(&self, uid: &str) {
-        self.cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pods
-            .remove(uid);
-    }
-
-    async fn fetch(&self) -> Result<HashMap<String, PodFacts>, LookupError> {
-        let url = &self.endpoint.url;
-        let authority = url.authority();
-        let connect = |source| LookupError::Connect {
-            url: url.to_string(),
-            source,
-        };
-        // Loaded before connecting: a credential problem is reported as such, not as a
-        // failed handshake.
-        let prepared = self
-            .endpoint
-            .tls
-            .as_ref()
-            .map(|t| t.prepare())
-            .transpose()?;
-        let tcp = TcpStream::connect((url.host.as_str(), url.port))
-            .await
-            .map_err(connect)?;
-        // The request follows the handshake's last flight at once: with Nagle it would wait
-        // for that flight's (delayed) acknowledgement.
-        tcp.set_nodelay(true).map_err(connect)?;
-        let response = match prepared {
-            None => transport::get(tcp, &authority, "/pods", None, MAX_BODY).await,
-            Some(p) => {
-                let tls = tokio_rustls::TlsConnector::from(p.config)
-                    .connect(p.server_name, tcp)
-                    .await
-                    .map_err(|source| LookupError::Tls {
-                        url: url.to_string(),
-                        source,
-                    })?;
-                let bearer = p.bearer.as_ref().map(|t| t.as_str());
-                transport::get(tls, &authority, "/pods", bearer, MAX_BODY).await
-            }
-        };
-        let malformed = |reason: String| LookupError::Malformed {
-            url: url.to_string(),
-            reason,
-        };
-        let response = response.map_err(|e| match e {
-            transport::HttpError::Io(source) => connect(source),
-            transport::HttpError::Malformed(reason) => malformed(reason.to_owned()),
-        })?;
-        match response.status() {
-            Some(200) => {}
-            status => {
-                let hint = match status {
-                    Some(401) => " (it did not accept the daemon's token or client certificate)",
-                    Some(403) => {
-                        " (the daemon's identity may not get nodes/proxy or nodes/pods on this node)"
-                    }
-                    _ => "",
-                };
-                return Err(LookupError::Status {
-                    url: url.to_string(),
-                    status: response.status_line,
-                    hint,
-                });
-            }
-        }
-        let list: PodList =
-            serde_json::from_slice(&response.body).map_err(|e| malformed(e.to_string()))?;
-        Ok(list
-            .items
-            .into_iter()
-            .filter(|p| !p.metadata.uid.is_empty())
-            .map(|p| {
-                let facts = PodFacts {
-                    service_account: p.spec.service_account_name,
-                    node_name: p.spec.node_name,
-                    labels: p.metadata.labels,
-                    owners: p
-                        .metadata
-                        .owner_references
-                        .into_iter()
-                        .map(|o| OwnerReference {
-                            kind: o.kind,
-                            name: o.name,
-                            uid: o.uid,
-                        })
-                        .collect(),
-                    ephemeral_containers: p
-                        .spec
-                        .ephemeral_containers
-                        .into_iter()
-                        .map(|c| c.name)
-                        .collect(),
-                };
-                (p.metadata.uid, facts)
-            })
-            .collect())
-    }
-}
-
-#[cfg(test)]
-mod tests;

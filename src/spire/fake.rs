@@ -1,5 +1,5 @@
 //! A scriptable stand-in for the SPIRE agent's Delegated Identity API, for tests and benchmarks
-//! (compiled under `cfg(test)` or the `fake-agent` feature).
+//! (compiled under `cfg(test)` or the `testing` feature).
 //!
 //! [`FakeAgent`] serves the generated gRPC server on a unix socket in a fresh temporary
 //! directory and reproduces the agent behaviour the engine depends on (notes §4-§6):

@@ -5,7 +5,7 @@
 //! [`BundleSet`], and [`SourceError`] with its retry classification. The production
 //! implementation is [`DelegatedIdentityApi`], a thin gRPC client of the agent's Delegated
 //! Identity API on its admin socket. A scriptable stand-in for the agent lives in `fake`
-//! (compiled for tests and with the `fake-agent` feature).
+//! (compiled for tests and with the `testing` feature).
 //!
 //! Division of labour: this module talks to the agent, decodes and validates what it says, and
 //! classifies failures. Retries, backoff, timeouts around the first message, deduplication of
@@ -23,7 +23,7 @@ use zeroize::Zeroizing;
 
 mod client;
 mod der;
-#[cfg(any(test, feature = "fake-agent"))]
+#[cfg(any(test, feature = "testing"))]
 pub mod fake;
 #[cfg(test)]
 mod tests;

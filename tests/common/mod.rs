@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nri_identity_backends::{AnyBackend, RuntimeKind};
 use nri_identity_injector::annotation::Policy;
 use nri_identity_injector::engine::{Engine, EngineConfig};
 use nri_identity_injector::host::Owner;
@@ -30,11 +29,15 @@ pub const TD: &str = "example.org";
 
 pub struct Daemon {
     pub engine: Engine<DelegatedIdentityApi>,
+    pub plugin: Arc<IdentityPlugin<DelegatedIdentityApi>>,
     pub metrics: Arc<Metrics>,
     pub state: watch::Receiver<ConnectionState>,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<Result<(), nri_plugin::Error>>,
 }
+
+/// Adjusts the daemon's engine settings before it starts.
+pub type Tweak = Arc<dyn Fn(&mut EngineConfig) + Send + Sync>;
 
 pub struct Bed {
     pub agent: FakeAgent,
@@ -46,6 +49,7 @@ pub struct Bed {
     pub daemon: Daemon,
     pub first_svid_timeout: Duration,
     pub kubelet: Option<std::net::SocketAddr>,
+    pub tweak: Tweak,
 }
 
 pub fn unique_dir(tag: &str) -> PathBuf {
@@ -129,14 +133,44 @@ impl Bed {
 
     /// A bed whose daemon runs in selectors mode against `kubelet`.
     pub async fn with_kubelet(kubelet: &FakeKubelet) -> Bed {
-        Bed::build(Duration::from_millis(800), Some(kubelet.addr)).await
+        Bed::build(
+            Duration::from_millis(800),
+            Some(kubelet.addr),
+            Arc::new(|_| {}),
+        )
+        .await
     }
 
     pub async fn with_timeout(first_svid_timeout: Duration) -> Bed {
-        Bed::build(first_svid_timeout, None).await
+        Bed::build(first_svid_timeout, None, Arc::new(|_| {})).await
     }
 
-    async fn build(first_svid_timeout: Duration, kubelet: Option<std::net::SocketAddr>) -> Bed {
+    /// A bed whose daemon's settings are adjusted by `tweak` (and which uses `kubelet` when
+    /// given), connected and synchronized.
+    pub async fn with(kubelet: Option<&FakeKubelet>, tweak: Tweak) -> Bed {
+        Bed::build(Duration::from_millis(800), kubelet.map(|k| k.addr), tweak).await
+    }
+
+    /// Like [`Bed::with`], but the runtime connection is only accepted, not configured, and
+    /// calls itself `runtime_name`.
+    pub async fn unconfigured(runtime_name: &str, tweak: Tweak) -> Bed {
+        Bed::assemble(Duration::from_millis(800), None, tweak, Some(runtime_name)).await
+    }
+
+    async fn build(
+        first_svid_timeout: Duration,
+        kubelet: Option<std::net::SocketAddr>,
+        tweak: Tweak,
+    ) -> Bed {
+        Bed::assemble(first_svid_timeout, kubelet, tweak, None).await
+    }
+
+    async fn assemble(
+        first_svid_timeout: Duration,
+        kubelet: Option<std::net::SocketAddr>,
+        tweak: Tweak,
+        unconfigured_as: Option<&str>,
+    ) -> Bed {
         let agent = FakeAgent::start().await.unwrap();
         let ca = TestCa::new(TD).unwrap();
         agent.set_bundle(&ca.trust_domain_id(), &[ca.cert_der().to_vec()]);
@@ -151,9 +185,23 @@ impl Bed {
             &nri_path,
             first_svid_timeout,
             kubelet,
+            &tweak,
         );
-        let conn = runtime.accept(RuntimeSettings::default()).await;
-        conn.handshake().await;
+        let conn = match unconfigured_as {
+            None => {
+                let conn = runtime.accept(RuntimeSettings::default()).await;
+                conn.handshake().await;
+                conn
+            }
+            Some(name) => {
+                runtime
+                    .accept(RuntimeSettings {
+                        name: name.into(),
+                        ..Default::default()
+                    })
+                    .await
+            }
+        };
         Bed {
             agent,
             ca,
@@ -164,6 +212,7 @@ impl Bed {
             daemon,
             first_svid_timeout,
             kubelet,
+            tweak,
         }
     }
 
@@ -183,6 +232,7 @@ impl Bed {
             &self.runtime.path,
             self.first_svid_timeout,
             self.kubelet,
+            &self.tweak,
         );
         self.conn = self.runtime.accept(RuntimeSettings::default()).await;
         self.conn.configure().await;
@@ -301,6 +351,7 @@ fn spawn_daemon(
     nri_path: &Path,
     first_svid_timeout: Duration,
     kubelet: Option<std::net::SocketAddr>,
+    tweak: &Tweak,
 ) -> Daemon {
     let metrics = Arc::new(Metrics::default());
     let mut cfg = EngineConfig::new(root, Policy::new(agent.path()));
@@ -309,17 +360,16 @@ fn spawn_daemon(
         cfg.kubelet = Some(Arc::new(nri_identity_injector::k8s::KubeletPods::new(
             nri_identity_injector::k8s::Endpoint::read_only(url),
         )));
-        cfg.default_mode = Some(nri_identity_backends::NamingMode::Selectors);
+        cfg.default_attestation = nri_identity_backends::Attestation::Selectors;
     }
     cfg.first_svid_timeout = first_svid_timeout;
     cfg.retry_initial = Duration::from_millis(20);
     cfg.retry_max = Duration::from_millis(200);
-    let backend = AnyBackend::for_kind(RuntimeKind::Containerd).unwrap();
+    tweak(&mut cfg);
     let engine = Engine::new(
         cfg,
         DelegatedIdentityApi::new(ApiConfig::default()),
         host,
-        backend,
         metrics.clone(),
     );
     let mut options = Options::new("identity", "10").socket_path(nri_path);
@@ -327,12 +377,15 @@ fn spawn_daemon(
         initial: Duration::from_millis(10),
         max: Duration::from_millis(100),
     };
-    let runner = Runner::new(Arc::new(IdentityPlugin::new(engine.clone())), options).unwrap();
-    let state = runner.state();
     let shutdown = CancellationToken::new();
+    let plugin =
+        Arc::new(IdentityPlugin::new(engine.clone()).stop_on_wrong_runtime(shutdown.clone()));
+    let runner = Runner::new(plugin.clone(), options).unwrap();
+    let state = runner.state();
     let task = tokio::spawn(runner.run(shutdown.clone()));
     Daemon {
         engine,
+        plugin,
         metrics,
         state,
         shutdown,

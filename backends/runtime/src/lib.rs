@@ -1,25 +1,30 @@
-//! Runtime backends: what differs between containerd, CRI-O and VM-isolated (Kata) pods.
+//! Runtime and sandbox policy: what differs between containerd and CRI-O, and between pods
+//! whose containers are host processes and pods that run in a VM (Kata Containers).
 //!
-//! A backend is policy, not side effects: it says how the per-container directory is mounted
-//! into the container, which label the directory needs, and how the workload is named to the
-//! SPIRE agent (by PID or by selectors). The engine carries out the side effects through its
-//! host seam, so it never learns which runtime it serves.
+//! Two independent axes:
+//!
+//! * the **runtime** ([`RuntimeKind`], one per daemon): how it reports events — which image
+//!   annotation it sets, whether a failed NRI StartContainer stops the container;
+//! * the **sandbox** ([`SandboxKind`], per pod, from its runtime handler): whether a container
+//!   is a host process (named by PID or by selectors) or lives in a VM guest (named by
+//!   selectors only, files reaching it through the sandbox's shared file system).
+//!
+//! A backend is policy, not side effects: the engine asks [`Backends::plan`] how to serve a
+//! container and carries out the plan through its host seam, so it never learns which runtime
+//! or sandbox it serves.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-pub mod k8s;
-
 /// The container runtime, parsed once from configuration or from what the runtime reports in
 /// NRI Configure; never compared as a string afterwards.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
 pub enum RuntimeKind {
+    #[serde(rename = "containerd")]
     Containerd,
     #[serde(rename = "cri-o", alias = "crio")]
     CriO,
-    Kata,
 }
 
 impl RuntimeKind {
@@ -36,7 +41,6 @@ impl RuntimeKind {
         match self {
             RuntimeKind::Containerd => "containerd",
             RuntimeKind::CriO => "cri-o",
-            RuntimeKind::Kata => "kata",
         }
     }
 }
@@ -44,6 +48,136 @@ impl RuntimeKind {
 impl fmt::Display for RuntimeKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// How the SPIRE agent is told which workload a container is: the one type for the
+/// annotation's `attestation`, the daemon's configuration and the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Attestation {
+    /// The agent attests the container's init process by its host PID.
+    Pid,
+    /// The daemon sends the selectors the agent's attestor would produce for the container.
+    Selectors,
+}
+
+impl Attestation {
+    /// The spelling in annotations and configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Attestation::Pid => "pid",
+            Attestation::Selectors => "selectors",
+        }
+    }
+}
+
+impl fmt::Display for Attestation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a pod's containers run, from the pod's runtime handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SandboxKind {
+    /// Host processes (runc, crun): the PID the runtime reports is the container's.
+    Process,
+    /// A VM guest (Kata Containers): the PID the runtime reports is the hypervisor's or the
+    /// shim's, and files reach the guest only through the sandbox's share.
+    Vm(VmShare),
+}
+
+/// How a VM sandbox makes host files visible in its guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum VmShare {
+    /// A shared file system (virtio-fs): files replaced on the host reach the guest.
+    Shared,
+    /// No shared file system (Firecracker with block devices, confidential guests): files are
+    /// copied into the guest once, when the container is created; rotation never reaches it.
+    CopyOnce,
+}
+
+impl fmt::Display for SandboxKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SandboxKind::Process => "process",
+            SandboxKind::Vm(VmShare::Shared) => "VM (shared file system)",
+            SandboxKind::Vm(VmShare::CopyOnce) => "VM (files copied once)",
+        })
+    }
+}
+
+/// A runtime-handler name or a prefix pattern (`kata*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct HandlerPattern {
+    text: String,
+    prefix: bool,
+}
+
+impl HandlerPattern {
+    fn parse(s: &str) -> Result<HandlerPattern, String> {
+        let (text, prefix) = match s.strip_suffix('*') {
+            Some(p) => (p, true),
+            None => (s, false),
+        };
+        let ok = !text.is_empty()
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !ok {
+            return Err(format!(
+                "{s:?} is not a runtime handler name (letters, digits, '-', '_', '.', optionally ending in '*')"
+            ));
+        }
+        Ok(HandlerPattern {
+            text: text.to_owned(),
+            prefix,
+        })
+    }
+
+    fn matches(&self, handler: &str) -> bool {
+        if self.prefix {
+            handler.starts_with(&self.text)
+        } else {
+            handler == self.text
+        }
+    }
+}
+
+/// Which runtime handlers run pods in VMs, parsed once from configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SandboxClasses {
+    vm: Vec<HandlerPattern>,
+    copy_once: Vec<HandlerPattern>,
+}
+
+impl SandboxClasses {
+    /// `vm`: handlers whose pods run in a VM with a shared file system; `copy_once`: VM
+    /// handlers without one. A handler matching both is copy-once: treating a copy-once
+    /// guest as shared would promise rotations that never arrive.
+    pub fn new<S: AsRef<str>>(vm: &[S], copy_once: &[S]) -> Result<SandboxClasses, String> {
+        let parse = |list: &[S]| {
+            list.iter()
+                .map(|s| HandlerPattern::parse(s.as_ref()))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(SandboxClasses {
+            vm: parse(vm)?,
+            copy_once: parse(copy_once)?,
+        })
+    }
+
+    /// The sandbox kind of a pod with this runtime handler (empty: the runtime's default
+    /// handler, a process sandbox unless configured otherwise).
+    pub fn classify(&self, runtime_handler: &str) -> SandboxKind {
+        if self.copy_once.iter().any(|p| p.matches(runtime_handler)) {
+            SandboxKind::Vm(VmShare::CopyOnce)
+        } else if self.vm.iter().any(|p| p.matches(runtime_handler)) {
+            SandboxKind::Vm(VmShare::Shared)
+        } else {
+            SandboxKind::Process
+        }
     }
 }
 
@@ -97,55 +231,11 @@ pub struct MountSpec {
     pub options: Vec<&'static str>,
 }
 
-/// How the workload is asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NamingMode {
-    /// By the container's init PID: the agent attests the process itself.
-    Pid,
-    /// By selectors derived from what the runtime reports about the pod and container.
-    Selectors,
-}
-
-/// A selector as the SPIRE agent understands it (`type:value`).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Selector {
-    pub kind: String,
-    pub value: String,
-}
-
-/// When the identity must be on disk, per runtime.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeliveryPoint {
-    /// containerd: StartContainer can fail the start, and the init PID exists there.
-    StartContainer,
-    /// Runtimes that only log StartContainer errors (CRI-O) or whose PIDs name no workload
-    /// (VMs): the files must be there at CreateContainer, so only selectors work.
-    CreateContainer,
-}
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum BackendError {
-    #[error("the container has no process yet (PID 0), so it cannot be named by PID")]
-    NoPid,
-    #[error("{runtime} cannot name workloads by PID: {why}")]
-    PidModeUnsupported {
-        runtime: RuntimeKind,
-        why: &'static str,
-    },
-    #[error("{runtime} does not report {what}, which selectors mode needs")]
-    MissingMetadata {
-        runtime: RuntimeKind,
-        what: &'static str,
-    },
-}
-
-/// The policy of one runtime.
-pub trait Backend: Send + Sync + 'static {
-    fn kind(&self) -> RuntimeKind;
-
-    /// The mount to add at CreateContainer. The directory, not the files, is mounted, so
-    /// atomically replaced files show through.
-    fn mount(&self, host_dir: &Path, cert_dir: &Path) -> MountSpec {
+impl MountSpec {
+    /// The per-container directory, not its files, mounted read-only at `cert_dir`, so files
+    /// replaced by rename show through. Kata's shim shares the same bind-mount source into the
+    /// guest through virtio-fs, so one mount serves both sandbox kinds.
+    pub fn identity_dir(host_dir: &Path, cert_dir: &Path) -> MountSpec {
         MountSpec {
             destination: cert_dir.to_owned(),
             source: host_dir.to_owned(),
@@ -153,98 +243,246 @@ pub trait Backend: Send + Sync + 'static {
             options: vec!["rbind", "ro", "nosuid", "nodev", "noexec"],
         }
     }
+}
 
-    /// The `security.selinux` label the directory and its files need, if any.
-    fn dir_label(&self, _pod: &PodInfo, _container: &ContainerInfo) -> Option<String> {
-        None
-    }
+/// When the identity must be on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryPoint {
+    /// Inside CreateContainer, before the container exists: selectors need no process.
+    CreateContainer,
+    /// Inside StartContainer: the init process exists (and is the one the agent attests) but
+    /// has not run the workload.
+    StartContainer,
+}
 
-    /// When files must be on disk for a container asked for in `mode`.
-    fn delivery_point(&self, mode: NamingMode) -> DeliveryPoint;
+/// How the engine serves one container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    pub sandbox: SandboxKind,
+    pub attestation: Attestation,
+    pub delivery: DeliveryPoint,
+}
 
-    /// The naming mode to use when neither the pod nor the configuration chose one.
-    fn default_mode(&self) -> NamingMode;
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BackendError {
+    #[error("the container has no process yet (PID 0), so it cannot be named by PID")]
+    NoPid,
+    #[error(
+        "pods of runtime handler {handler:?} run in a VM, where the PID the runtime reports is the hypervisor's: use `attestation: selectors` (the default for such pods)"
+    )]
+    PidInVm { handler: String },
+    #[error(
+        "pods of runtime handler {handler:?} run in a VM without a shared file system: files are copied into the guest once and rotations never reach it; the pod must accept that with `copy_once: true` in its annotation"
+    )]
+    CopyOnceNotAccepted { handler: String },
+    #[error("{runtime} cannot name workloads by PID: {why}")]
+    PidModeUnsupported {
+        runtime: RuntimeKind,
+        why: &'static str,
+    },
+}
 
-    /// Checks that `mode` is possible on this runtime.
-    fn check_mode(&self, mode: NamingMode) -> Result<(), BackendError>;
+/// The policy of one runtime. Every method is one every new runtime must decide, so none has
+/// a default body.
+pub trait RuntimeBackend: Send + Sync + 'static {
+    fn kind(&self) -> RuntimeKind;
+
+    /// Whether an error answered to NRI StartContainer keeps the container from running.
+    /// Where it does not, a PID-mode identity needs a guard the runtime itself enforces.
+    fn start_failure_stops_container(&self) -> bool;
+
+    /// The image reference the container was created from, as the pod spec wrote it where
+    /// the runtime records that (NRI's own image field comes first).
+    fn image_reference<'a>(&self, container: &'a ContainerInfo) -> Option<&'a str>;
+
+    /// Keys the runtime merges into the sandbox labels NRI reports that are not the pod's
+    /// own labels (they never become `pod-label` selectors).
+    fn sandbox_label_keys(&self) -> &'static [&'static str];
 }
 
 /// containerd (2.x) with runc: StartContainer carries the init PID and can fail the start.
 #[derive(Debug, Clone, Default)]
 pub struct Containerd;
 
-impl Backend for Containerd {
+/// containerd's container annotation with the image the container was created from: the pod
+/// spec's `image` as written (CRI `UserSpecifiedImage`), else containerd's image name.
+pub const CONTAINERD_IMAGE_ANNOTATION: &str = "io.kubernetes.cri.image-name";
+
+impl RuntimeBackend for Containerd {
     fn kind(&self) -> RuntimeKind {
         RuntimeKind::Containerd
     }
 
-    fn delivery_point(&self, mode: NamingMode) -> DeliveryPoint {
-        match mode {
-            NamingMode::Pid => DeliveryPoint::StartContainer,
-            NamingMode::Selectors => DeliveryPoint::CreateContainer,
-        }
+    fn start_failure_stops_container(&self) -> bool {
+        true
     }
 
-    fn default_mode(&self) -> NamingMode {
-        NamingMode::Pid
+    fn image_reference<'a>(&self, c: &'a ContainerInfo) -> Option<&'a str> {
+        nonempty(&c.image).or_else(|| {
+            c.annotations
+                .get(CONTAINERD_IMAGE_ANNOTATION)
+                .and_then(|s| nonempty(s))
+        })
     }
 
-    fn check_mode(&self, _mode: NamingMode) -> Result<(), BackendError> {
-        Ok(())
-    }
-}
-
-/// The closed set of backends, chosen by configuration.
-#[derive(Debug, Clone)]
-pub enum AnyBackend {
-    Containerd(Containerd),
-}
-
-impl AnyBackend {
-    pub fn for_kind(kind: RuntimeKind) -> Option<AnyBackend> {
-        match kind {
-            RuntimeKind::Containerd => Some(AnyBackend::Containerd(Containerd)),
-            RuntimeKind::CriO | RuntimeKind::Kata => None,
-        }
+    fn sandbox_label_keys(&self) -> &'static [&'static str] {
+        // Merged into the sandbox labels by containerd 2.x's CRI plugin.
+        &[
+            "io.cri-containerd.kind",
+            "oci_runtime_type",
+            "selinux_label",
+        ]
     }
 }
 
-impl Backend for AnyBackend {
+/// CRI-O: the init PID exists from PostCreateContainer on, but an error answered to NRI
+/// StartContainer is only logged and the container starts anyway.
+#[derive(Debug, Clone, Default)]
+pub struct CriO;
+
+/// CRI-O's container annotation with the image as the pod spec wrote it.
+pub const CRIO_IMAGE_ANNOTATION: &str = "io.kubernetes.cri-o.ImageName";
+
+impl RuntimeBackend for CriO {
     fn kind(&self) -> RuntimeKind {
-        match self {
-            AnyBackend::Containerd(b) => b.kind(),
+        RuntimeKind::CriO
+    }
+
+    fn start_failure_stops_container(&self) -> bool {
+        false
+    }
+
+    fn image_reference<'a>(&self, c: &'a ContainerInfo) -> Option<&'a str> {
+        nonempty(&c.image).or_else(|| {
+            c.annotations
+                .get(CRIO_IMAGE_ANNOTATION)
+                .and_then(|s| nonempty(s))
+        })
+    }
+
+    fn sandbox_label_keys(&self) -> &'static [&'static str] {
+        // CRI-O labels the sandbox as its infra container, named `POD`.
+        &["io.kubernetes.container.name"]
+    }
+}
+
+fn nonempty(s: &str) -> Option<&str> {
+    Some(s).filter(|s| !s.is_empty())
+}
+
+/// The closed set of runtime backends.
+#[derive(Debug, Clone)]
+pub enum AnyRuntime {
+    Containerd(Containerd),
+    CriO(CriO),
+}
+
+impl AnyRuntime {
+    pub fn for_kind(kind: RuntimeKind) -> AnyRuntime {
+        match kind {
+            RuntimeKind::Containerd => AnyRuntime::Containerd(Containerd),
+            RuntimeKind::CriO => AnyRuntime::CriO(CriO),
         }
     }
-    fn mount(&self, host_dir: &Path, cert_dir: &Path) -> MountSpec {
+
+    fn get(&self) -> &dyn RuntimeBackend {
         match self {
-            AnyBackend::Containerd(b) => b.mount(host_dir, cert_dir),
+            AnyRuntime::Containerd(b) => b,
+            AnyRuntime::CriO(b) => b,
         }
     }
-    fn dir_label(&self, pod: &PodInfo, container: &ContainerInfo) -> Option<String> {
-        match self {
-            AnyBackend::Containerd(b) => b.dir_label(pod, container),
+}
+
+impl RuntimeBackend for AnyRuntime {
+    fn kind(&self) -> RuntimeKind {
+        self.get().kind()
+    }
+    fn start_failure_stops_container(&self) -> bool {
+        self.get().start_failure_stops_container()
+    }
+    fn image_reference<'a>(&self, c: &'a ContainerInfo) -> Option<&'a str> {
+        self.get().image_reference(c)
+    }
+    fn sandbox_label_keys(&self) -> &'static [&'static str] {
+        self.get().sandbox_label_keys()
+    }
+}
+
+/// The runtime the daemon serves and the sandbox classes of its pods.
+#[derive(Debug, Clone)]
+pub struct Backends {
+    pub runtime: AnyRuntime,
+    pub sandboxes: SandboxClasses,
+}
+
+impl Backends {
+    pub fn new(runtime: RuntimeKind, sandboxes: SandboxClasses) -> Backends {
+        Backends {
+            runtime: AnyRuntime::for_kind(runtime),
+            sandboxes,
         }
     }
-    fn delivery_point(&self, mode: NamingMode) -> DeliveryPoint {
-        match self {
-            AnyBackend::Containerd(b) => b.delivery_point(mode),
+
+    /// How to serve a container of `pod`: `requested` is the pod's choice, `default` the
+    /// daemon's. `accepts_copy_once` is the pod's consent to files that never rotate.
+    pub fn plan(
+        &self,
+        pod: &PodInfo,
+        requested: Option<Attestation>,
+        default: Attestation,
+        accepts_copy_once: bool,
+    ) -> Result<Plan, BackendError> {
+        let sandbox = self.sandboxes.classify(&pod.runtime_handler);
+        let attestation = match sandbox {
+            SandboxKind::Process => requested.unwrap_or(default),
+            SandboxKind::Vm(share) => {
+                if requested == Some(Attestation::Pid) {
+                    return Err(BackendError::PidInVm {
+                        handler: pod.runtime_handler.clone(),
+                    });
+                }
+                if share == VmShare::CopyOnce && !accepts_copy_once {
+                    return Err(BackendError::CopyOnceNotAccepted {
+                        handler: pod.runtime_handler.clone(),
+                    });
+                }
+                Attestation::Selectors
+            }
+        };
+        let delivery = match attestation {
+            Attestation::Pid => DeliveryPoint::StartContainer,
+            Attestation::Selectors => DeliveryPoint::CreateContainer,
+        };
+        if delivery == DeliveryPoint::StartContainer
+            && !self.runtime.start_failure_stops_container()
+        {
+            return Err(BackendError::PidModeUnsupported {
+                runtime: self.runtime.kind(),
+                why: "it starts containers even when the plugin fails StartContainer; use selectors mode (set kubelet_url)",
+            });
         }
-    }
-    fn default_mode(&self) -> NamingMode {
-        match self {
-            AnyBackend::Containerd(b) => b.default_mode(),
-        }
-    }
-    fn check_mode(&self, mode: NamingMode) -> Result<(), BackendError> {
-        match self {
-            AnyBackend::Containerd(b) => b.check_mode(mode),
-        }
+        Ok(Plan {
+            sandbox,
+            attestation,
+            delivery,
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pod(handler: &str) -> PodInfo {
+        PodInfo {
+            runtime_handler: handler.into(),
+            ..Default::default()
+        }
+    }
+
+    fn classes() -> SandboxClasses {
+        SandboxClasses::new(&["kata*", "vm-runc"], &["kata-fc", "kata-qemu-tdx*"]).unwrap()
+    }
 
     #[test]
     fn runtime_names_parse_once_into_kinds() {
@@ -260,22 +498,117 @@ mod tests {
     }
 
     #[test]
-    fn containerd_mounts_the_directory_read_only_without_exec_suid_or_devices() {
-        let m = Containerd.mount(Path::new("/run/nii/p/c"), Path::new("/var/certs"));
+    fn handlers_classify_into_sandbox_kinds_with_copy_once_winning() {
+        let c = classes();
+        assert_eq!(c.classify(""), SandboxKind::Process);
+        assert_eq!(c.classify("runc"), SandboxKind::Process);
+        assert_eq!(c.classify("kata"), SandboxKind::Vm(VmShare::Shared));
+        assert_eq!(c.classify("kata-qemu"), SandboxKind::Vm(VmShare::Shared));
+        assert_eq!(c.classify("vm-runc"), SandboxKind::Vm(VmShare::Shared));
+        assert_eq!(c.classify("vm-runc2"), SandboxKind::Process);
+        assert_eq!(c.classify("kata-fc"), SandboxKind::Vm(VmShare::CopyOnce));
+        assert_eq!(
+            c.classify("kata-qemu-tdx-2"),
+            SandboxKind::Vm(VmShare::CopyOnce)
+        );
+    }
+
+    #[test]
+    fn handler_patterns_are_names_or_prefixes() {
+        assert!(SandboxClasses::new(&["*"], &[] as &[&str]).is_err());
+        assert!(SandboxClasses::new(&["ka*ta"], &[] as &[&str]).is_err());
+        assert!(SandboxClasses::new(&["kata qemu"], &[] as &[&str]).is_err());
+        assert!(SandboxClasses::new(&[""], &[] as &[&str]).is_err());
+    }
+
+    #[test]
+    fn process_pods_take_the_pods_choice_then_the_default() {
+        let b = Backends::new(RuntimeKind::Containerd, classes());
+        let p = b.plan(&pod("runc"), None, Attestation::Pid, false).unwrap();
+        assert_eq!(
+            (p.sandbox, p.attestation, p.delivery),
+            (
+                SandboxKind::Process,
+                Attestation::Pid,
+                DeliveryPoint::StartContainer
+            )
+        );
+        let p = b
+            .plan(
+                &pod(""),
+                Some(Attestation::Selectors),
+                Attestation::Pid,
+                false,
+            )
+            .unwrap();
+        assert_eq!(p.delivery, DeliveryPoint::CreateContainer);
+    }
+
+    #[test]
+    fn vm_pods_are_named_by_selectors_and_refuse_pid_mode() {
+        let b = Backends::new(RuntimeKind::Containerd, classes());
+        let p = b
+            .plan(&pod("kata-qemu"), None, Attestation::Pid, false)
+            .unwrap();
+        assert_eq!(p.attestation, Attestation::Selectors);
+        assert_eq!(p.delivery, DeliveryPoint::CreateContainer);
+        let e = b
+            .plan(
+                &pod("kata-qemu"),
+                Some(Attestation::Pid),
+                Attestation::Selectors,
+                false,
+            )
+            .unwrap_err();
+        assert!(matches!(e, BackendError::PidInVm { .. }));
+        assert!(e.to_string().contains("hypervisor"), "{e}");
+    }
+
+    #[test]
+    fn copy_once_vms_need_the_pods_consent() {
+        let b = Backends::new(RuntimeKind::Containerd, classes());
+        let e = b
+            .plan(&pod("kata-fc"), None, Attestation::Selectors, false)
+            .unwrap_err();
+        assert!(e.to_string().contains("copy_once: true"), "{e}");
+        let p = b
+            .plan(&pod("kata-fc"), None, Attestation::Selectors, true)
+            .unwrap();
+        assert_eq!(p.sandbox, SandboxKind::Vm(VmShare::CopyOnce));
+    }
+
+    #[test]
+    fn cri_o_refuses_start_time_delivery_it_would_not_enforce() {
+        let b = Backends::new(RuntimeKind::CriO, classes());
+        let e = b.plan(&pod(""), None, Attestation::Pid, false).unwrap_err();
+        assert!(e.to_string().contains("selectors"), "{e}");
+        assert!(
+            b.plan(&pod(""), None, Attestation::Selectors, false)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn each_runtime_names_the_image_from_its_own_annotation() {
+        let mut c = ContainerInfo::default();
+        c.annotations
+            .insert(CONTAINERD_IMAGE_ANNOTATION.into(), "busybox:1".into());
+        c.annotations
+            .insert(CRIO_IMAGE_ANNOTATION.into(), "alpine:3".into());
+        assert_eq!(Containerd.image_reference(&c), Some("busybox:1"));
+        assert_eq!(CriO.image_reference(&c), Some("alpine:3"));
+        c.image = "docker.io/library/nginx:1".into();
+        assert_eq!(CriO.image_reference(&c), Some("docker.io/library/nginx:1"));
+    }
+
+    #[test]
+    fn the_identity_mount_is_read_only_without_exec_suid_or_devices() {
+        let m = MountSpec::identity_dir(Path::new("/run/nii/p/c"), Path::new("/var/certs"));
         assert_eq!(m.destination, Path::new("/var/certs"));
         assert_eq!(m.source, Path::new("/run/nii/p/c"));
         for opt in ["ro", "nosuid", "nodev", "noexec"] {
             assert!(m.options.contains(&opt), "{opt}");
         }
-    }
-
-    #[test]
-    fn containerd_delivers_pid_identities_at_start() {
-        assert_eq!(
-            Containerd.delivery_point(NamingMode::Pid),
-            DeliveryPoint::StartContainer
-        );
-        assert_eq!(Containerd.default_mode(), NamingMode::Pid);
     }
 
     #[test]

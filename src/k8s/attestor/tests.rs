@@ -1,3 +1,5 @@
+use nri_identity_backends::{Containerd, CriO};
+
 use super::*;
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -39,12 +41,12 @@ fn not_derived(input: &K8sWorkload) -> Vec<&'static str> {
 
 #[test]
 fn golden_deployment_pod_on_containerd_gives_the_attestors_values() {
-    let input = K8sWorkload {
+    let pod = PodInfo {
         namespace: "payments".into(),
-        pod_name: "api-7d9f8c6b5-x2k4p".into(),
-        pod_uid: "3f1c2a9e-8b7d-4e6f-a1b2-c3d4e5f60718".into(),
+        name: "api-7d9f8c6b5-x2k4p".into(),
+        uid: "3f1c2a9e-8b7d-4e6f-a1b2-c3d4e5f60718".into(),
         // As containerd 2.x reports them in NRI PodSandbox.labels.
-        pod_labels: labels(&[
+        labels: labels(&[
             ("app", "api"),
             ("app.kubernetes.io/part-of", "shop"),
             ("pod-template-hash", "7d9f8c6b5"),
@@ -58,16 +60,21 @@ fn golden_deployment_pod_on_containerd_gives_the_attestors_values() {
             ("oci_runtime_type", "io.containerd.runc.v2"),
             ("selinux_label", ""),
         ]),
-        service_account: Some("api".into()),
-        container_name: "server".into(),
-        image: Some("ghcr.io/acme/api:v2.1.0".into()),
-        node_name: Some("node-a".into()),
-        owner_references: Some(vec![OwnerReference {
-            kind: "ReplicaSet".into(),
-            name: "api-7d9f8c6b5".into(),
-            uid: "0b6a4f2e-1c3d-4e5f-8a9b-0c1d2e3f4a5b".into(),
-        }]),
+        ..Default::default()
     };
+    let c = ContainerInfo {
+        name: "server".into(),
+        image: "ghcr.io/acme/api:v2.1.0".into(),
+        ..Default::default()
+    };
+    let mut input = K8sWorkload::from_runtime(&pod, &c, &Containerd);
+    input.service_account = Some("api".into());
+    input.node_name = Some("node-a".into());
+    input.owner_references = Some(vec![OwnerReference {
+        kind: "ReplicaSet".into(),
+        name: "api-7d9f8c6b5".into(),
+        uid: "0b6a4f2e-1c3d-4e5f-8a9b-0c1d2e3f4a5b".into(),
+    }]);
     assert_eq!(
         values(&input),
         [
@@ -141,15 +148,32 @@ fn kubelet_bookkeeping_labels_are_not_sent_as_pod_labels() {
 
 #[test]
 fn runtime_sandbox_labels_of_cri_o_and_containerd_are_not_sent() {
-    let mut input = workload();
-    input.pod_labels = labels(&[
-        ("io.kubernetes.container.name", "POD"),
+    let pod = |pairs: &[(&str, &str)]| PodInfo {
+        namespace: "ns1".into(),
+        name: "pod1".into(),
+        uid: "u1".into(),
+        labels: labels(pairs),
+        ..Default::default()
+    };
+    let c = ContainerInfo {
+        name: "c0".into(),
+        ..Default::default()
+    };
+    let containerd = pod(&[
         ("io.cri-containerd.kind", "sandbox"),
         ("oci_runtime_type", "io.containerd.runc.v2"),
         ("selinux_label", "system_u:system_r:container_t:s0:c1,c2"),
     ]);
-    let v = values(&input);
-    assert!(!v.iter().any(|s| s.starts_with("pod-label:")), "{v:?}");
+    let crio = pod(&[("io.kubernetes.container.name", "POD")]);
+    for (pod, runtime) in [
+        (&containerd, &Containerd as &dyn RuntimeBackend),
+        (&crio, &CriO),
+    ] {
+        let mut input = K8sWorkload::from_runtime(pod, &c, runtime);
+        input.service_account = Some("sa1".into());
+        let v = values(&input);
+        assert!(!v.iter().any(|s| s.starts_with("pod-label:")), "{v:?}");
+    }
 }
 
 #[test]
@@ -390,10 +414,13 @@ fn from_runtime_prefers_the_nri_image_and_falls_back_to_containerds_annotation()
     };
     let mut c = ContainerInfo {
         name: "c".into(),
-        annotations: labels(&[(CRI_IMAGE_NAME_ANNOTATION, "busybox:1.36")]),
+        annotations: labels(&[(
+            nri_identity_backends::CONTAINERD_IMAGE_ANNOTATION,
+            "busybox:1.36",
+        )]),
         ..Default::default()
     };
-    let w = K8sWorkload::from_runtime(&pod, &c);
+    let w = K8sWorkload::from_runtime(&pod, &c, &Containerd);
     assert_eq!(w.image.as_deref(), Some("busybox:1.36"));
     assert_eq!(
         (
@@ -408,7 +435,7 @@ fn from_runtime_prefers_the_nri_image_and_falls_back_to_containerds_annotation()
     assert_eq!(w.owner_references, None);
 
     c.image = "docker.io/library/busybox:1.36".into();
-    let w = K8sWorkload::from_runtime(&pod, &c);
+    let w = K8sWorkload::from_runtime(&pod, &c, &Containerd);
     assert_eq!(w.image.as_deref(), Some("docker.io/library/busybox:1.36"));
 }
 

@@ -1,4 +1,4 @@
-//! Kubernetes selectors derived from what the runtime reports (selectors mode).
+//! SPIRE's k8s workload attestor, emulated: the selectors it would produce for a container.
 //!
 //! On Kubernetes the SPIRE agent's `k8s` workload attestor cannot attest a container PID at
 //! NRI StartContainer, because the kubelet does not know the container yet. So the daemon names
@@ -19,40 +19,27 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::{ContainerInfo, PodInfo, Selector};
+use nri_identity_backends::{ContainerInfo, PodInfo, RuntimeBackend};
+
+use crate::spire::Selector;
 
 /// The selector type of every selector the `k8s` workload attestor produces (the plugin's name).
 pub const SELECTOR_TYPE: &str = "k8s";
 
-/// containerd's container annotation with the image the container was created from: the pod
-/// spec's `image` as written (CRI `UserSpecifiedImage`), else containerd's image name.
-pub const CRI_IMAGE_NAME_ANNOTATION: &str = "io.kubernetes.cri.image-name";
-
-/// Keys that NRI `PodSandbox.labels` carries but the pod's `metadata.labels` (what the attestor
-/// turns into `pod-label` selectors) does not. They are removed before deriving `pod-label`.
-///
-/// - `io.kubernetes.pod.name`, `io.kubernetes.pod.namespace`, `io.kubernetes.pod.uid`: added by
-///   the kubelet to every sandbox's CRI labels (kubelet `kuberuntime/labels.go` `newPodLabels`,
-///   overwriting a pod label of the same key).
-/// - `io.kubernetes.container.name`: set to `POD` on the sandbox by CRI-O
-///   (`server/sandbox_run_linux.go`, infra container labels); the kubelet puts it on containers
-///   only.
-/// - `io.cri-containerd.kind` (`sandbox`), `oci_runtime_type`, `selinux_label`: merged into the
-///   sandbox labels NRI reports by containerd 2.x (`internal/cri/util/util.go` `BuildLabels`,
-///   `internal/cri/server/podsandbox/sandbox_run.go`).
+/// Keys the kubelet adds to every sandbox's CRI labels (kubelet `kuberuntime/labels.go`
+/// `newPodLabels`, overwriting a pod label of the same key) that the pod's `metadata.labels`
+/// (what the attestor turns into `pod-label` selectors) does not carry. They, and the keys the
+/// runtime adds ([`RuntimeBackend::sandbox_label_keys`]), are removed before deriving
+/// `pod-label`.
 ///
 /// A real pod label with one of these keys is lost too (the runtime overwrote its value); that
 /// only makes entries keyed by it miss. Not removable: labels of the sandbox (pause) image's
-/// config, which containerd also merges in; prefer the pod's labels from the kubelet where the
-/// service-account lookup returns them.
-pub const RUNTIME_LABELS: [&str; 7] = [
+/// config, which containerd also merges in; prefer the pod's labels from the kubelet, which
+/// selectors mode always has.
+pub const KUBELET_SANDBOX_LABELS: [&str; 3] = [
     "io.kubernetes.pod.name",
     "io.kubernetes.pod.namespace",
     "io.kubernetes.pod.uid",
-    "io.kubernetes.container.name",
-    "io.cri-containerd.kind",
-    "oci_runtime_type",
-    "selinux_label",
 ];
 
 /// A pod's owner, from `metadata.ownerReferences`.
@@ -73,7 +60,7 @@ pub struct K8sWorkload {
     /// NRI `PodSandbox.uid` (`pod.UID`, verbatim: a dashed UUID, or the kubelet's 32-hex hash
     /// for a static pod without `metadata.uid`).
     pub pod_uid: String,
-    /// NRI `PodSandbox.labels` as reported; [`RUNTIME_LABELS`] are removed during derivation.
+    /// The pod's labels, with what the kubelet and the runtime added removed.
     pub pod_labels: BTreeMap<String, String>,
     /// The pod's `spec.serviceAccountName`, which neither CRI nor NRI carries. `None`: not
     /// known (an error). `Some("")`: the pod has none (static pods), and the attestor then
@@ -81,8 +68,7 @@ pub struct K8sWorkload {
     pub service_account: Option<String>,
     /// NRI `Container.name` (the container's name in the pod spec).
     pub container_name: String,
-    /// The container's image reference: NRI `Container.image.name` where the runtime reports
-    /// it (containerd's resolved name), else containerd's [`CRI_IMAGE_NAME_ANNOTATION`].
+    /// The container's image reference ([`RuntimeBackend::image_reference`]).
     pub image: Option<String>,
     /// The kubelet's node name (`spec.nodeName`): configuration, not NRI; never the hostname
     /// guessed (`--hostname-override` changes it).
@@ -93,27 +79,27 @@ pub struct K8sWorkload {
 }
 
 impl K8sWorkload {
-    /// Everything NRI tells about the workload; the service account, node name and owners
-    /// are left unknown for the caller to fill in.
-    pub fn from_runtime(pod: &PodInfo, container: &ContainerInfo) -> K8sWorkload {
-        let image = Some(container.image.as_str())
-            .filter(|i| !i.is_empty())
-            .or_else(|| {
-                container
-                    .annotations
-                    .get(CRI_IMAGE_NAME_ANNOTATION)
-                    .map(String::as_str)
-                    .filter(|i| !i.is_empty())
-            })
-            .map(str::to_owned);
+    /// Everything the runtime tells about the workload; the service account, node name and
+    /// owners are left unknown for the caller to fill in.
+    pub fn from_runtime(
+        pod: &PodInfo,
+        container: &ContainerInfo,
+        runtime: &dyn RuntimeBackend,
+    ) -> K8sWorkload {
+        let added = runtime.sandbox_label_keys();
         K8sWorkload {
             namespace: pod.namespace.clone(),
             pod_name: pod.name.clone(),
             pod_uid: pod.uid.clone(),
-            pod_labels: pod.labels.clone(),
+            pod_labels: pod
+                .labels
+                .iter()
+                .filter(|(k, _)| !added.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             service_account: None,
             container_name: container.name.clone(),
-            image,
+            image: runtime.image_reference(container).map(str::to_owned),
             node_name: None,
             owner_references: None,
         }
@@ -237,7 +223,7 @@ pub fn selectors(input: &K8sWorkload) -> Result<Derived, K8sSelectorError> {
     }
 
     for (k, v) in &input.pod_labels {
-        if k.is_empty() || RUNTIME_LABELS.contains(&k.as_str()) {
+        if k.is_empty() || KUBELET_SANDBOX_LABELS.contains(&k.as_str()) {
             continue;
         }
         values.push(format!("pod-label:{k}:{v}"));
@@ -277,10 +263,7 @@ pub fn selectors(input: &K8sWorkload) -> Result<Derived, K8sSelectorError> {
 
     let mut selectors: Vec<Selector> = values
         .into_iter()
-        .map(|value| Selector {
-            kind: SELECTOR_TYPE.to_owned(),
-            value,
-        })
+        .map(|value| Selector::new(SELECTOR_TYPE, value))
         .collect();
     selectors.sort();
     selectors.dedup();

@@ -1,0 +1,139 @@
+//! Why a container could not get its identity.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nri_identity_backends::{BackendError, ContainerInfo, PodInfo, RuntimeKind};
+
+use crate::annotation::InvalidAnnotation;
+use crate::artifacts::ArtifactError;
+use crate::host::HostError;
+use crate::k8s::NamingError;
+use crate::spire::SourceError;
+
+/// Why a container could not get its identity. Messages name what failed; the pod and
+/// container are added by [`ContainerError`].
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    InvalidAnnotation(Box<InvalidAnnotation>),
+    #[error(
+        "the container was created without its identity directory mount (the plugin was not connected at CreateContainer); recreate it"
+    )]
+    MissingMount,
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("the container's process {pid} exited before its identity was delivered")]
+    ProcessGone { pid: u32 },
+    #[error("the container's process {pid} is not in the container any more (cgroup {cgroup:?})")]
+    ProcessMoved { pid: u32, cgroup: String },
+    #[error("{}", match source {
+        // Already names the agent.
+        SourceError::Connect { .. } => source.to_string(),
+        _ => format!("the SPIRE agent at {}: {source}", agent.display()),
+    })]
+    Agent {
+        agent: PathBuf,
+        #[source]
+        source: SourceError,
+    },
+    #[error("no identity from the SPIRE agent at {agent} within {budget:?}{}", if *.empty_updates > 0 { " (the agent has no registration entry matching this workload)" } else { "" })]
+    NoIdentity {
+        agent: PathBuf,
+        budget: Duration,
+        empty_updates: u32,
+    },
+    #[error("no trust bundle from the SPIRE agent at {agent} within {budget:?}")]
+    NoBundle { agent: PathBuf, budget: Duration },
+    #[error("no SVID with hint {hint:?} among {available:?}")]
+    NoSuchHint {
+        hint: String,
+        available: Vec<String>,
+    },
+    #[error("the agent issued {got} but the annotation expects {expected}")]
+    UnexpectedSpiffeId { expected: String, got: String },
+    #[error("the trust bundle of {trust_domain} is missing from the agent's bundles")]
+    MissingTrustDomain { trust_domain: String },
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error(transparent)]
+    Artifacts(#[from] ArtifactError),
+    #[error("selectors attestation needs the kubelet's pod list: set kubelet_url")]
+    NoKubelet,
+    #[error(transparent)]
+    Naming(#[from] NamingError),
+}
+
+impl EngineError {
+    /// A short stable label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EngineError::InvalidAnnotation(_) => "invalid_annotation",
+            EngineError::MissingMount => "missing_mount",
+            EngineError::Backend(_) => "backend",
+            EngineError::ProcessGone { .. } => "process_gone",
+            EngineError::ProcessMoved { .. } => "process_moved",
+            EngineError::Agent { source, .. } => source.kind(),
+            EngineError::NoIdentity { .. } => "no_identity",
+            EngineError::NoBundle { .. } => "no_bundle",
+            EngineError::NoSuchHint { .. } => "no_such_hint",
+            EngineError::UnexpectedSpiffeId { .. } => "unexpected_spiffe_id",
+            EngineError::MissingTrustDomain { .. } => "missing_trust_domain",
+            EngineError::Host(_) => "host",
+            EngineError::Artifacts(_) => "write",
+            EngineError::NoKubelet => "no_kubelet",
+            EngineError::Naming(NamingError::Kubelet(_)) => "kubelet",
+            EngineError::Naming(NamingError::Selectors(_)) => "selectors",
+            EngineError::Naming(NamingError::EphemeralContainer) => "ephemeral_container",
+        }
+    }
+}
+
+/// An [`EngineError`] for one container: its message names the pod and container.
+#[derive(Debug, thiserror::Error)]
+pub struct ContainerError {
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+    #[source]
+    pub error: Box<EngineError>,
+}
+
+impl std::fmt::Display for ContainerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &*self.error {
+            // Already names the pod, the container, the annotation key and the field.
+            EngineError::InvalidAnnotation(e) => write!(f, "{e}"),
+            e => write!(
+                f,
+                "pod {}/{} container {}: {e}",
+                self.namespace, self.pod, self.container
+            ),
+        }
+    }
+}
+
+impl ContainerError {
+    pub(super) fn new(pod: &PodInfo, container: &ContainerInfo, error: EngineError) -> Self {
+        ContainerError {
+            namespace: pod.namespace.clone(),
+            pod: pod.name.clone(),
+            container: container.name.clone(),
+            error: Box::new(error),
+        }
+    }
+}
+
+/// The runtime that connected cannot be served.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum RuntimeError {
+    #[error("the runtime calls itself {name:?}, which has no backend (containerd and cri-o have)")]
+    Unknown { name: String },
+    #[error(
+        "the daemon is configured for runtime {configured} but {reported} connected: set runtime = \"{reported}\", or leave it unset to serve whichever connects"
+    )]
+    Mismatch {
+        configured: RuntimeKind,
+        reported: RuntimeKind,
+    },
+}

@@ -1,0 +1,210 @@
+//! Runtimes and sandbox kinds through the real daemon: which runtime is served, how pods of
+//! VM runtime handlers are named and served next to process pods, and a directory that keeps
+//! its inode across a failed start.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use nri_identity_backends::{RuntimeKind, SandboxClasses};
+use nri_identity_injector::engine::RuntimeError;
+use nri_identity_injector::spire::SvidUpdate;
+use nri_identity_injector::spire::fake::WorkloadKey;
+use nri_plugin::Code;
+use nri_plugin::api::v1alpha1 as pb;
+
+const KEY: &str = "identity.noderesource.dev/container.c0";
+
+fn kata_classes(cfg: &mut nri_identity_injector::engine::EngineConfig) {
+    cfg.sandboxes = SandboxClasses::new(&["kata*"], &["kata-fc"]).unwrap();
+}
+
+fn pod_with(bed: &Bed, uid: &str, handler: &str, extra: &str) -> pb::PodSandbox {
+    let value = format!(
+        "{}{extra}",
+        identity_annotation(bed.agent.path(), "/var/certs")
+    );
+    let mut pod = annotated_pod("vm", uid, &[(KEY, value.as_str())]);
+    pod.namespace = "prod".into();
+    pod.runtime_handler = handler.into();
+    pod
+}
+
+fn serve_k8s(
+    bed: &Bed,
+    kubelet: &FakeKubelet,
+    uid: &str,
+) -> nri_identity_injector::spire::X509Svid {
+    kubelet.add_pod(uid, "web", &[]);
+    let svid = bed.svid("/ns/prod/sa/web");
+    bed.agent.set_svids(
+        WorkloadKey::Selectors(
+            ["k8s:ns:prod", "k8s:sa:web"]
+                .iter()
+                .map(|s| s.parse().unwrap())
+                .collect::<BTreeSet<_>>(),
+        ),
+        SvidUpdate {
+            svids: vec![svid.clone()],
+            federates_with: vec![],
+        },
+    );
+    svid
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_pod_is_named_by_selectors_and_served_inside_create_container() {
+    let kubelet = FakeKubelet::start().await;
+    // The daemon's default is PID mode: only the sandbox kind makes this pod use selectors.
+    let bed = Bed::with(
+        Some(&kubelet),
+        Arc::new(|cfg| {
+            kata_classes(cfg);
+            cfg.default_attestation = nri_identity_backends::Attestation::Pid;
+        }),
+    )
+    .await;
+    let svid = serve_k8s(&bed, &kubelet, "uid-vm-1");
+    let pod = pod_with(&bed, "uid-vm-1", "kata-qemu", "");
+    // The PID a VM runtime reports is the hypervisor's; the daemon must not use it.
+    let c = container(&pod, "c0", "ctr-vm-1", 4242);
+    let created = bed.create(&pod, &c).await.unwrap();
+    assert_eq!(created.adjust.unwrap().mounts.len(), 1);
+    let cert = std::fs::read(bed.dir("uid-vm-1", "ctr-vm-1").join("svid.pem"))
+        .expect("files exist when CreateContainer returns");
+    assert_eq!(pem_blocks(&cert, "CERTIFICATE"), svid.cert_chain);
+    assert!(
+        bed.agent
+            .stats()
+            .svid_subscriptions
+            .iter()
+            .all(|s| s.pid == 0),
+        "the agent was never asked by PID"
+    );
+    bed.start(&pod, &c).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pid_mode_is_refused_for_a_vm_pod_at_create_container_and_runc_pods_keep_it() {
+    let bed = Bed::with(None, Arc::new(kata_classes)).await;
+    let pod = pod_with(&bed, "uid-vm-2", "kata-clh", "  attestation: pid\n");
+    let c = container(&pod, "c0", "ctr-vm-2", 4243);
+    let err = bed.create(&pod, &c).await.unwrap_err();
+    assert_eq!(err.code, Code::FailedPrecondition);
+    for part in [
+        "pod prod/vm container c0",
+        "kata-clh",
+        "hypervisor",
+        "selectors",
+    ] {
+        assert!(err.message.contains(part), "{part} in {}", err.message);
+    }
+    assert!(!bed.dir("uid-vm-2", "ctr-vm-2").exists());
+
+    // A runc pod on the same daemon is still served by PID.
+    let runc = pod_with(&bed, "uid-runc", "runc", "");
+    let c = container(&runc, "c0", "ctr-runc", 4244);
+    bed.process(4244, "ctr-runc", 1001);
+    bed.serve_pid(4244, bed.svid("/runc"));
+    bed.create(&runc, &c).await.unwrap();
+    bed.start(&runc, &c).await.unwrap();
+    assert!(bed.dir("uid-runc", "ctr-runc").join("svid.pem").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_once_vm_needs_the_pods_consent() {
+    let kubelet = FakeKubelet::start().await;
+    let bed = Bed::with(Some(&kubelet), Arc::new(kata_classes)).await;
+    serve_k8s(&bed, &kubelet, "uid-fc");
+    let pod = pod_with(&bed, "uid-fc", "kata-fc", "");
+    let c = container(&pod, "c0", "ctr-fc-1", 0);
+    let err = bed.create(&pod, &c).await.unwrap_err();
+    assert_eq!(err.code, Code::FailedPrecondition);
+    assert!(err.message.contains("copy_once: true"), "{}", err.message);
+
+    let pod = pod_with(&bed, "uid-fc", "kata-fc", "  copy_once: true\n");
+    let c = container(&pod, "c0", "ctr-fc-2", 0);
+    bed.create(&pod, &c).await.unwrap();
+    assert!(bed.dir("uid-fc", "ctr-fc-2").join("svid.pem").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_start_empties_the_directory_in_place_and_a_retry_fills_the_same_inode() {
+    let bed = Bed::with_timeout(Duration::from_millis(300)).await;
+    let value = identity_annotation(bed.agent.path(), "/var/certs");
+    let pod = annotated_pod("web", "uid-inode", &[(KEY, value.as_str())]);
+    let c = container(&pod, "c0", "ctr-inode", 4300);
+    bed.process(4300, "ctr-inode", 1001);
+    bed.create(&pod, &c).await.unwrap();
+    let dir = bed.dir("uid-inode", "ctr-inode");
+    let inode = std::fs::metadata(&dir).unwrap().ino();
+
+    // No entry for the PID yet: the start fails and leaves an empty directory.
+    bed.start(&pod, &c).await.unwrap_err();
+    assert_eq!(std::fs::metadata(&dir).unwrap().ino(), inode);
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+
+    bed.serve_pid(4300, bed.svid("/web"));
+    bed.start(&pod, &c).await.unwrap();
+    assert_eq!(std::fs::metadata(&dir).unwrap().ino(), inode);
+    assert!(dir.join("svid.pem").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_other_than_the_configured_one_is_refused_and_stops_the_daemon() {
+    let bed = Bed::unconfigured(
+        "cri-o",
+        Arc::new(|cfg| cfg.runtime = Some(RuntimeKind::Containerd)),
+    )
+    .await;
+    let req = pb::ConfigureRequest {
+        runtime_name: "cri-o".into(),
+        runtime_version: "1.36.3".into(),
+        request_timeout: 2000,
+        registration_timeout: 5000,
+        ..Default::default()
+    };
+    let err = bed
+        .conn
+        .call::<_, pb::ConfigureResponse>("Configure", &req)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, Code::FailedPrecondition);
+    assert!(
+        err.message.contains("runtime = \"cri-o\""),
+        "{}",
+        err.message
+    );
+    assert_eq!(
+        bed.daemon.plugin.wrong_runtime(),
+        Some(RuntimeError::Mismatch {
+            configured: RuntimeKind::Containerd,
+            reported: RuntimeKind::CriO
+        })
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), bed.daemon.shutdown.cancelled())
+            .await
+            .is_ok(),
+        "the daemon stops instead of reconnecting"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_configured_runtime_cri_o_is_served_with_its_own_rules() {
+    let bed = Bed::unconfigured("cri-o", Arc::new(|_| {})).await;
+    bed.conn.handshake().await;
+    // CRI-O only logs StartContainer errors, so PID mode (delivered at start) is refused at
+    // CreateContainer instead of failing open.
+    let value = identity_annotation(bed.agent.path(), "/var/certs");
+    let pod = annotated_pod("web", "uid-crio", &[(KEY, value.as_str())]);
+    let c = container(&pod, "c0", "ctr-crio", 0);
+    let err = bed.create(&pod, &c).await.unwrap_err();
+    assert_eq!(err.code, Code::FailedPrecondition);
+    assert!(err.message.contains("cri-o"), "{}", err.message);
+    assert!(err.message.contains("selectors"), "{}", err.message);
+}
