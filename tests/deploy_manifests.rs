@@ -22,6 +22,7 @@ const OPENSHIFT_MACHINECONFIGS: &[&str] = &[
 ];
 const OPENSHIFT_NODE_DISRUPTION_POLICY: &str = "openshift/node-disruption-policy.yaml";
 const EXAMPLE: &str = "deploy/example-pod.yaml";
+const OPENSHIFT_EXAMPLE: &str = "openshift/example-pod.yaml";
 const CONTAINERFILE: &str = "deploy/Containerfile";
 const SPIRE_SNIPPET: &str = "deploy/spire-agent-snippet.conf";
 /// Where the kubelet mounts a pod's service account token and the cluster CA.
@@ -636,59 +637,64 @@ fn the_image_entrypoint_reads_the_configmap_file() {
 
 #[test]
 fn the_example_pod_requires_the_plugin_under_its_configured_name() {
-    let config = Deploy::load().config();
-    let full_name = format!("{}-{}", config.plugin_index, config.plugin_name);
-    let policy = config.annotation_policy();
-    let docs = documents(EXAMPLE);
-    let templates: Vec<&Value> = docs
-        .iter()
-        .filter_map(|d| match d["kind"].as_str() {
-            Some("Pod") => Some(d),
-            Some("Deployment" | "DaemonSet" | "StatefulSet" | "Job") => {
-                Some(&d["spec"]["template"])
-            }
-            _ => None,
-        })
-        .collect();
-    assert!(!templates.is_empty(), "{EXAMPLE} has no pod");
-    let mut checked = 0;
-    for pod in templates {
-        let annotations: BTreeMap<String, String> =
-            serde_json::from_value(pod["metadata"]["annotations"].clone()).unwrap_or_default();
-        for c in array(&pod["spec"]["containers"]) {
-            let name = str_of(&c["name"], "container name");
-            let request = annotation::request_for_container(
-                &annotations,
-                PodRef {
-                    namespace: "identity-demo",
-                    name: "example",
-                },
-                name,
-                &policy,
-            )
-            .unwrap_or_else(|e| panic!("the daemon refuses the example's annotation: {e}"));
-            let Some(request) = request else { continue };
-            assert_eq!(request.agent_address, config.agent_socket);
-            // NRI's lookup order: container key, pod key, bare key.
-            let key = "required-plugins.noderesource.dev";
-            let value = [
-                format!("{key}/container.{name}"),
-                format!("{key}/pod"),
-                key.into(),
-            ]
+    for (deploy, example) in [
+        (Deploy::load(), EXAMPLE),
+        (Deploy::openshift(), OPENSHIFT_EXAMPLE),
+    ] {
+        let config = deploy.config();
+        let full_name = format!("{}-{}", config.plugin_index, config.plugin_name);
+        let policy = config.annotation_policy();
+        let docs = documents(example);
+        let templates: Vec<&Value> = docs
             .iter()
-            .find_map(|k| annotations.get(k))
-            .unwrap_or_else(|| panic!("container {name} does not require the plugin"));
-            let required: Vec<String> = serde_saphyr::from_str(value)
-                .unwrap_or_else(|e| panic!("{key} is not a YAML list of names: {e}"));
-            assert!(
-                required.contains(&full_name) || required.contains(&config.plugin_name),
-                "{required:?} does not name {full_name}"
-            );
-            checked += 1;
+            .filter_map(|d| match d["kind"].as_str() {
+                Some("Pod") => Some(d),
+                Some("Deployment" | "DaemonSet" | "StatefulSet" | "Job") => {
+                    Some(&d["spec"]["template"])
+                }
+                _ => None,
+            })
+            .collect();
+        assert!(!templates.is_empty(), "{example} has no pod");
+        let mut checked = 0;
+        for pod in templates {
+            let annotations: BTreeMap<String, String> =
+                serde_json::from_value(pod["metadata"]["annotations"].clone()).unwrap_or_default();
+            for c in array(&pod["spec"]["containers"]) {
+                let name = str_of(&c["name"], "container name");
+                let request = annotation::request_for_container(
+                    &annotations,
+                    PodRef {
+                        namespace: "identity-demo",
+                        name: "example",
+                    },
+                    name,
+                    &policy,
+                )
+                .unwrap_or_else(|e| panic!("the daemon refuses the example's annotation: {e}"));
+                let Some(request) = request else { continue };
+                assert_eq!(request.agent_address, config.agent_socket);
+                // NRI's lookup order: container key, pod key, bare key.
+                let key = "required-plugins.noderesource.dev";
+                let value = [
+                    format!("{key}/container.{name}"),
+                    format!("{key}/pod"),
+                    key.into(),
+                ]
+                .iter()
+                .find_map(|k| annotations.get(k))
+                .unwrap_or_else(|| panic!("container {name} does not require the plugin"));
+                let required: Vec<String> = serde_saphyr::from_str(value)
+                    .unwrap_or_else(|e| panic!("{key} is not a YAML list of names: {e}"));
+                assert!(
+                    required.contains(&full_name) || required.contains(&config.plugin_name),
+                    "{required:?} does not name {full_name}"
+                );
+                checked += 1;
+            }
         }
+        assert!(checked > 0, "{example} has no annotated container");
     }
-    assert!(checked > 0, "{EXAMPLE} has no annotated container");
 }
 
 #[test]

@@ -42,7 +42,7 @@ nri_plugin_request_timeout = {{ $mc.requestTimeout | quote }}
 # On: a pod annotated required-plugins.noderesource.dev is refused while the daemon is
 # not connected, instead of starting without its identity.
 nri_enable_default_validator = {{ $mc.defaultValidator }}
-# The daemon holds PID-mode containers until their files are written with an OCI
-# startContainer hook it adds through NRI: such hooks must not be rejected.
+# On CRI-O, the daemon holds a PID-mode container until its files are written with an
+# OCI startContainer hook it adds through NRI: such adjustments must not be rejected.
 nri_validator_reject_oci_hook_adjustment = false
 {{- end }}
