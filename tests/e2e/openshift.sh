@@ -233,7 +233,11 @@ EOF
 		--set openshift.nodeDisruptionPolicy.enabled=true 2>&1); then
 		fail "helm took over the MachineConfiguration cluster"
 	fi
+	[[ $out == *'MachineConfiguration "cluster"'*"cannot be imported"* ]] || fail "refused for another reason: $out"
 	note "with the NodeDisruptionPolicy: $(grep -o 'MachineConfiguration "cluster".*' <<<"$out" | cut -c1-110)"
+	[[ $(kubectl_e2e get machineconfiguration cluster -o jsonpath='{.spec.managementState}') == Managed ]] ||
+		fail "the operator's MachineConfiguration changed"
+	if kubectl_e2e get namespace "$NS" >/dev/null 2>&1; then fail "the refused install left its namespace"; fi
 	kubectl_e2e delete machineconfiguration cluster >/dev/null
 }
 
