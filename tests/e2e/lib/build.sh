@@ -22,6 +22,7 @@ NII_SPIRE_VERSION=${NII_SPIRE_VERSION:-v1.13.3}
 NII_KUBELET_VERSION=${NII_KUBELET_VERSION:-v1.34.4}
 NII_ETCD_VERSION=${NII_ETCD_VERSION:-v3.6.16}
 NII_CRIO_VERSION=${NII_CRIO_VERSION:-v1.36.3}
+NII_HELM_VERSION=${NII_HELM_VERSION:-v3.22.0}
 
 NII_CONTAINERD_DIR=$NII_CACHE/bin/containerd-$NII_CONTAINERD_VERSION
 NII_CRICTL_DIR=$NII_CACHE/bin/crictl-$NII_CRICTL_VERSION
@@ -34,6 +35,8 @@ NII_ETCD_DIR=$NII_CACHE/bin/etcd-$NII_ETCD_VERSION
 NII_CRIO_DIR=$NII_CACHE/bin/crio-$NII_CRIO_VERSION
 export NII_CACHE NII_CONTAINERD_DIR NII_CRICTL_DIR NII_SPIRE_DIR NII_KUBELET_DIR NII_CONTROL_PLANE_DIR NII_ETCD_DIR \
 	NII_CRIO_DIR
+NII_HELM_DIR=$NII_CACHE/bin/helm-$NII_HELM_VERSION
+export NII_CACHE NII_CONTAINERD_DIR NII_CRICTL_DIR NII_SPIRE_DIR NII_KUBELET_DIR NII_CONTROL_PLANE_DIR NII_ETCD_DIR NII_HELM_DIR
 
 # The toolchain must be the installed one: the module proxy is reachable but
 # toolchain downloads are not, and a silent toolchain switch would hide a
@@ -236,6 +239,30 @@ nii_build_control_plane() {
 	return "$rc"
 }
 
+_nii_build_helm() { _nii_in_module helm-tools _nii_helm "$1"; }
+
+_nii_helm() {
+	# The proxy refuses helm's version list, so `go install ...@version` may be
+	# refused too: resolve the exact version as a tool of a throwaway module.
+	local gobin=$1 h=helm.sh/helm/${NII_HELM_VERSION%%.*}/cmd/helm
+	_nii_go get -tool "$h@$NII_HELM_VERSION"
+	GOBIN=$gobin CGO_ENABLED=0 _nii_go install -trimpath \
+		-ldflags="-s -w -X helm.sh/helm/${NII_HELM_VERSION%%.*}/internal/version.version=$NII_HELM_VERSION" "$h"
+}
+
+# nii_build_helm: the helm CLI (charts/), built only on demand; sets NII_HELM.
+nii_build_helm() {
+	local lock rc=0
+	mkdir -p "$NII_CACHE/bin"
+	exec {lock}>"$NII_CACHE/.build.lock"
+	flock "$lock"
+	_nii_build "helm $NII_HELM_VERSION" "$NII_HELM_DIR" helm _nii_build_helm || rc=1
+	exec {lock}>&-
+	NII_HELM=$NII_HELM_DIR/helm
+	export NII_HELM
+	return "$rc"
+}
+
 # nii_build_kubelet: the standalone kubelet (lib/kubelet.sh), built only on
 # demand: about 3 minutes and 1.5 GB of RAM cold, so not part of nii_build_all.
 nii_build_kubelet() {
@@ -298,6 +325,29 @@ _nii_apt() {
 		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
 	fi
 	_nii_log "packages ${missing[*]} installed in $((SECONDS - start))s"
+}
+
+# nii_build_e2e_tool NAME : tests/e2e/tools/NAME, a Go program of the tests with its own
+# module (committed go.mod and go.sum), cached under a hash of its sources; prints the
+# binary's path. The OpenShift checkers (ignition-check, scc-admission) are built this way.
+nii_build_e2e_tool() {
+	local name=$1 src hash dir lock rc=0
+	src=$(cd "$(dirname "${BASH_SOURCE[0]}")/../tools/$name" && pwd)
+	hash=$(cat "$src/go.mod" "$src/go.sum" "$src"/*.go | sha256sum | cut -c1-12)
+	dir=$NII_CACHE/bin/$name-$hash
+	mkdir -p "$NII_CACHE/bin"
+	exec {lock}>"$NII_CACHE/.build.lock"
+	flock "$lock"
+	_NII_TOOL_SRC=$src _NII_TOOL_NAME=$name _nii_build "$name $hash" "$dir" "$name" _nii_build_e2e_tool >&2 || rc=1
+	exec {lock}>&-
+	((rc == 0)) || return 1
+	echo "$dir/$name"
+}
+
+_nii_build_e2e_tool() {
+	# -mod=readonly: the committed go.sum must be complete.
+	(cd "$_NII_TOOL_SRC" && CGO_ENABLED=0 _nii_go build -mod=readonly -trimpath \
+		-ldflags='-s -w' -o "$1/$_NII_TOOL_NAME" .)
 }
 
 # nii_install_packages: runc (the OCI runtime the shim calls), a static busybox
