@@ -359,6 +359,16 @@ pub trait HostOps: Send + Sync + fmt::Debug {
         attrs: FileAttrs<'_>,
     ) -> Result<String, HostError>;
 
+    /// Up to `limit` bytes of the regular file `name` in `dir` (enough to tell it from a
+    /// longer one), `None` when nothing is there. A symlink or anything but a regular file
+    /// is refused.
+    fn read_file(
+        &self,
+        dir: &DirHandle,
+        name: &str,
+        limit: usize,
+    ) -> Result<Option<Vec<u8>>, HostError>;
+
     /// `renameat(dir, from, dir, to)`: atomically replaces whatever is at `to` (a symlink
     /// there is replaced, not followed).
     fn rename(&self, dir: &DirHandle, from: &str, to: &str) -> Result<(), HostError>;

@@ -436,6 +436,25 @@ impl HostOps for RecordingHost {
         Ok(name)
     }
 
+    fn read_file(
+        &self,
+        dir: &DirHandle,
+        name: &str,
+        limit: usize,
+    ) -> Result<Option<Vec<u8>>, HostError> {
+        validate_component(name)?;
+        let path = dir.path().join(name);
+        let st = self.lock();
+        st.require_dir(dir.path())?;
+        match st.tree.get(&path) {
+            None => Ok(None),
+            Some(FakeNode::File { contents, .. }) => {
+                Ok(Some(contents[..contents.len().min(limit)].to_vec()))
+            }
+            Some(_) => Err(HostError::NotARegularFile { path }),
+        }
+    }
+
     fn rename(&self, dir: &DirHandle, from: &str, to: &str) -> Result<(), HostError> {
         validate_component(from)?;
         validate_component(to)?;
@@ -619,6 +638,14 @@ impl HostOps for SplitHost {
         attrs: FileAttrs<'_>,
     ) -> Result<String, HostError> {
         self.files.create_temp(dir, contents, attrs)
+    }
+    fn read_file(
+        &self,
+        dir: &DirHandle,
+        name: &str,
+        limit: usize,
+    ) -> Result<Option<Vec<u8>>, HostError> {
+        self.files.read_file(dir, name, limit)
     }
     fn rename(&self, dir: &DirHandle, from: &str, to: &str) -> Result<(), HostError> {
         self.files.rename(dir, from, to)

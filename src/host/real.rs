@@ -2,7 +2,7 @@
 
 use std::ffi::{CStr, CString};
 use std::fs::{DirBuilder, File};
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
@@ -320,6 +320,37 @@ impl HostOps for RealHost {
             dir.path(),
             Errno::EXIST,
         ))
+    }
+
+    fn read_file(
+        &self,
+        dir: &DirHandle,
+        name: &str,
+        limit: usize,
+    ) -> Result<Option<Vec<u8>>, HostError> {
+        validate_component(name)?;
+        let path = dir.path().join(name);
+        let fd = match openat(
+            dir_fd(dir)?,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => return Ok(None),
+            Err(Errno::LOOP) => return Err(HostError::NotARegularFile { path }),
+            Err(e) => return Err(HostError::io("opening", path, e)),
+        };
+        let st = fstat(&fd).map_err(|e| HostError::io("stat", &path, e))?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+            return Err(HostError::NotARegularFile { path });
+        }
+        let mut contents = Vec::new();
+        File::from(fd)
+            .take(limit as u64)
+            .read_to_end(&mut contents)
+            .map_err(|e| HostError::io("reading", &path, e))?;
+        Ok(Some(contents))
     }
 
     fn rename(&self, dir: &DirHandle, from: &str, to: &str) -> Result<(), HostError> {

@@ -477,6 +477,33 @@ fn real_atomic_write_chowns() {
 }
 
 #[test]
+fn real_read_file_reads_up_to_a_limit_and_refuses_what_is_not_a_regular_file() {
+    let tmp = TempRoot::new();
+    let host = RealHost::new();
+    let root = host.open_root(&tmp.root()).unwrap();
+    host.write_file_atomic(&root, "f", b"0123456789", FileAttrs::mode(0o600))
+        .unwrap();
+    assert_eq!(
+        host.read_file(&root, "f", 64).unwrap().unwrap(),
+        b"0123456789"
+    );
+    assert_eq!(host.read_file(&root, "f", 4).unwrap().unwrap(), b"0123");
+    assert_eq!(host.read_file(&root, "missing", 4).unwrap(), None);
+    let secret = tmp.base.join("secret");
+    std::fs::write(&secret, "s").unwrap();
+    symlink(&secret, tmp.root().join("link")).unwrap();
+    assert!(matches!(
+        host.read_file(&root, "link", 4),
+        Err(HostError::NotARegularFile { .. })
+    ));
+    host.ensure_dir(&root, "d", 0o700).unwrap();
+    assert!(matches!(
+        host.read_file(&root, "d", 4),
+        Err(HostError::NotARegularFile { .. })
+    ));
+}
+
+#[test]
 fn real_rename_replaces_a_symlink_without_following_it() {
     let tmp = TempRoot::new();
     let host = RealHost::new();

@@ -29,7 +29,9 @@ E2E_NODE_ID=spiffe://$E2E_TD/node
 # The CRI names the images are imported under (normalized, as CRI resolves).
 E2E_IMAGE=docker.io/library/e2e-busybox:1
 E2E_PAUSE_IMAGE=registry.k8s.io/pause:3.10.2
-export E2E_TD E2E_DELEGATE_ID E2E_NODE_ID E2E_IMAGE E2E_PAUSE_IMAGE
+# FROM scratch: only the static tools/idcheck binary, as /idcheck (its entrypoint).
+E2E_SCRATCH_IMAGE=docker.io/library/e2e-scratch:1
+export E2E_TD E2E_DELEGATE_ID E2E_NODE_ID E2E_IMAGE E2E_PAUSE_IMAGE E2E_SCRATCH_IMAGE
 
 # ---------------------------------------------------------------- utilities
 
@@ -331,8 +333,9 @@ bed_restart_containerd() {
 
 _bed_import_images() {
 	local out img
-	python3 "$_BED_LIB/mkimage.py" "$E2E/images" >/dev/null || return 1
-	for img in pause e2e-busybox; do
+	gcc -static -Os -s -o "$E2E/images/idcheck" "$_BED_LIB/../tools/idcheck/idcheck.c" || return 1
+	python3 "$_BED_LIB/mkimage.py" --scratch-binary "$E2E/images/idcheck" "$E2E/images" >/dev/null || return 1
+	for img in pause e2e-busybox e2e-scratch; do
 		# Quiet unless it fails: ctr echoes containerd's cgroup v1 deprecation
 		# warning on every call.
 		out=$("$CTR" images import "$E2E/images/$img.tar" 2>&1) ||
@@ -340,7 +343,8 @@ _bed_import_images() {
 	done
 	out=$("$CRICTL" images) || return 1
 	if ! grep -q 'registry.k8s.io/pause  *3\.10\.2' <<<"$out" ||
-		! grep -q 'docker.io/library/e2e-busybox  *1 ' <<<"$out"; then
+		! grep -q 'docker.io/library/e2e-busybox  *1 ' <<<"$out" ||
+		! grep -q 'docker.io/library/e2e-scratch  *1 ' <<<"$out"; then
 		_bed_die "imported images not visible to CRI:"$'\n'"$out"
 	fi
 }
@@ -496,13 +500,17 @@ EOF
 # bed_ctr_json NAME COMMAND... : write a container config (busybox image,
 # uid ${E2E_CTR_UID:-1001}, seccomp RuntimeDefault); prints its path. Run as
 # non-root so unix:uid selectors tell workloads from the root plugin.
+# E2E_CTR_IMAGE: another image (e.g. $E2E_SCRATCH_IMAGE); E2E_CTR_READONLY=1:
+# a read-only root file system; E2E_CTR_EXTRA: a JSON object of further CRI
+# container config keys (annotations, mounts).
 bed_ctr_json() {
 	local name=$1 f=$E2E/specs/ctr-$1.json
 	shift
-	python3 - "$name" "${E2E_CTR_UID:-1001}" "$E2E_IMAGE" "$@" >"$f" <<'EOF' || return 1
+	python3 - "$name" "${E2E_CTR_UID:-1001}" "${E2E_CTR_IMAGE:-$E2E_IMAGE}" \
+		"${E2E_CTR_READONLY:-0}" "${E2E_CTR_EXTRA:-"{}"}" "$@" >"$f" <<'EOF' || return 1
 import json, sys
-name, uid, image, *cmd = sys.argv[1:]
-json.dump({
+name, uid, image, readonly, extra, *cmd = sys.argv[1:]
+config = {
     "metadata": {"name": name},
     "image": {"image": image},
     "command": cmd,
@@ -512,11 +520,19 @@ json.dump({
             "namespace_options": {"network": 2, "pid": 1, "ipc": 0},
             "run_as_user": {"value": int(uid)},
             "seccomp": {"profile_type": 0},
+            "readonly_rootfs": readonly == "1",
         },
     },
-}, sys.stdout, indent=1)
+}
+config.update(json.loads(extra))
+json.dump(config, sys.stdout, indent=1)
 EOF
 	echo "$f"
+}
+
+# bed_ctr_exit_code CID : the exit code of an exited container.
+bed_ctr_exit_code() {
+	"$CRICTL" inspect -o go-template --template '{{.status.exitCode}}' "$1"
 }
 
 # bed_ctr_state CID : CONTAINER_CREATED, CONTAINER_RUNNING, CONTAINER_EXITED...
