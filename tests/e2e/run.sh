@@ -213,10 +213,10 @@ scenario_agent_down() {
 }
 
 # --- 9. the start guard: the daemon away between CreateContainer and StartContainer -----
-# guarded_pod NAME UID-OF-WORKLOAD : an annotated pod for container g; sets POD, POD_UID, PID.
+# guarded_pod NAME : a pod whose containers are all annotated; sets POD, POD_UID, PID.
 guarded_pod() {
 	POD_UID=$(bed_uuid)
-	POD=$(bed_pod_json "$1" "$POD_UID" "$(nii_annotations identity.noderesource.dev/container.g "$(nii_identity /var/certs)")")
+	POD=$(bed_pod_json "$1" "$POD_UID" "$(nii_annotations identity.noderesource.dev/pod "$(nii_identity /var/certs)")")
 	PID=$("$CRICTL" runp "$POD")
 }
 
@@ -279,18 +279,18 @@ scenario_guard_timeout() {
 }
 
 scenario_scratch() {
-	local e c1 c2 ctr
+	local e c1 c2
 	e=$(bed_entry /scratch unix:uid:1008)
 	bed_wait_entry "$e"
 	guarded_pod scratch
 	# FROM scratch, read-only root file system: nothing of the guard comes from the image.
-	ctr=$(E2E_CTR_UID=1008 E2E_CTR_IMAGE=$E2E_SCRATCH_IMAGE E2E_CTR_READONLY=1 bed_ctr_json g /idcheck /var/certs)
-	start_ctr "$PID" "$ctr" "$POD"
+	ctr() { E2E_CTR_UID=1008 E2E_CTR_IMAGE=$E2E_SCRATCH_IMAGE E2E_CTR_READONLY=1 bed_ctr_json "$1" /idcheck /var/certs; }
+	start_ctr "$PID" "$(ctr g)" "$POD"
 	c1=$CID
 	bed_wait_exited "$c1" 30
 	[[ $(logs_of "$c1") == *"svid exists!"*"key-readable-by-1008"* ]] || fail "scratch workload printed: $(logs_of "$c1")"
 	note "daemon up: crictl start ${START_MS} ms; $(logs_of "$c1" | tail -n +2 | tr '\n' ' ')"
-	c2=$("$CRICTL" create "$PID" "$ctr" "$POD")
+	c2=$("$CRICTL" create "$PID" "$(ctr g2)" "$POD")
 	nii_stop
 	"$CRICTL" start "$c2" >/dev/null || fail "crictl start failed without the daemon"
 	sleep 2

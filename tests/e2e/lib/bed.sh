@@ -183,7 +183,7 @@ state = '$E2E/containerd/state'
   runtime_path = '$shim'
 
 [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
-  BinaryName = '/usr/sbin/runc'
+  BinaryName = '$NII_RUNC'
   SystemdCgroup = false
 
 [plugins.'io.containerd.cri.v1.runtime'.cni]

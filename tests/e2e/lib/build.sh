@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the real programs the end-to-end bed runs (containerd, its runc shim,
-# ctr, crictl, spire-server, spire-agent) from the Go module proxy, and
-# installs the Debian packages the bed needs (runc, busybox-static, gcc).
+# ctr, crictl, runc, spire-server, spire-agent) from the Go module proxy, and
+# installs the Debian packages the bed needs (busybox-static, gcc,
+# libseccomp-dev).
 #
 # Executed: builds everything that is missing, then prints the binary dirs.
 # Sourced:  defines nii_build_all and the NII_*_DIR variables (bed.sh does
@@ -20,6 +21,11 @@ NII_CRICTL_VERSION=${NII_CRICTL_VERSION:-v1.34.0}
 NII_SPIRE_VERSION=${NII_SPIRE_VERSION:-v1.13.3}
 NII_KUBELET_VERSION=${NII_KUBELET_VERSION:-v1.34.4}
 NII_ETCD_VERSION=${NII_ETCD_VERSION:-v3.6.16}
+# runc from 1.2.8, 1.3.3 and 1.4.0 on closes its exec FIFO before the OCI startContainer
+# hooks run, so `runc start` returns without waiting for them (older ones wait, holding
+# containerd's StartContainer, and NRI plugin synchronisation with it, until the hooks end);
+# the same releases fix the November 2025 container-escape CVEs.
+NII_RUNC_VERSION=${NII_RUNC_VERSION:-v1.4.0}
 
 NII_CONTAINERD_DIR=$NII_CACHE/bin/containerd-$NII_CONTAINERD_VERSION
 NII_CRICTL_DIR=$NII_CACHE/bin/crictl-$NII_CRICTL_VERSION
@@ -28,7 +34,10 @@ NII_KUBELET_DIR=$NII_CACHE/bin/kubelet-$NII_KUBELET_VERSION
 # kube-apiserver, kube-controller-manager and kubectl of the kubelet's release.
 NII_CONTROL_PLANE_DIR=$NII_CACHE/bin/kube-control-plane-$NII_KUBELET_VERSION
 NII_ETCD_DIR=$NII_CACHE/bin/etcd-$NII_ETCD_VERSION
-export NII_CACHE NII_CONTAINERD_DIR NII_CRICTL_DIR NII_SPIRE_DIR NII_KUBELET_DIR NII_CONTROL_PLANE_DIR NII_ETCD_DIR
+NII_RUNC_DIR=$NII_CACHE/bin/runc-$NII_RUNC_VERSION
+# The OCI runtime the bed's shim calls; NII_RUNC=/usr/sbin/runc picks the distribution's.
+NII_RUNC=${NII_RUNC:-$NII_RUNC_DIR/runc}
+export NII_CACHE NII_CONTAINERD_DIR NII_CRICTL_DIR NII_SPIRE_DIR NII_KUBELET_DIR NII_CONTROL_PLANE_DIR NII_ETCD_DIR NII_RUNC_DIR NII_RUNC
 
 # The toolchain must be the installed one: the module proxy is reachable but
 # toolchain downloads are not, and a silent toolchain switch would hide a
@@ -91,6 +100,12 @@ _nii_build_containerd() {
 		"$m/containerd@$NII_CONTAINERD_VERSION" \
 		"$m/containerd-shim-runc-v2@$NII_CONTAINERD_VERSION" \
 		"$m/ctr@$NII_CONTAINERD_VERSION"
+}
+
+_nii_build_runc() {
+	# cgo: runc's nsexec is C, and seccomp profiles need libseccomp.
+	GOBIN=$1 CGO_ENABLED=1 _nii_go install -trimpath -tags seccomp -ldflags='-s -w' \
+		"github.com/opencontainers/runc@$NII_RUNC_VERSION"
 }
 
 _nii_build_crictl() {
@@ -237,12 +252,14 @@ _nii_build_delegated_fetch() {
 		-ldflags='-s -w' -o "$1/delegated-fetch" .)
 }
 
-# nii_install_packages: runc (the OCI runtime the shim calls), a static busybox
-# (the only content of the test images) and gcc (spire-server's cgo). Debian's
-# containerd is deliberately not installed: its shim would shadow ours.
+# nii_install_packages: runc (the distribution's, for NII_RUNC=/usr/sbin/runc), a
+# static busybox (the only content of the test images), gcc (spire-server's and
+# runc's cgo, the scratch image's binary) and libseccomp-dev (runc's seccomp).
+# Debian's containerd is deliberately not installed: its shim would shadow ours.
 nii_install_packages() {
 	local missing=() start=$SECONDS
 	[[ -x /usr/sbin/runc ]] || missing+=(runc)
+	dpkg-query -W -f='${Status}' libseccomp-dev 2>/dev/null | grep -q 'ok installed' || missing+=(libseccomp-dev)
 	# The images need the *static* busybox; the dynamic one would not run
 	# inside a rootfs that holds nothing else.
 	dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' || missing+=(busybox-static)
@@ -271,6 +288,7 @@ nii_build_all() {
 	_nii_build "containerd $NII_CONTAINERD_VERSION" "$NII_CONTAINERD_DIR" \
 		"containerd containerd-shim-runc-v2 ctr" _nii_build_containerd || rc=1
 	((rc)) || _nii_build "crictl $NII_CRICTL_VERSION" "$NII_CRICTL_DIR" "crictl" _nii_build_crictl || rc=1
+	((rc)) || _nii_build "runc $NII_RUNC_VERSION" "$NII_RUNC_DIR" "runc" _nii_build_runc || rc=1
 	((rc)) || _nii_build "spire $NII_SPIRE_VERSION" "$NII_SPIRE_DIR" \
 		"spire-server spire-agent" _nii_build_spire || rc=1
 	exec {lock}>&-
@@ -282,8 +300,8 @@ nii_build_all() {
 
 if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
 	nii_build_all
-	printf 'NII_CONTAINERD_DIR=%s\nNII_CRICTL_DIR=%s\nNII_SPIRE_DIR=%s\n' \
-		"$NII_CONTAINERD_DIR" "$NII_CRICTL_DIR" "$NII_SPIRE_DIR"
+	printf 'NII_CONTAINERD_DIR=%s\nNII_CRICTL_DIR=%s\nNII_SPIRE_DIR=%s\nNII_RUNC=%s\n' \
+		"$NII_CONTAINERD_DIR" "$NII_CRICTL_DIR" "$NII_SPIRE_DIR" "$NII_RUNC"
 	# `build.sh kubelet`: also the standalone kubelet.
 	if [[ ${1:-} == kubelet ]]; then
 		nii_build_kubelet
