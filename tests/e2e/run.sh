@@ -305,13 +305,13 @@ scenario_scratch() {
 # --- 10. churn: pods created and started one after another while the daemon is SIGKILLed
 # and restarted and the agent restarted; no workload may ever run without its files --------
 scenario_churn() {
-	local n=${NII_CHURN_PODS:-50} e i pod pid cid kills=0 uid=1009 bg ok=0 without=0 refused=0 guarded=0 t0
+	local n=${NII_CHURN_PODS:-50} e i pod pid cid kills=0 uid=1009 bg ok=0 without=0 refused=0 guarded=0 t0 t restarts=0
 	local -a cids=() pids=()
 	e=$(bed_entry /churn unix:uid:$uid)
 	bed_wait_entry "$e"
 	t0=$(nii_ms)
 	for ((i = 0; i < n; i++)); do
-		pod=$(bed_pod_json "churn$i" "$(bed_uuid)" "$(nii_annotations identity.noderesource.dev/container.w "$(nii_identity /var/certs)")")
+		pod=$(bed_pod_json "churn$i" "$(bed_uuid)" "$(nii_annotations identity.noderesource.dev/pod "$(nii_identity /var/certs)")")
 		pid=$("$CRICTL" runp "$pod")
 		pids+=("$pid")
 		cid=$("$CRICTL" create "$pid" "$(E2E_CTR_UID=$uid bed_ctr_json "w$i" sh -c "$CHECK")" "$pod")
@@ -322,7 +322,9 @@ scenario_churn() {
 			nii_kill
 			kills=$((kills + 1))
 			"$CRICTL" start "$cid" >/dev/null 2>&1 || true
+			t=$(nii_ms)
 			nii_start
+			restarts=$((restarts + $(nii_ms) - t))
 			;;
 		6)
 			# During StartContainer.
@@ -331,8 +333,10 @@ scenario_churn() {
 			sleep "0.0$((RANDOM % 3))"
 			nii_kill
 			kills=$((kills + 1))
-			wait "$bg" || true
+			wait "$bg" 2>/dev/null || true
+			t=$(nii_ms)
 			nii_start
+			restarts=$((restarts + $(nii_ms) - t))
 			;;
 		*)
 			"$CRICTL" start "$cid" >/dev/null 2>&1 || true
@@ -358,7 +362,7 @@ scenario_churn() {
 		*) refused=$((refused + 1)) ;;
 		esac
 	done
-	note "$n pods in $(($(nii_ms) - t0)) ms, daemon SIGKILLed $kills times (before and during StartContainer), agent restarted once"
+	note "$n pods in $(($(nii_ms) - t0)) ms (of which $restarts ms restarting the daemon), daemon SIGKILLed $kills times (before and during StartContainer), agent restarted once"
 	note "ran with their files: $ok; ran WITHOUT: $without; start refused: $refused; stopped by the guard: $guarded"
 	((without == 0)) || fail "$without workloads ran without their files"
 	((ok + refused + guarded == n)) || fail "unaccounted containers"
