@@ -860,11 +860,11 @@ impl ArtifactWriter {
                 self.host.unlink(&dir, &name).map_err(failed)?;
             }
         }
-        let current = self
+        if self
             .host
-            .read_file(&dir, GUARD_FILE, executable.len().saturating_add(1))
-            .map_err(failed)?;
-        if current.as_deref() == Some(executable) {
+            .file_matches(&dir, GUARD_FILE, executable)
+            .map_err(failed)?
+        {
             if let Some(label) = label {
                 self.host
                     .set_xattr(&dir, Some(GUARD_FILE), SELINUX_XATTR, label.as_bytes())

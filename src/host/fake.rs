@@ -436,21 +436,19 @@ impl HostOps for RecordingHost {
         Ok(name)
     }
 
-    fn read_file(
+    fn file_matches(
         &self,
         dir: &DirHandle,
         name: &str,
-        limit: usize,
-    ) -> Result<Option<Vec<u8>>, HostError> {
+        contents: &[u8],
+    ) -> Result<bool, HostError> {
         validate_component(name)?;
         let path = dir.path().join(name);
         let st = self.lock();
         st.require_dir(dir.path())?;
         match st.tree.get(&path) {
-            None => Ok(None),
-            Some(FakeNode::File { contents, .. }) => {
-                Ok(Some(contents[..contents.len().min(limit)].to_vec()))
-            }
+            None => Ok(false),
+            Some(FakeNode::File { contents: c, .. }) => Ok(c.as_slice() == contents),
             Some(_) => Err(HostError::NotARegularFile { path }),
         }
     }
@@ -639,13 +637,13 @@ impl HostOps for SplitHost {
     ) -> Result<String, HostError> {
         self.files.create_temp(dir, contents, attrs)
     }
-    fn read_file(
+    fn file_matches(
         &self,
         dir: &DirHandle,
         name: &str,
-        limit: usize,
-    ) -> Result<Option<Vec<u8>>, HostError> {
-        self.files.read_file(dir, name, limit)
+        contents: &[u8],
+    ) -> Result<bool, HostError> {
+        self.files.file_matches(dir, name, contents)
     }
     fn rename(&self, dir: &DirHandle, from: &str, to: &str) -> Result<(), HostError> {
         self.files.rename(dir, from, to)

@@ -26,6 +26,8 @@ const MAX_REMOVE_DEPTH: usize = 16;
 /// Random characters in a temporary file name; with `O_EXCL` a collision only costs a retry.
 const TEMP_RANDOM_CHARS: usize = 12;
 const TEMP_ATTEMPTS: usize = 16;
+/// Block size of [`RealHost::file_matches`].
+const COMPARE_BLOCK: usize = 64 * 1024;
 
 /// The host itself. Stateless; every directory is held as an fd in a [`DirHandle`].
 #[derive(Debug, Default, Clone, Copy)]
@@ -322,12 +324,12 @@ impl HostOps for RealHost {
         ))
     }
 
-    fn read_file(
+    fn file_matches(
         &self,
         dir: &DirHandle,
         name: &str,
-        limit: usize,
-    ) -> Result<Option<Vec<u8>>, HostError> {
+        contents: &[u8],
+    ) -> Result<bool, HostError> {
         validate_component(name)?;
         let path = dir.path().join(name);
         let fd = match openat(
@@ -337,7 +339,7 @@ impl HostOps for RealHost {
             Mode::empty(),
         ) {
             Ok(fd) => fd,
-            Err(Errno::NOENT) => return Ok(None),
+            Err(Errno::NOENT) => return Ok(false),
             Err(Errno::LOOP) => return Err(HostError::NotARegularFile { path }),
             Err(e) => return Err(HostError::io("opening", path, e)),
         };
@@ -345,12 +347,24 @@ impl HostOps for RealHost {
         if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
             return Err(HostError::NotARegularFile { path });
         }
-        let mut contents = Vec::new();
-        File::from(fd)
-            .take(limit as u64)
-            .read_to_end(&mut contents)
-            .map_err(|e| HostError::io("reading", &path, e))?;
-        Ok(Some(contents))
+        if u64::try_from(st.st_size).ok() != u64::try_from(contents.len()).ok() {
+            return Ok(false);
+        }
+        let mut file = File::from(fd);
+        let mut block = vec![0u8; COMPARE_BLOCK];
+        let mut expected = contents;
+        loop {
+            let n = file
+                .read(&mut block)
+                .map_err(|e| HostError::io("reading", &path, e))?;
+            if n == 0 {
+                return Ok(expected.is_empty());
+            }
+            match expected.split_at_checked(n) {
+                Some((head, rest)) if head == &block[..n] => expected = rest,
+                _ => return Ok(false),
+            }
+        }
     }
 
     fn rename(&self, dir: &DirHandle, from: &str, to: &str) -> Result<(), HostError> {
