@@ -6,8 +6,9 @@
 #
 # Each container is the FROM scratch image's idcheck, whose first instruction records when
 # it started: "crictl start -> first instruction" is what a start costs the workload, with
-# the start guard (the default), without it (start_guard = false) and with the bare client.
-# The guard alone (exec and checks, files present) is also timed on the host.
+# the start guard, without it (a pod with on_failure: continue, served alike otherwise; the
+# two pods take turns) and with the bare client. The guard alone (exec and checks, files
+# present) is also timed on the host.
 #
 #   tests/e2e/bench.sh [N]
 set -euo pipefail
@@ -28,34 +29,50 @@ bed_wait_entry "$(bed_entry /bench unix:uid:1001)"
 
 ns() { date +%s%N; }
 
-# run_pass LABEL : N containers created and started one after another in one pod; records
-# crictl start's latency and the time from crictl start to the workload's first instruction.
-# Leaves the pod's directory of its last container in LAST_DIR (daemon passes).
+# run_pass LABEL... : one pod per LABEL, N containers in each, created and started one after
+# another, taking the pods in turn (so that load on the machine falls on all of them alike);
+# records crictl start's latency and the time from crictl start to the workload's first
+# instruction. The pod of label `noguard` sets `on_failure: continue`, which gets no start
+# guard and is otherwise served the same. Leaves the directory of the first label's last
+# container in LAST_DIR.
 run_pass() {
-	local label=$1 pod pod_uid pid cid i t first
-	local -a cids=() starts=()
-	pod_uid=$(bed_uuid)
-	pod=$(bed_pod_json "bench-$label" "$pod_uid" "$(nii_annotations identity.noderesource.dev/pod "$(nii_identity /var/certs)")")
-	pid=$("$CRICTL" runp "$pod")
-	: >"$E2E/start-$label.ms"
-	: >"$E2E/first-$label.ms"
-	for ((i = 0; i < n; i++)); do
-		cid=$("$CRICTL" create "$pid" "$(E2E_CTR_IMAGE=$E2E_SCRATCH_IMAGE bed_ctr_json "b$i" /idcheck /var/certs)" "$pod")
-		t=$(ns)
-		"$CRICTL" start "$cid" >/dev/null
-		echo "$((($(ns) - t) / 1000))" >>"$E2E/start-$label.ms"
-		cids+=("$cid")
-		starts+=("$t")
+	local label pod_uid cid i t first out
+	local -A pods=() pids=() uids=()
+	local -a cids=() starts=() labels=()
+	for label in "$@"; do
+		pod_uid=$(bed_uuid)
+		uids[$label]=$pod_uid
+		if [[ $label == noguard ]]; then
+			pods[$label]=$(bed_pod_json "bench-$label" "$pod_uid" "$(nii_annotations identity.noderesource.dev/pod "$(nii_identity /var/certs 'on_failure: continue')")")
+		else
+			pods[$label]=$(bed_pod_json "bench-$label" "$pod_uid" "$(nii_annotations identity.noderesource.dev/pod "$(nii_identity /var/certs)")")
+		fi
+		pids[$label]=$("$CRICTL" runp "${pods[$label]}")
+		: >"$E2E/start-$label.ms"
+		: >"$E2E/first-$label.ms"
 	done
 	for ((i = 0; i < n; i++)); do
+		for label in "$@"; do
+			cid=$("$CRICTL" create "${pids[$label]}" "$(E2E_CTR_IMAGE=$E2E_SCRATCH_IMAGE bed_ctr_json "b$i" /idcheck /var/certs)" "${pods[$label]}")
+			t=$(ns)
+			"$CRICTL" start "$cid" >/dev/null
+			echo "$((($(ns) - t) / 1000))" >>"$E2E/start-$label.ms"
+			cids+=("$cid")
+			starts+=("$t")
+			labels+=("$label")
+		done
+	done
+	for i in "${!cids[@]}"; do
 		bed_wait_exited "${cids[i]}" 60
-		first=$("$CRICTL" logs "${cids[i]}" 2>&1 | sed -n 's/^started-at-ns=//p')
-		echo "$(((first - starts[i]) / 1000))" >>"$E2E/first-$label.ms"
+		out=$("$CRICTL" logs "${cids[i]}" 2>&1)
+		first=$(sed -n 's/^started-at-ns=//p' <<<"$out")
+		[[ -n $first ]] || _bed_die "${cids[i]} printed no start time: $out" || return 1
+		echo "$(((first - starts[i]) / 1000))" >>"$E2E/first-${labels[i]}.ms"
+		if [[ ${labels[i]} != bare && $out != *"svid exists!"* ]]; then
+			_bed_die "${labels[i]}: ${cids[i]} ran without its files: $out" || return 1
+		fi
 	done
-	LAST_DIR=$(nii_dir "$pod_uid" "${cids[n - 1]}")
-	if [[ $label != bare ]]; then
-		"$CRICTL" logs "${cids[n - 1]}" 2>&1 | grep -q 'svid exists!' || echo "bench: $label: the workload had no files" >&2
-	fi
+	LAST_DIR=$(nii_dir "${uids[$1]}" "${cids[${#cids[@]} - $#]}")
 }
 
 # The guard as the runtime runs it, files present: N runs on the host.
@@ -70,13 +87,11 @@ time_guard() {
 }
 
 nii_start
-run_pass daemon
+run_pass daemon noguard
 time_guard "$LAST_DIR"
 "$CRICTL" rmp -af >/dev/null
-grep -o 'identity delivered.*elapsed_ms=[0-9.]*' "$E2E/logs/nii.log" | grep -o 'elapsed_ms=[0-9.]*' | cut -d= -f2 >"$E2E/daemon.ms"
-nii_restart NRI_IDENTITY_START_GUARD=false
-run_pass noguard
-"$CRICTL" rmp -af >/dev/null
+grep 'identity{pod=bench-daemon ' "$E2E/logs/nii.log" | grep -o 'identity delivered.*elapsed_ms=[0-9.]*' |
+	grep -o 'elapsed_ms=[0-9.]*' | cut -d= -f2 >"$E2E/daemon.ms"
 nii_stop
 
 bed_spawn bare "$BARE_BIN" --socket "$NRI_SOCK" --agent "$ADMIN_SOCK" >/dev/null

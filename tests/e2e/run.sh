@@ -229,7 +229,7 @@ scenario_guard_restart() {
 	bed_wait_entry "$e"
 	guarded_pod guarded
 	cid=$("$CRICTL" create "$PID" "$(E2E_CTR_UID=1007 bed_ctr_json g sh -c "echo first-instruction; $CHECK")" "$POD")
-	"$CRICTL" inspect "$cid" | grep -q '"startContainer"' || fail "no startContainer hook in the OCI spec"
+	[[ $("$CRICTL" inspect "$cid") == *'"startContainer"'* ]] || fail "no startContainer hook in the OCI spec"
 	# CreateContainer returned; the daemon goes away before StartContainer.
 	nii_stop
 	t=$(nii_ms)
@@ -244,7 +244,7 @@ scenario_guard_restart() {
 	note "daemon back; workload released $(($(nii_ms) - t)) ms after the daemon was started"
 	[[ $(logs_of "$cid") == $'first-instruction\nsvid exists!' ]] || fail "workload printed: $(logs_of "$cid")"
 	[[ $(bed_ctr_exit_code "$cid") == 0 ]] || fail "exit code $(bed_ctr_exit_code "$cid")"
-	grep "container_id=$cid" "$E2E/logs/nii.log" | grep -q 'resuming identity maintenance' || fail "not resumed from Synchronize"
+	[[ $(grep "container_id=$cid" "$E2E/logs/nii.log") == *'resuming identity maintenance'* ]] || fail "not resumed from Synchronize"
 	note "its first instruction saw the files: $(logs_of "$cid" | tr '\n' ' ')"
 	"$CRICTL" rmp -f "$PID" >/dev/null
 }
