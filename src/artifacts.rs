@@ -21,7 +21,8 @@
 //!
 //! [`ArtifactWriter::write`] first **stages** every file: a temp file per output, created
 //! `O_EXCL`, given its final mode, owner and (optionally) SELinux label, written and
-//! `fsync`ed, in the order key, certificates, bundles. Only when all are staged does it
+//! `fsync`ed, in the order key, certificates, federated bundles, trust bundle (so the trust
+//! bundle's arrival means the whole set arrived). Only when all are staged does it
 //! **commit**: `renameat` of each over its final name in the same order, then removal of
 //! stale federated bundles, then `fsync` of the directory. Consequences:
 //!
@@ -305,7 +306,8 @@ impl fmt::Debug for RenderedFile {
     }
 }
 
-/// The files of one delivery, in write order (key, certificates, bundles, federated bundles).
+/// The files of one delivery, in write order (key, certificates, federated bundles, the trust
+/// bundle).
 /// Every buffer is wiped on drop.
 #[derive(Debug)]
 pub struct RenderedFiles {
@@ -359,6 +361,12 @@ impl RenderedFiles {
                     contents,
                 });
             }
+        }
+        // The trust bundle goes last: whoever sees it (the start guard waits for it) sees every
+        // file of this delivery, federated bundles included.
+        if let Some(i) = out.iter().position(|f| f.kind == RenderedKind::TrustBundle) {
+            let bundle = out.remove(i);
+            out.push(bundle);
         }
         let mut seen = BTreeSet::new();
         for file in &out {

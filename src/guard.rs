@@ -14,7 +14,8 @@
 //! systems.
 //!
 //! The guard waits, within its own timeout, until every file the annotation names is present
-//! in `cert_dir` (files appear by `rename`, so a present file is a complete one), the key
+//! in `cert_dir` (files appear by `rename`, so a present file is a complete one, and the trust
+//! bundle comes last, after any federated bundles of the same delivery), the key
 //! belongs to the leaf certificate and, where the annotation names a `spiffe_id`, the leaf
 //! carries it. It reads DER structure only ([`x509`]); it checks no signature. It starts no
 //! async runtime and loads no configuration: it runs on every start.

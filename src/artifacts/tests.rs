@@ -133,10 +133,11 @@ fn spiffe_helper_layout_with_separate_federation() {
         vec![
             "svid_key.pem",
             "svid.pem",
-            "svid_bundle.pem",
             "other.org.x509.pem",
-            "third.example.x509.pem"
-        ]
+            "third.example.x509.pem",
+            "svid_bundle.pem"
+        ],
+        "the trust bundle last: its arrival means the whole set arrived"
     );
     let key = files.get("svid_key.pem").unwrap();
     assert_eq!(key.mode(), 0o600);
