@@ -35,7 +35,7 @@
 //! | field | default | rule |
 //! |---|---|---|
 //! | `spire_agent_address` | the daemon's agent socket | absolute path or `unix://` URL, in the [`Policy`] allowlist |
-//! | `cert_dir` | required | absolute, normalised, not `/`, not at or under `/proc`, `/sys`, `/dev` |
+//! | `cert_dir` | required | absolute, normalised, not `/`, not at or under `/proc`, `/sys`, `/dev` or the start guard's `/.nri-identity-injector-guard` |
 //! | `layout` | `spiffe-helper` | `spiffe-helper` (three files) or `combined` (key + chain in one file) |
 //! | `svid_file_name` | `svid.pem` | spiffe-helper layout only |
 //! | `svid_key_file_name` | `svid_key.pem` | spiffe-helper layout only |

@@ -201,8 +201,8 @@ fn agent_address(address: &str, policy: &Policy) -> Result<PathBuf, AnnotationEr
 }
 
 // Runtime-managed mounts: mounting over them could mask the runtime's own masked or read-only
-// paths, and nothing legitimate lives there.
-const RESERVED_DIRS: [&str; 3] = ["/proc", "/sys", "/dev"];
+// paths, and nothing legitimate lives there; and where the start guard is mounted.
+const RESERVED_DIRS: [&str; 4] = ["/proc", "/sys", "/dev", crate::guard::CONTAINER_PATH];
 
 fn cert_directory(dir: &str) -> Result<PathBuf, FieldProblem> {
     absolute_path(dir)?;

@@ -176,8 +176,10 @@ impl Bed {
         pod: &PodInfo,
         c: &mut ContainerInfo,
     ) -> Result<(), ContainerError> {
-        if let Some(m) = self.engine.create_container(pod, c, None).await? {
-            c.mounts.push((m.destination, m.source));
+        if let Some(injection) = self.engine.create_container(pod, c, None).await? {
+            for m in injection.mounts {
+                c.mounts.push((m.destination, m.source));
+            }
         }
         self.engine.start_container(pod, c, None).await
     }
@@ -237,8 +239,13 @@ async fn pid_mode_delivers_at_start_into_the_mounted_directory_owned_by_the_cont
     bed.process(&c);
     bed.serve(&c, svid("/web", 1));
 
-    let mount = bed.engine.create_container(&p, &c, None).await.unwrap();
-    let mount = mount.expect("an annotated container gets a mount");
+    let injection = bed.engine.create_container(&p, &c, None).await.unwrap();
+    let injection = injection.expect("an annotated container gets a mount");
+    assert!(
+        injection.start_container_hooks.is_empty(),
+        "no start guard unless configured"
+    );
+    let [mount] = <[_; 1]>::try_from(injection.mounts).expect("one mount: the directory");
     assert_eq!(mount.destination, Path::new("/var/certs"));
     assert_eq!(mount.source, bed.dir(&p, &c));
     assert!(bed.files(&p, &c).is_empty(), "nothing before the start");
