@@ -1,4 +1,4 @@
-//! Benchmarks of the daemon (issue "identity engine"). Not timed tests: they print figures.
+//! Benchmarks of the daemon. Not timed tests: they print figures.
 //!
 //! 1. `create`: CreateContainer through the real NRI wire path (fake runtime → unix socket →
 //!    nri_plugin::Runner → IdentityPlugin → Engine), timed from the runtime's side.

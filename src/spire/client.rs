@@ -33,7 +33,8 @@ pub struct ApiConfig {
     /// not at all, so this only needs to cover a loaded node.
     pub connect_timeout: Duration,
     /// Largest message accepted from the agent. gRPC's (and tonic's) 4 MiB default is too small
-    /// for workloads with many identities (spire#3965).
+    /// for workloads with many identities: every message carries the complete set, each SVID
+    /// with its chain and key.
     pub max_decoding_message_size: usize,
 }
 

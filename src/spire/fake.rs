@@ -2,7 +2,8 @@
 //! (compiled under `cfg(test)` or the `testing` feature).
 //!
 //! [`FakeAgent`] serves the generated gRPC server on a unix socket in a fresh temporary
-//! directory and reproduces the agent behaviour the engine depends on (notes §4-§6):
+//! directory and reproduces the agent behaviour the engine depends on, as the SPIRE agent
+//! implements the Delegated Identity API:
 //!
 //! - PID and selector subscriptions, with the agent's argument checks (`InvalidArgument` for
 //!   both or neither, PID 0, malformed selectors). Selector requests match every scripted

@@ -54,10 +54,12 @@ pub mod proto {
 
 /// Which workload to fetch identities for.
 ///
-/// The agent treats the two forms very differently (see the notes, §4): a PID is attested by
-/// the agent's own workload attestors once, when the subscription starts; selectors are taken
-/// as already attested and match every registration entry whose selectors are a subset of
-/// them, so send the workload's *complete* selector set.
+/// The agent treats the two forms very differently: a PID is attested by the agent's own
+/// workload attestors once, when the subscription starts, in the agent's PID namespace, and the
+/// stream then follows the selectors found then even after the process exits; selectors are
+/// taken as already attested and match every registration entry whose selectors are a subset
+/// of them (never any entry that needs one more), so send the workload's *complete* selector
+/// set.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Workload {
     /// A process ID in the agent's PID namespace (must be positive). SPIRE does not guard it
@@ -261,8 +263,9 @@ impl SourceError {
     /// `Cancelled`, `Aborted` and `ResourceExhausted` (transient by gRPC convention); and
     /// `Decode` (a bad message from the agent; a new subscription gets a fresh complete set).
     ///
-    /// Terminal: the answer will not change until configuration, registration entries or our
-    /// code do (notes §3, §4, §6). `InvalidArgument` (bad pid/selector combination or
+    /// Terminal: the agent answers these from its configuration (authorized delegates, workload
+    /// attestors), its registration entries or the request itself, so asking again gets the
+    /// same answer until one of them or our code changes. `InvalidArgument` (bad pid/selector combination or
     /// selectors), `PermissionDenied` (we are not an authorized delegate, or have no entry on
     /// this agent), `Unauthenticated` (the agent could not verify us as the caller),
     /// `Unimplemented` (agent without this API), `OutOfRange` (a message over our size limit),
