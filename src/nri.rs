@@ -99,6 +99,7 @@ pub fn status(e: &ContainerError) -> Status {
         | EngineError::ProcessMoved { .. }
         | EngineError::MissingTrustDomain { .. }
         | EngineError::NoKubelet
+        | EngineError::Label(_)
         | EngineError::Naming(NamingError::Selectors(_) | NamingError::EphemeralContainer) => {
             Code::FailedPrecondition
         }

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use nri_identity_backends::{
     AnyRuntime, Attestation, Backends, ContainerInfo, DeliveryPoint, MountSpec, Plan, PodInfo,
-    RuntimeKind, SandboxClasses,
+    RuntimeBackend, RuntimeKind, SandboxClasses,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -38,6 +38,7 @@ use crate::artifacts::{ArtifactDir, ArtifactWriter, LiveContainers};
 use crate::host::{HostError, HostOps};
 use crate::k8s::{KubeletPods, LookupError};
 use crate::metrics::Metrics;
+use crate::selinux::{LabelPolicy, LabelSource};
 use crate::spire::{BundleSet, IdentitySource};
 
 /// Engine settings, taken from the daemon configuration.
@@ -51,8 +52,11 @@ pub struct EngineConfig {
     pub sandboxes: SandboxClasses,
     /// How workloads are named when the pod does not choose.
     pub default_attestation: Attestation,
-    /// The SELinux context of every directory and file, where the host needs one.
-    pub selinux_label: Option<String>,
+    /// Which SELinux label directories and files get (`auto` resolved).
+    pub selinux_label: LabelPolicy,
+    /// Where the runtime keeps its sandboxes' OCI configurations (private labels read the
+    /// pod's MCS level there); `None`: the runtime's default.
+    pub runtime_state_dir: Option<PathBuf>,
     /// Upper bound on waiting for the first SVID inside a runtime event.
     pub first_svid_timeout: Duration,
     /// Kept free of the runtime's deadline for writing files and answering.
@@ -72,7 +76,8 @@ impl EngineConfig {
             runtime: None,
             sandboxes: SandboxClasses::default(),
             default_attestation: Attestation::Pid,
-            selinux_label: None,
+            selinux_label: LabelPolicy::Off,
+            runtime_state_dir: None,
             first_svid_timeout: Duration::from_millis(1500),
             deadline_margin: Duration::from_millis(150),
             retry_initial: Duration::from_millis(200),
@@ -109,6 +114,7 @@ struct Inner<S> {
     source: S,
     host: Arc<dyn HostOps>,
     writer: ArtifactWriter,
+    labels: LabelSource,
     /// Set again when the runtime connects (NRI Configure names it).
     backends: RwLock<Backends>,
     tracked: Mutex<HashMap<String, Tracked>>,
@@ -143,6 +149,7 @@ impl<S: IdentitySource> Engine<S> {
         Engine {
             inner: Arc::new(Inner {
                 writer: ArtifactWriter::new(host.clone(), cfg.artifact_root.clone()),
+                labels: LabelSource::new(cfg.selinux_label, host.clone()),
                 cfg,
                 source,
                 host,
@@ -227,8 +234,15 @@ impl<S: IdentitySource> Engine<S> {
         )?)
     }
 
-    fn label(&self) -> Option<&str> {
-        self.inner.cfg.selinux_label.as_deref()
+    /// The SELinux label of the pod's directories and files, learnt again on every call so
+    /// that a directory (re)created for any reason gets it.
+    fn label(&self, pod: &PodInfo) -> Result<Option<Arc<str>>, EngineError> {
+        let runtime = self.runtime();
+        let state_dir = self.inner.cfg.runtime_state_dir.as_deref();
+        Ok(self
+            .inner
+            .labels
+            .label(&pod.id, |id| runtime.sandbox_spec_path(state_dir, id))?)
     }
 
     fn container_dir_path(&self, pod_key: &str, container_id: &str) -> PathBuf {
@@ -255,10 +269,11 @@ impl<S: IdentitySource> Engine<S> {
             return Ok(None);
         };
         let plan = self.plan(pod, &request).map_err(err)?;
+        let label = self.label(pod).map_err(err)?;
         let dir = self
             .inner
             .writer
-            .create_dir(pod.key(), &c.id, self.label())
+            .create_dir(pod.key(), &c.id, label.as_deref())
             .map_err(|e| err(e.into()))?;
         let mount = MountSpec::identity_dir(dir.path(), &request.cert_dir);
         info!(pod = %pod.name, namespace = %pod.namespace, container = %c.name, container_id = %c.id,
@@ -358,10 +373,11 @@ impl<S: IdentitySource> Engine<S> {
         {
             return Ok(dir);
         }
+        let label = self.label(pod)?;
         Ok(self
             .inner
             .writer
-            .create_dir(pod.key(), &c.id, self.label())?)
+            .create_dir(pod.key(), &c.id, label.as_deref())?)
     }
 
     /// Delivers the first identity, applying the pod's failure policy. At CreateContainer a
