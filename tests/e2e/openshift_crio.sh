@@ -11,9 +11,10 @@
 #
 # Scenarios: the daemon registers with that CRI-O; the design proposal's pod as a static pod
 # gets its files before its first instruction, by a k8s:container-name entry, and the
-# selectors the daemon sends equal the attestor's (tests/e2e/k8s.sh's scenario, run here on
-# this CRI-O); the files carry the ConfigMap's label; the drop-in's default validator keeps a
-# pod that requires the daemon out while the daemon is down.
+# selectors the daemon sends equal the attestor's; a PID-mode pod is refused at
+# CreateContainer (both tests/e2e/k8s.sh's scenarios, run here on this CRI-O); the files carry
+# the ConfigMap's label; the drop-in's default validator keeps a pod that requires the daemon
+# out while the daemon is down.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -84,7 +85,7 @@ scenario_required_plugin() {
 	rm -f "$KUBELET_MANIFESTS/required.yaml"
 }
 
-ALL=(registers proposal labels required_plugin)
+ALL=(registers proposal pid_mode labels required_plugin)
 (($#)) || set -- "${ALL[@]}"
 
 trap 'nii_finish openshift-crio' EXIT
