@@ -11,7 +11,7 @@ export PATH := $(HOME)/.cargo/bin:/usr/local/go/bin:$(PATH)
 export GOTOOLCHAIN := local
 export CARGO_TERM_COLOR := never
 
-.PHONY: release demo test lint unit conformance e2e e2e-crio e2e-k8s e2e-k8s-api e2e-deploy e2e-openshift e2e-openshift-crio e2e-kata e2e-vm e2e-selinux manifests bench bench-nri bench-e2e bench-e2e-crio bench-k8s bench-daemon codegen build
+.PHONY: release demo test lint unit conformance e2e e2e-churn e2e-crio e2e-k8s e2e-k8s-api e2e-deploy e2e-openshift e2e-openshift-crio e2e-kata e2e-vm e2e-selinux manifests bench bench-nri bench-e2e bench-e2e-crio bench-k8s bench-daemon codegen build
 
 # The shipped binary: statically linked (no shared libc pages: idle RSS about 1.3 MiB below a
 # dynamically linked build) and built for an explicit target, so the static flag reaches only the
@@ -43,10 +43,17 @@ conformance:
 e2e:
 	tests/e2e/run.sh
 
-# The same scenarios on real CRI-O v1.36.3, in selectors mode (CRI-O ignores StartContainer
-# errors, so the daemon refuses PID mode there), with a fake kubelet for crictl's pods.
+# A longer churn than run.sh's 50 pods (part of e2e): 200 pods while the daemon is SIGKILLed
+# and restarted and the agent restarted; no workload may run without its files.
+e2e-churn:
+	NII_CHURN_PODS=200 tests/e2e/run.sh churn
+
+# The same scenarios on real CRI-O v1.36.3: PID mode, which CRI-O (ignoring StartContainer
+# errors) serves fail-closed only behind the start guard; then selectors mode, OpenShift's,
+# with a fake kubelet for crictl's pods.
 e2e-crio:
 	E2E_RUNTIME=cri-o tests/e2e/run.sh
+	E2E_RUNTIME=cri-o NII_E2E_ATTESTATION=selectors tests/e2e/run.sh
 
 # Kubernetes: a real standalone kubelet with static pods, SPIRE's k8s attestor, selectors mode.
 e2e-k8s:
@@ -102,8 +109,10 @@ bench-nri:
 bench-e2e:
 	tests/e2e/bench.sh 50
 
+# On CRI-O: PID mode (behind the start guard), then selectors mode (OpenShift's).
 bench-e2e-crio:
 	E2E_RUNTIME=cri-o tests/e2e/bench.sh 50
+	E2E_RUNTIME=cri-o NII_E2E_ATTESTATION=selectors tests/e2e/bench.sh 50
 
 bench-k8s:
 	tests/e2e/k8s_bench.sh 20

@@ -139,6 +139,12 @@ impl LabelSource {
         self.policy
     }
 
+    /// The label of what every pod's containers share (the start guard's binary): the
+    /// shared label wherever labels are set at all.
+    pub fn shared_label(&self) -> Option<Arc<str>> {
+        (self.policy != LabelPolicy::Off).then(|| self.shared.clone())
+    }
+
     /// The label for the files of the pod whose sandbox is `sandbox_id`; `spec_path` names
     /// where the runtime keeps that sandbox's OCI configuration (asked only for private
     /// labels). A sandbox without a mount label (SELinux off in the runtime, or a pod the

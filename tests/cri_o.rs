@@ -238,7 +238,8 @@ async fn selectors_mode_delivers_inside_create_container_with_each_label_choice(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pid_mode_is_refused_at_create_container_because_cri_o_ignores_start_errors() {
+async fn without_the_start_guard_pid_mode_is_refused_at_create_container_because_cri_o_ignores_start_errors()
+ {
     let state = CrioState::new();
     let bed = Bed::on_runtime("cri-o", None, labelled(LabelPolicy::Shared, &state.dir)).await;
     let pod = crio_pod(&bed, "sb-pid", "uid-pid", "");
@@ -385,47 +386,62 @@ async fn private_labels_follow_each_pods_level_and_are_set_again_on_every_direct
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pid_mode_on_containerd_labels_the_files_written_at_start_container() {
+async fn pid_mode_labels_the_files_written_at_start_container_and_the_guard_binary() {
     if !can_label() {
         return;
     }
-    for (policy, expected) in [
-        (LabelPolicy::Off, None),
-        (LabelPolicy::Shared, Some(SHARED_CONTAINER_FILE_LABEL)),
-        (LabelPolicy::Private, Some(LEVEL_B)),
-    ] {
-        // containerd keeps the sandbox's bundle under its state directory.
-        let state = unique_dir("containerd-state");
-        let bundle = state.join("io.containerd.runtime.v2.task/k8s.io/sb-pid");
-        std::fs::create_dir_all(&bundle).unwrap();
-        std::fs::write(
-            bundle.join("config.json"),
-            serde_json::json!({"ociVersion": "1.2.1", "linux": {"mountLabel": LEVEL_B}})
-                .to_string(),
-        )
-        .unwrap();
-        let state_dir = state.clone();
-        let bed = Bed::with(
-            None,
-            Arc::new(move |cfg| {
-                cfg.default_attestation = Attestation::Pid;
-                cfg.selinux_label = policy;
-                cfg.runtime_state_dir = Some(state_dir.clone());
-            }),
-        )
-        .await;
-        let value = identity_annotation(bed.agent.path(), "/var/certs");
-        let mut pod = annotated_pod("web", "uid-pid", &[(KEY, value.as_str())]);
-        pod.id = "sb-pid".into();
-        let c = container(&pod, "c0", "ctr-pid", 0);
-        bed.create(&pod, &c).await.unwrap();
-        let dir = bed.dir("uid-pid", "ctr-pid");
-        assert_eq!(label_of(&dir).as_deref(), expected, "{policy}: at create");
-        bed.process(4720, "ctr-pid", 1001);
-        bed.serve_pid(4720, bed.svid("/web"));
-        let mut c = c;
-        c.pid = 4720;
-        bed.start(&pod, &c).await.unwrap();
-        assert_labels(&dir, expected);
+    for runtime in ["containerd", "cri-o"] {
+        for (policy, expected) in [
+            (LabelPolicy::Off, None),
+            (LabelPolicy::Shared, Some(SHARED_CONTAINER_FILE_LABEL)),
+            (LabelPolicy::Private, Some(LEVEL_B)),
+        ] {
+            // Each runtime keeps the sandbox's configuration where its backend says.
+            let state = unique_dir("state");
+            let spec = match runtime {
+                "cri-o" => state.join("overlay-containers/sb-pid/userdata"),
+                _ => state.join("io.containerd.runtime.v2.task/k8s.io/sb-pid"),
+            };
+            std::fs::create_dir_all(&spec).unwrap();
+            std::fs::write(
+                spec.join("config.json"),
+                serde_json::json!({"ociVersion": "1.2.1", "linux": {"mountLabel": LEVEL_B}})
+                    .to_string(),
+            )
+            .unwrap();
+            let state_dir = state.clone();
+            let bed = Bed::on_runtime(
+                runtime,
+                None,
+                Arc::new(move |cfg| {
+                    cfg.default_attestation = Attestation::Pid;
+                    cfg.selinux_label = policy;
+                    cfg.runtime_state_dir = Some(state_dir.clone());
+                    // CRI-O serves PID mode only behind the start guard.
+                    cfg.start_guard = Some(std::time::Duration::from_secs(30));
+                }),
+            )
+            .await;
+            let value = identity_annotation(bed.agent.path(), "/var/certs");
+            let mut pod = annotated_pod("web", "uid-pid", &[(KEY, value.as_str())]);
+            pod.id = "sb-pid".into();
+            let c = container(&pod, "c0", "ctr-pid", 0);
+            let reply = bed.create(&pod, &c).await.unwrap();
+            let dir = bed.dir("uid-pid", "ctr-pid");
+            assert_eq!(
+                label_of(&dir).as_deref(),
+                expected,
+                "{runtime} {policy}: at create"
+            );
+            // The guard's one binary serves every pod: the shared label wherever labels
+            // are set.
+            let guard = reply.adjust.unwrap().mounts[1].source.clone();
+            let shared = expected.map(|_| SHARED_CONTAINER_FILE_LABEL);
+            assert_eq!(label_of(Path::new(&guard)).as_deref(), shared, "{guard}");
+            bed.process(4720, "ctr-pid", 1001);
+            bed.serve_pid(4720, bed.svid("/web"));
+            bed.start(&pod, &started(&c, 4720)).await.unwrap();
+            assert_labels(&dir, expected);
+        }
     }
 }
