@@ -11,9 +11,10 @@
 #
 # Scenarios: the daemon registers with that CRI-O; the design proposal's pod as a static pod
 # gets its files before its first instruction, by a k8s:container-name entry, and the
-# selectors the daemon sends equal the attestor's; a PID-mode pod is refused at
-# CreateContainer (both tests/e2e/k8s.sh's scenarios, run here on this CRI-O); the files carry
-# the ConfigMap's label; the drop-in's default validator keeps a pod that requires the daemon
+# selectors the daemon sends equal the attestor's; a PID-mode pod, whose start the daemon
+# fails (the attestor cannot place a PID the kubelet does not list yet), is started by CRI-O
+# anyway and held by its start guard until the daemon, still trying, delivers (both
+# tests/e2e/k8s.sh's scenarios, run here on this CRI-O); the files carry the ConfigMap's label; the drop-in's default validator keeps a pod that requires the daemon
 # out while the daemon is down.
 set -euo pipefail
 
