@@ -11,7 +11,7 @@ export PATH := $(HOME)/.cargo/bin:/usr/local/go/bin:$(PATH)
 export GOTOOLCHAIN := local
 export CARGO_TERM_COLOR := never
 
-.PHONY: release demo test lint unit conformance e2e e2e-churn e2e-k8s e2e-k8s-api e2e-deploy e2e-openshift e2e-kata e2e-vm manifests bench bench-nri bench-e2e bench-k8s bench-daemon codegen build
+.PHONY: release demo test lint unit conformance e2e e2e-churn e2e-crio e2e-k8s e2e-k8s-api e2e-deploy e2e-openshift e2e-openshift-crio e2e-kata e2e-vm e2e-selinux manifests bench bench-nri bench-e2e bench-e2e-crio bench-k8s bench-daemon codegen build
 
 # The shipped binary: statically linked (no shared libc pages: idle RSS about 1.3 MiB below a
 # dynamically linked build) and built for an explicit target, so the static flag reaches only the
@@ -25,7 +25,7 @@ release:
 demo:
 	tests/e2e/demo.sh
 
-test: lint unit conformance e2e e2e-k8s e2e-k8s-api e2e-deploy e2e-openshift e2e-kata
+test: lint unit conformance e2e e2e-crio e2e-k8s e2e-k8s-api e2e-deploy e2e-openshift e2e-openshift-crio e2e-kata e2e-selinux
 
 build:
 	cargo build --workspace --all-targets
@@ -48,6 +48,13 @@ e2e:
 e2e-churn:
 	NII_CHURN_PODS=200 tests/e2e/run.sh churn
 
+# The same scenarios on real CRI-O v1.36.3: PID mode, which CRI-O (ignoring StartContainer
+# errors) serves fail-closed only behind the start guard; then selectors mode, OpenShift's,
+# with a fake kubelet for crictl's pods.
+e2e-crio:
+	E2E_RUNTIME=cri-o tests/e2e/run.sh
+	E2E_RUNTIME=cri-o NII_E2E_ATTESTATION=selectors tests/e2e/run.sh
+
 # Kubernetes: a real standalone kubelet with static pods, SPIRE's k8s attestor, selectors mode.
 e2e-k8s:
 	tests/e2e/k8s.sh
@@ -69,6 +76,12 @@ e2e-deploy:
 e2e-openshift:
 	tests/e2e/openshift.sh
 
+# The OpenShift data path without OpenShift: real CRI-O configured by the MachineConfig's own
+# drop-in, the real kubelet on it with SPIRE's k8s attestor, the daemon as openshift/
+# configures it (selectors mode, shared labels).
+e2e-openshift-crio:
+	tests/e2e/openshift_crio.sh
+
 # deploy/nri-identity-injector.yaml and openshift/*.yaml are the chart's rendering: edit
 # charts/nri-identity-injector, then run this.
 manifests:
@@ -78,6 +91,11 @@ manifests:
 # into a Kata-style virtio-fs guest (cache auto and never), checked from inside the guest.
 e2e-kata:
 	tests/e2e/kata.sh
+
+# The kernel's decision on the SELinux labels: a guest with SELinux and Debian's reference
+# policy answers whether a process at a pod's MCS level may read each label the daemon sets.
+e2e-selinux:
+	tests/e2e/selinux_mcs.sh
 
 # The VM bed alone: a Kata-style virtio-fs guest per cache mode (qemu TCG, virtiofsd, no containerd).
 e2e-vm:
@@ -90,6 +108,11 @@ bench-nri:
 
 bench-e2e:
 	tests/e2e/bench.sh 50
+
+# On CRI-O: PID mode (behind the start guard), then selectors mode (OpenShift's).
+bench-e2e-crio:
+	E2E_RUNTIME=cri-o tests/e2e/bench.sh 50
+	E2E_RUNTIME=cri-o NII_E2E_ATTESTATION=selectors tests/e2e/bench.sh 50
 
 bench-k8s:
 	tests/e2e/k8s_bench.sh 20

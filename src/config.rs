@@ -86,6 +86,10 @@ pub struct Config {
     pub drain_timeout_ms: u64,
     /// The SELinux label of the identity files: `auto`, `off`, `shared` or `private`.
     pub selinux_label: SelinuxLabel,
+    /// Where the runtime keeps its sandboxes' OCI configurations, read for `private` labels:
+    /// containerd's `state` directory, CRI-O's storage `runroot`. Unset: the runtime's default
+    /// (`/run/containerd`, `/run/containers/storage`).
+    pub runtime_state_dir: Option<PathBuf>,
     /// Runtime handlers whose pods run in a VM with a shared file system (Kata Containers
     /// with virtio-fs); a trailing `*` matches a prefix.
     pub vm_runtime_handlers: Vec<String>,
@@ -124,6 +128,7 @@ impl Default for Config {
             http_address: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
             drain_timeout_ms: 5000,
             selinux_label: SelinuxLabel::Auto,
+            runtime_state_dir: None,
             vm_runtime_handlers: vec!["kata*".into()],
             // Kata's handlers whose default configuration shares no file system with the
             // guest: Firecracker and the confidential-computing guests.
@@ -284,10 +289,10 @@ impl Config {
             .map_err(|e| invalid("vm_runtime_handlers", e))?;
         SandboxClasses::new(&[] as &[String], &self.copy_once_runtime_handlers)
             .map_err(|e| invalid("copy_once_runtime_handlers", e))?;
-        if self.selinux_label == SelinuxLabel::Private {
+        if let Some(p) = self.runtime_state_dir.as_ref().filter(|p| !p.is_absolute()) {
             return Err(invalid(
-                "selinux_label",
-                "private labels are not available in this version; use shared",
+                "runtime_state_dir",
+                format!("{} is not an absolute path", p.display()),
             ));
         }
         Ok(())
@@ -566,6 +571,8 @@ mod tests {
             ("no_such_key = 1", "no_such_key"),
             ("first_svid_timeout_ms = \"soon\"", "first_svid_timeout_ms"),
             ("runtime = \"docker\"", "runtime"),
+            ("selinux_label = \"mine\"", "selinux_label"),
+            ("runtime_state_dir = \"run/crio\"", "runtime_state_dir"),
             ("start_guard_timeout_ms = 10", "start_guard_timeout_ms"),
         ];
         for (body, field) in cases {
@@ -662,6 +669,29 @@ kubelet_private_key_path = "/etc/nii/client-key.pem"
                 .to_string();
             assert!(err.contains(field), "{body}: {err}");
         }
+    }
+
+    #[test]
+    fn private_labels_are_accepted_with_the_runtimes_state_directory() {
+        let f = write(
+            "private",
+            "runtime = \"cri-o\"\nselinux_label = \"private\"\nruntime_state_dir = \"/var/run/containers/storage\"\n",
+        );
+        let c = Config::load(Some(&f), vec![], &Overrides::default()).unwrap();
+        assert_eq!(c.selinux_label, SelinuxLabel::Private);
+        assert_eq!(
+            c.runtime_state_dir.as_deref(),
+            Some(Path::new("/var/run/containers/storage"))
+        );
+        let env = vec![(
+            "NRI_IDENTITY_SELINUX_LABEL".to_owned(),
+            "private".to_owned(),
+        )];
+        let c = Config::load(None, env, &Overrides::default()).unwrap();
+        assert_eq!(
+            (c.selinux_label, c.runtime_state_dir),
+            (SelinuxLabel::Private, None)
+        );
     }
 
     #[test]

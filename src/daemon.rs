@@ -9,12 +9,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::config::SelinuxLabel;
 use crate::engine::{Engine, EngineConfig, RuntimeError};
 use crate::host::RealHost;
 use crate::metrics::Metrics;
 use crate::nri::IdentityPlugin;
-use crate::selinux::{SELINUXFS, SHARED_CONTAINER_FILE_LABEL};
+use crate::selinux::{LabelPolicy, SELINUXFS, SHARED_CONTAINER_FILE_LABEL, selinux_enabled};
 use crate::spire::{ApiConfig, DelegatedIdentityApi};
 
 #[derive(Debug, thiserror::Error)]
@@ -44,16 +43,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     engine_cfg.first_svid_timeout = config.first_svid_timeout();
     engine_cfg.default_attestation = config.default_attestation();
     engine_cfg.start_guard = config.start_guard();
-    engine_cfg.selinux_label = match config
-        .selinux_label
-        .resolve(std::path::Path::new(SELINUXFS))
-    {
-        SelinuxLabel::Shared => Some(SHARED_CONTAINER_FILE_LABEL.to_owned()),
-        _ => None,
-    };
-    info!(
-        selinux_label = engine_cfg.selinux_label.as_deref().unwrap_or("none"),
-        "identity file label"
+    let selinuxfs = std::path::Path::new(SELINUXFS);
+    engine_cfg.selinux_label = config.selinux_label.resolve(selinuxfs);
+    engine_cfg.runtime_state_dir = config.runtime_state_dir.clone();
+    log_label_choice(
+        &config,
+        engine_cfg.selinux_label,
+        selinux_enabled(selinuxfs),
     );
     engine_cfg.kubelet = config
         .kubelet_endpoint()
@@ -175,6 +171,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     // Files stay in place: containers keep their identity across a daemon restart, and the
     // next instance resumes rotation from the runtime's Synchronize.
     result.map_err(DaemonError::from)
+}
+
+/// Says once, at startup, which label the files get and why.
+fn log_label_choice(config: &Config, policy: LabelPolicy, selinux: bool) {
+    let configured = format!("{:?}", config.selinux_label).to_lowercase();
+    let label = match policy {
+        LabelPolicy::Off => "none".to_owned(),
+        LabelPolicy::Shared => SHARED_CONTAINER_FILE_LABEL.to_owned(),
+        LabelPolicy::Private => {
+            let dir = config
+                .runtime_state_dir
+                .as_ref()
+                .map_or("the runtime's default state directory".to_owned(), |d| {
+                    d.display().to_string()
+                });
+            format!(
+                "container_file_t at each pod's MCS level, from its sandbox's OCI configuration under {dir}"
+            )
+        }
+    };
+    info!(selinux_label = %configured, policy = %policy, host_selinux = selinux, %label, "identity file label");
+    if policy != LabelPolicy::Off && !selinux {
+        info!("SELinux is not enabled on this host: the labels are set but nothing enforces them");
+    }
 }
 
 /// Private keys belong in memory: a tmpfs never writes them to a disk, and its fsync is free

@@ -191,6 +191,10 @@ pub enum Op {
     OpenPidfd {
         pid: u32,
     },
+    /// A file the runtime keeps was read.
+    ReadRuntimeFile {
+        path: PathBuf,
+    },
 }
 
 /// Why a host operation failed.
@@ -219,6 +223,8 @@ pub enum HostError {
     TooDeep { path: PathBuf, max: usize },
     #[error("directory handle for {path} does not come from this host implementation")]
     ForeignHandle { path: PathBuf },
+    #[error("refusing {path}: it is a symlink, not a regular file or larger than {limit} bytes")]
+    UnreadableFile { path: PathBuf, limit: usize },
     #[error("invalid pid {pid}")]
     InvalidPid { pid: u32 },
     #[error("no process with pid {pid}")]
@@ -406,6 +412,12 @@ pub trait HostOps: Send + Sync + fmt::Debug {
     /// files when the runtime does not report the container's user. At StartContainer the
     /// init process has already switched to the container's user.
     fn process_owner(&self, pid: u32) -> Result<Owner, HostError>;
+
+    /// The contents of a regular file the runtime keeps (a sandbox's OCI configuration), of
+    /// at most `limit` bytes. The path is the runtime's and resolved normally; a symlink as
+    /// its last component, anything but a regular file, or a larger file is refused
+    /// ([`HostError::UnreadableFile`]).
+    fn read_runtime_file(&self, path: &Path, limit: usize) -> Result<Vec<u8>, HostError>;
 
     // === provided ===
 

@@ -297,7 +297,7 @@ mod tests {
         assert_eq!(c.plugin_index, "09");
         for bad in [
             ["--runtime", "docker"],
-            ["--selinux-label", "private"],
+            ["--selinux-label", "mls"],
             ["--log-format", "xml"],
         ] {
             let mut argv = vec!["nri-identity-injector", "config"];

@@ -149,6 +149,7 @@ fn code(e: &EngineError) -> Code {
         | EngineError::ProcessMoved { .. }
         | EngineError::MissingTrustDomain { .. }
         | EngineError::NoKubelet
+        | EngineError::Label(_)
         | EngineError::Naming(NamingError::Selectors(_) | NamingError::EphemeralContainer) => {
             Code::FailedPrecondition
         }

@@ -9,6 +9,7 @@ use crate::annotation::InvalidAnnotation;
 use crate::artifacts::ArtifactError;
 use crate::host::HostError;
 use crate::k8s::NamingError;
+use crate::selinux::LabelError;
 use crate::spiffe::TrustDomain;
 use crate::spire::SourceError;
 
@@ -59,6 +60,8 @@ pub enum EngineError {
     NoKubelet,
     #[error(transparent)]
     Naming(#[from] NamingError),
+    #[error(transparent)]
+    Label(#[from] LabelError),
     #[error(
         "the start guard is on but its binary is not installed under the artifact root (see the daemon's start-up log)"
     )]
@@ -86,6 +89,7 @@ impl EngineError {
             EngineError::Naming(NamingError::Kubelet(_)) => "kubelet",
             EngineError::Naming(NamingError::Selectors(_)) => "selectors",
             EngineError::Naming(NamingError::EphemeralContainer) => "ephemeral_container",
+            EngineError::Label(_) => "selinux_label",
             EngineError::GuardNotInstalled => "guard_not_installed",
         }
     }

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use nri_identity_backends::{
     AnyRuntime, Attestation, Backends, ContainerInfo, DeliveryPoint, Injection, MountSpec, Plan,
-    PodChoices, PodInfo, RuntimeKind, SandboxClasses,
+    PodChoices, PodInfo, RuntimeBackend, RuntimeKind, SandboxClasses,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -41,6 +41,7 @@ use crate::guard::{self, GuardSpec};
 use crate::host::{HostError, HostOps};
 use crate::k8s::{KubeletPods, LookupError};
 use crate::metrics::Metrics;
+use crate::selinux::{LabelPolicy, LabelSource};
 use crate::spire::{BundleSet, IdentitySource};
 
 /// Engine settings, taken from the daemon configuration.
@@ -54,8 +55,11 @@ pub struct EngineConfig {
     pub sandboxes: SandboxClasses,
     /// How workloads are named when the pod does not choose.
     pub default_attestation: Attestation,
-    /// The SELinux context of every directory and file, where the host needs one.
-    pub selinux_label: Option<String>,
+    /// Which SELinux label directories and files get (`auto` resolved).
+    pub selinux_label: LabelPolicy,
+    /// Where the runtime keeps its sandboxes' OCI configurations (private labels read the
+    /// pod's MCS level there); `None`: the runtime's default.
+    pub runtime_state_dir: Option<PathBuf>,
     /// Upper bound on waiting for the first SVID inside a runtime event.
     pub first_svid_timeout: Duration,
     /// Kept free of the runtime's deadline for writing files and answering.
@@ -79,7 +83,8 @@ impl EngineConfig {
             runtime: None,
             sandboxes: SandboxClasses::default(),
             default_attestation: Attestation::Pid,
-            selinux_label: None,
+            selinux_label: LabelPolicy::Off,
+            runtime_state_dir: None,
             first_svid_timeout: Duration::from_millis(1500),
             deadline_margin: Duration::from_millis(150),
             retry_initial: Duration::from_millis(200),
@@ -121,6 +126,7 @@ struct Inner<S> {
     source: S,
     host: Arc<dyn HostOps>,
     writer: ArtifactWriter,
+    labels: LabelSource,
     /// Set again when the runtime connects (NRI Configure names it).
     backends: RwLock<Backends>,
     /// Host path of the installed start-guard binary.
@@ -154,6 +160,7 @@ impl<S: IdentitySource> Engine<S> {
         Engine {
             inner: Arc::new(Inner {
                 writer: ArtifactWriter::new(host.clone(), cfg.artifact_root.clone()),
+                labels: LabelSource::new(cfg.selinux_label, host.clone()),
                 cfg,
                 source,
                 host,
@@ -173,9 +180,14 @@ impl<S: IdentitySource> Engine<S> {
     }
 
     /// Installs `executable` (the daemon's own binary) as the start guard under the artifact
-    /// root, unless an identical copy is there, and returns its host path.
+    /// root, unless an identical copy is there, and returns its host path. One copy serves
+    /// every pod, so it carries the shared label even where files get private ones.
     pub fn install_guard(&self, executable: &[u8]) -> Result<PathBuf, ArtifactError> {
-        let path = self.inner.writer.install_guard(executable, self.label())?;
+        let label = self.inner.labels.shared_label();
+        let path = self
+            .inner
+            .writer
+            .install_guard(executable, label.as_deref())?;
         let _ = self.inner.guard_binary.set(path.clone());
         Ok(path)
     }
@@ -247,8 +259,15 @@ impl<S: IdentitySource> Engine<S> {
         Ok(backends.plan(pod, choices, self.inner.cfg.default_attestation)?)
     }
 
-    fn label(&self) -> Option<&str> {
-        self.inner.cfg.selinux_label.as_deref()
+    /// The SELinux label of the pod's directories and files, learnt again on every call so
+    /// that a directory (re)created for any reason gets it.
+    fn label(&self, pod: &PodInfo) -> Result<Option<Arc<str>>, EngineError> {
+        let runtime = self.runtime();
+        let state_dir = self.inner.cfg.runtime_state_dir.as_deref();
+        Ok(self
+            .inner
+            .labels
+            .label(&pod.id, |id| runtime.sandbox_spec_path(state_dir, id))?)
     }
 
     fn container_dir_path(&self, pod_key: &str, container_id: &str) -> PathBuf {
@@ -276,6 +295,7 @@ impl<S: IdentitySource> Engine<S> {
             return Ok(None);
         };
         let plan = self.plan(pod, &request).map_err(err)?;
+        let label = self.label(pod).map_err(err)?;
         let guard = if plan.start_guard {
             let binary = self
                 .inner
@@ -294,7 +314,7 @@ impl<S: IdentitySource> Engine<S> {
         let dir = self
             .inner
             .writer
-            .create_dir(pod.key(), &c.id, self.label())
+            .create_dir(pod.key(), &c.id, label.as_deref())
             .map_err(|e| err(e.into()))?;
         let mut injection = Injection {
             mounts: vec![MountSpec::identity_dir(dir.path(), &request.cert_dir)],
@@ -401,10 +421,11 @@ impl<S: IdentitySource> Engine<S> {
         {
             return Ok(dir);
         }
+        let label = self.label(pod)?;
         Ok(self
             .inner
             .writer
-            .create_dir(pod.key(), &c.id, self.label())?)
+            .create_dir(pod.key(), &c.id, label.as_deref())?)
     }
 
     /// Delivers the first identity, applying the pod's failure policy. At CreateContainer a

@@ -593,6 +593,24 @@ impl HostOps for RecordingHost {
             .ok_or(HostError::NoSuchProcess { pid })
     }
 
+    fn read_runtime_file(&self, path: &Path, limit: usize) -> Result<Vec<u8>, HostError> {
+        let mut st = self.lock();
+        let contents = match st.tree.get(path) {
+            None => return Err(not_found("opening", path)),
+            Some(FakeNode::File { contents, .. }) if contents.len() <= limit => contents.to_vec(),
+            Some(_) => {
+                return Err(HostError::UnreadableFile {
+                    path: path.to_path_buf(),
+                    limit,
+                });
+            }
+        };
+        st.perform(Op::ReadRuntimeFile {
+            path: path.to_path_buf(),
+        })?;
+        Ok(contents)
+    }
+
     fn process_cgroup(&self, pid: u32) -> Result<String, HostError> {
         self.lock()
             .processes
@@ -677,5 +695,8 @@ impl HostOps for SplitHost {
     }
     fn process_owner(&self, pid: u32) -> Result<Owner, HostError> {
         self.procs.process_owner(pid)
+    }
+    fn read_runtime_file(&self, path: &Path, limit: usize) -> Result<Vec<u8>, HostError> {
+        self.files.read_runtime_file(path, limit)
     }
 }

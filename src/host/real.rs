@@ -478,6 +478,36 @@ impl HostOps for RealHost {
         parse_status_owner(&text).ok_or(HostError::NoSuchProcess { pid })
     }
 
+    fn read_runtime_file(&self, path: &Path, limit: usize) -> Result<Vec<u8>, HostError> {
+        use std::io::Read as _;
+        let refused = || HostError::UnreadableFile {
+            path: path.to_path_buf(),
+            limit,
+        };
+        let fd = open(
+            path,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY,
+            Mode::empty(),
+        )
+        .map_err(|e| match e {
+            Errno::LOOP => refused(),
+            e => HostError::io("opening", path, e),
+        })?;
+        let st = fstat(&fd).map_err(|e| HostError::io("stat", path, e))?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+            return Err(refused());
+        }
+        let mut out = Vec::new();
+        File::from(fd)
+            .take(limit as u64 + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| HostError::io("reading", path, e))?;
+        if out.len() > limit {
+            return Err(refused());
+        }
+        Ok(out)
+    }
+
     fn process_cgroup(&self, pid: u32) -> Result<String, HostError> {
         if pid == 0 {
             return Err(HostError::InvalidPid { pid });

@@ -616,6 +616,59 @@ fn real_set_xattr_on_dir_and_file() {
     ));
 }
 
+#[test]
+fn real_reads_a_runtime_file_but_no_symlink_special_file_or_oversized_file() {
+    let tmp = TempRoot::new();
+    let host = RealHost::new();
+    let spec = tmp.base.join("config.json");
+    std::fs::write(&spec, b"{}").unwrap();
+    assert_eq!(host.read_runtime_file(&spec, 2).unwrap(), b"{}");
+    assert!(matches!(
+        host.read_runtime_file(&spec, 1),
+        Err(HostError::UnreadableFile { limit: 1, .. })
+    ));
+    let link = tmp.base.join("link.json");
+    symlink(&spec, &link).unwrap();
+    assert!(matches!(
+        host.read_runtime_file(&link, 64),
+        Err(HostError::UnreadableFile { .. })
+    ));
+    assert!(matches!(
+        host.read_runtime_file(&tmp.base, 64),
+        Err(HostError::UnreadableFile { .. })
+    ));
+    let missing = host
+        .read_runtime_file(&tmp.base.join("missing"), 64)
+        .unwrap_err();
+    assert_eq!(missing.io_kind(), Some(std::io::ErrorKind::NotFound));
+    assert!(missing.to_string().contains("missing"), "{missing}");
+}
+
+#[test]
+fn fake_reads_planted_runtime_files_and_records_it() {
+    let host = RecordingHost::new();
+    host.plant_file("/state/sb/config.json", b"{}", 0o600, 0);
+    assert_eq!(
+        host.read_runtime_file(Path::new("/state/sb/config.json"), 8)
+            .unwrap(),
+        b"{}"
+    );
+    assert_eq!(
+        host.ops(),
+        vec![Op::ReadRuntimeFile {
+            path: "/state/sb/config.json".into()
+        }]
+    );
+    assert!(
+        host.read_runtime_file(Path::new("/state/other"), 8)
+            .is_err()
+    );
+    assert!(matches!(
+        host.read_runtime_file(Path::new("/state/sb/config.json"), 1),
+        Err(HostError::UnreadableFile { .. })
+    ));
+}
+
 #[tokio::test]
 async fn real_pidfd_reports_exit_of_a_child() {
     let host = RealHost::new();

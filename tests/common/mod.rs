@@ -53,6 +53,8 @@ pub struct Bed {
     pub first_svid_timeout: Duration,
     pub kubelet: Option<std::net::SocketAddr>,
     pub tweak: Tweak,
+    /// What the fake runtime calls itself at NRI Configure (`containerd`, `cri-o`).
+    pub runtime_name: String,
 }
 
 pub fn unique_dir(tag: &str) -> PathBuf {
@@ -175,7 +177,24 @@ impl Bed {
     /// Like [`Bed::with`], but the runtime connection is only accepted, not configured, and
     /// calls itself `runtime_name`.
     pub async fn unconfigured(runtime_name: &str, tweak: Tweak) -> Bed {
-        Bed::assemble(Duration::from_millis(800), None, tweak, Some(runtime_name)).await
+        Bed::assemble(Duration::from_millis(800), None, tweak, runtime_name, false).await
+    }
+
+    /// Like [`Bed::with`], with a fake runtime that calls itself `runtime_name` (also after
+    /// a daemon restart).
+    pub async fn on_runtime(
+        runtime_name: &str,
+        kubelet: Option<&FakeKubelet>,
+        tweak: Tweak,
+    ) -> Bed {
+        Bed::assemble(
+            Duration::from_millis(800),
+            kubelet.map(|k| k.addr),
+            tweak,
+            runtime_name,
+            true,
+        )
+        .await
     }
 
     async fn build(
@@ -183,14 +202,15 @@ impl Bed {
         kubelet: Option<std::net::SocketAddr>,
         tweak: Tweak,
     ) -> Bed {
-        Bed::assemble(first_svid_timeout, kubelet, tweak, None).await
+        Bed::assemble(first_svid_timeout, kubelet, tweak, "containerd", true).await
     }
 
     async fn assemble(
         first_svid_timeout: Duration,
         kubelet: Option<std::net::SocketAddr>,
         tweak: Tweak,
-        unconfigured_as: Option<&str>,
+        runtime_name: &str,
+        handshake: bool,
     ) -> Bed {
         let agent = FakeAgent::start().await.unwrap();
         let ca = TestCa::new(TD).unwrap();
@@ -208,21 +228,10 @@ impl Bed {
             kubelet,
             &tweak,
         );
-        let conn = match unconfigured_as {
-            None => {
-                let conn = runtime.accept(RuntimeSettings::default()).await;
-                conn.handshake().await;
-                conn
-            }
-            Some(name) => {
-                runtime
-                    .accept(RuntimeSettings {
-                        name: name.into(),
-                        ..Default::default()
-                    })
-                    .await
-            }
-        };
+        let conn = runtime.accept(runtime_settings(runtime_name)).await;
+        if handshake {
+            conn.handshake().await;
+        }
         Bed {
             agent,
             ca,
@@ -234,6 +243,7 @@ impl Bed {
             first_svid_timeout,
             kubelet,
             tweak,
+            runtime_name: runtime_name.to_owned(),
         }
     }
 
@@ -255,7 +265,10 @@ impl Bed {
             self.kubelet,
             &self.tweak,
         );
-        self.conn = self.runtime.accept(RuntimeSettings::default()).await;
+        self.conn = self
+            .runtime
+            .accept(runtime_settings(&self.runtime_name))
+            .await;
         self.conn.configure().await;
         self.conn.synchronize(pods, containers, 100).await;
     }
@@ -362,6 +375,23 @@ impl Bed {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+}
+
+/// The fake runtime's settings when it calls itself `name` (with CRI-O's version and NRI
+/// library where it is CRI-O).
+fn runtime_settings(name: &str) -> RuntimeSettings {
+    match name {
+        "cri-o" => RuntimeSettings {
+            name: name.into(),
+            version: "1.36.3".into(),
+            nri_version: "v0.11.0".into(),
+            ..Default::default()
+        },
+        _ => RuntimeSettings {
+            name: name.into(),
+            ..Default::default()
+        },
     }
 }
 

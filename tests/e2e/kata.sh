@@ -50,31 +50,6 @@ CTR_GID=1002
 SEP_DIR=/var/run/secrets/spiffe
 COMB_DIR=/var/run/secrets/credentials
 
-# --- the fake kubelet -----------------------------------------------------------------------
-
-kubelet_fake_up() {
-	KUBELET_FAKE_PODS=$E2E/kubelet-pods.json
-	KUBELET_FAKE_PORT=$(_bed_free_port)
-	echo '{"kind": "PodList", "items": []}' >"$KUBELET_FAKE_PODS"
-	bed_spawn fake-kubelet python3 "$here/lib/fake_kubelet.py" "$KUBELET_FAKE_PORT" "$KUBELET_FAKE_PODS" >/dev/null
-	bed_wait 10 "fake kubelet" curl -fsS -o /dev/null "http://127.0.0.1:$KUBELET_FAKE_PORT/pods"
-}
-
-# kubelet_fake_add POD_UID SERVICE_ACCOUNT : the pod joins the kubelet's list.
-kubelet_fake_add() {
-	python3 - "$KUBELET_FAKE_PODS" "$1" "$2" <<'EOF'
-import json, os, sys
-path, uid, sa = sys.argv[1:]
-with open(path) as f:
-    pods = json.load(f)
-pods["items"].append({"metadata": {"uid": uid, "labels": {}},
-                      "spec": {"serviceAccountName": sa, "nodeName": "node-1"}})
-with open(path + ".tmp", "w") as f:
-    json.dump(pods, f)
-os.rename(path + ".tmp", path)
-EOF
-}
-
 # --- Kata's shim side -----------------------------------------------------------------------
 
 # kata_spec CID : from the OCI spec containerd built (NRI adjustments included): a line

@@ -5,6 +5,18 @@
 #
 #   tests/e2e/run.sh [SCENARIO...]     (default: all; names as in the list below)
 #
+# How workloads are named, NII_E2E_ATTESTATION:
+# - pid (default): the agent attests the container's init process at StartContainer (entries
+#   keyed by unix:uid), the start guard holding the workload until its files are in place
+#   (which is what makes PID mode fail-closed on CRI-O, which only logs an error answered to
+#   StartContainer and starts the container anyway);
+# - selectors: the daemon names the container by the k8s selectors it derives and delivers
+#   inside CreateContainer, whose errors every runtime enforces (entries keyed by k8s:ns +
+#   k8s:container-name, the pods' service accounts from a fake kubelet,
+#   lib/fake_kubelet.py: crictl pods have no real one). The start-guard scenarios do not
+#   apply (no guard is added).
+# Scenarios whose expectations differ between the modes or runtimes say why where they branch.
+#
 # Needs root. Builds what it needs (tests/e2e/lib/build.sh, cargo), caches Go builds.
 set -euo pipefail
 
@@ -15,6 +27,35 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$here/lib/nii.sh"
 
 CHECK='if [ -f /var/certs/svid.pem ]; then echo "svid exists!"; else echo "svid does NOT exist."; fi'
+
+MODE=${NII_E2E_ATTESTATION:-pid}
+case $MODE in
+pid) DELIVERY=StartContainer ;;
+selectors) DELIVERY=CreateContainer ;;
+*) echo "NII_E2E_ATTESTATION: pid or selectors" >&2 && exit 64 ;;
+esac
+# The daemon's arguments for the mode (nii_start, nii_restart).
+NII_ARGS=()
+
+# entry SPIFFE-PATH CONTAINER UID [SELECTOR...] [-- EXTRA...] : a workload entry naming the
+# container the way the mode can: by its uid (PID mode: the agent's unix attestor looks at the
+# process) or by its namespace and container name (selectors mode: what the daemon derives).
+# Further selectors are added as given; prints the entry ID.
+entry() {
+	local path=$1 name=$2 uid=$3
+	shift 3
+	case $MODE in
+	pid) bed_entry "$path" "unix:uid:$uid" "$@" ;;
+	selectors) bed_entry "$path" k8s:ns:e2e "k8s:container-name:$name" "$@" ;;
+	esac
+}
+
+# pod_json NAME UID [ANNOTATIONS-JSON] : bed_pod_json; in selectors mode the pod also joins
+# the fake kubelet's list (service account "default", as the kubelet would give it).
+pod_json() {
+	[[ $MODE != selectors ]] || kubelet_fake_add "$2" default
+	bed_pod_json "$@"
+}
 
 # start_ctr POD_ID CTR_JSON POD_JSON : create+start; sets CID and START_MS (crictl start
 # latency). Not called through $(...), so the variables reach the caller.
@@ -37,22 +78,22 @@ refused_start() {
 # --- 1. the design proposal's pod --------------------------------------------
 scenario_proposal() {
 	local e0 e1 pod_uid ann pod pid c0 c1 c2 d0 d1 id
-	e0=$(bed_entry /c0 unix:uid:1001)
-	e1=$(bed_entry /c1 unix:uid:1002)
+	e0=$(entry /c0 c0 1001)
+	e1=$(entry /c1 c1 1002)
 	bed_wait_entry "$e0" "$e1"
 	pod_uid=$(bed_uuid)
 	# c1 leaves out svid_file_name: the default svid.pem applies.
 	ann=$(nii_annotations \
 		identity.noderesource.dev/container.c0 "$(nii_identity /var/certs)" \
 		identity.noderesource.dev/container.c1 "$(printf 'spire_agent_address: %s\ncert_dir: /var/certs\nsvid_key_file_name: svid_key.pem\n' "$ADMIN_SOCK")")
-	pod=$(bed_pod_json proposal "$pod_uid" "$ann")
+	pod=$(pod_json proposal "$pod_uid" "$ann")
 	pid=$("$CRICTL" runp "$pod")
 	start_ctr "$pid" "$(E2E_CTR_UID=1001 bed_ctr_json c0 sh -c "$CHECK; cat /var/certs/svid_key.pem >/dev/null && echo key-readable-by-\$(id -u)")" "$pod"
 	c0=$CID
-	note "c0: crictl start ${START_MS} ms, daemon StartContainer $(nii_delivered_ms "$c0") ms"
+	note "c0: crictl start ${START_MS} ms, daemon $DELIVERY $(nii_delivered_ms "$c0") ms"
 	start_ctr "$pid" "$(E2E_CTR_UID=1002 bed_ctr_json c1 sh -c "$CHECK")" "$pod"
 	c1=$CID
-	note "c1: crictl start ${START_MS} ms, daemon StartContainer $(nii_delivered_ms "$c1") ms"
+	note "c1: crictl start ${START_MS} ms, daemon $DELIVERY $(nii_delivered_ms "$c1") ms"
 	start_ctr "$pid" "$(bed_ctr_json c2 sh -c "$CHECK")" "$pod"
 	c2=$CID
 	note "c2: crictl start ${START_MS} ms (not annotated)"
@@ -79,37 +120,69 @@ scenario_proposal() {
 	"$CRICTL" stopp "$pid" >/dev/null && "$CRICTL" rmp "$pid" >/dev/null
 }
 
-# --- 1b. which selectors name the workload at StartContainer -----------------
+# --- 1b. which selectors name the workload -----------------------------------
 scenario_selectors() {
 	local e pod_uid pod pid cid err
+	pod_uid=$(bed_uuid)
+	pod=$(pod_json bypath "$pod_uid" "$(nii_annotations identity.noderesource.dev/pod "$(nii_identity /var/certs)")")
+	pid=$("$CRICTL" runp "$pod")
+	if [[ $MODE == selectors ]]; then
+		# The daemon sends the k8s selectors it derives, never a unix one: an entry that also
+		# needs unix:path is never matched, and the container is refused at CreateContainer,
+		# before it exists.
+		e=$(entry /by-path bypath 1003 unix:path:/bin/busybox)
+		bed_wait_entry "$e"
+		if cid=$("$CRICTL" create "$pid" "$(E2E_CTR_UID=1003 bed_ctr_json bypath sh -c "$CHECK")" "$pod" 2>&1); then
+			fail "created although no entry matches the selectors the daemon sends: $cid"
+		fi
+		err=$cid
+		[[ $err == *"no registration entry"* ]] || fail "unexpected error: $err"
+		[[ -z $("$CRICTL" ps -aq --pod "$pid") ]] || fail "a container exists"
+		note "an entry needing unix:path never matches the derived selectors: refused at CreateContainer: ${err##*nri-identity-injector: }"
+		bed_rmp "$pid"
+		return 0
+	fi
 	# At StartContainer the PID is runc's init: already the container's uid, not yet the
 	# workload's binary. A path selector names runc, so this entry never matches.
-	e=$(bed_entry /by-path unix:uid:1003 unix:path:/bin/busybox)
+	e=$(entry /by-path bypath 1003 unix:path:/bin/busybox)
 	bed_wait_entry "$e"
-	pod_uid=$(bed_uuid)
-	pod=$(bed_pod_json bypath "$pod_uid" "$(nii_annotations identity.noderesource.dev/pod "$(nii_identity /var/certs)")")
-	pid=$("$CRICTL" runp "$pod")
 	cid=$("$CRICTL" create "$pid" "$(E2E_CTR_UID=1003 bed_ctr_json bypath sh -c "$CHECK")" "$pod")
 	if err=$("$CRICTL" start "$cid" 2>&1); then
-		bed_wait_exited "$cid" 10 || true
-		note "it ran and printed: $(logs_of "$cid")"
+		held_by_guard bypath bypath "$cid" || fail "a unix:path entry matched at StartContainer"
 		err=$(refused_start bypath bypath)
-		[[ -z $err ]] || fail "$E2E_RUNTIME started it although the daemon failed the start: $err"
-		fail "a unix:path entry matched at StartContainer"
 	fi
 	[[ $err == *"no registration entry"* ]] || fail "unexpected error: $err"
 	note "unix:path:/bin/busybox does not match at StartContainer (the process is runc init): start refused"
 	bed_rmp "$pid"
 }
 
+# held_by_guard POD CONTAINER CID : after a start that succeeded although the daemon failed
+# it: on a runtime that ignores StartContainer errors (CRI-O), the container runs but its
+# start guard holds the workload (it has printed nothing 3 s later); anywhere else that start
+# should have failed. Says what happened.
+held_by_guard() {
+	local err
+	err=$(refused_start "$1" "$2")
+	if [[ $E2E_RUNTIME != cri-o ]]; then
+		bed_wait_exited "$3" 10 || true
+		note "it ran and printed: $(logs_of "$3")"
+		[[ -z $err ]] || fail "$E2E_RUNTIME started it although the daemon failed the start: $err"
+		return 1
+	fi
+	[[ -n $err ]] || { note "the daemon did not fail the start" && return 1; }
+	sleep 3
+	held "$3" || fail "$E2E_RUNTIME ignored the daemon's refusal and the workload ran: $(bed_ctr_state "$3") $(logs_of "$3")"
+	note "$E2E_RUNTIME started the container despite the daemon's refusal (it only logs it); 3 s later the start guard still holds the workload"
+}
+
 # --- 2. rotation, 4. daemon restart, 6. agent restart -------------------------
 scenario_rotation() {
 	local e pod_uid pod pid cid dir s0 s1 s2 s3 t
 	# A 20 s TTL: the agent re-mints at half-life, about every 10 s.
-	e=$(bed_entry /rotating unix:uid:1004 -- -x509SVIDTTL 20)
+	e=$(entry /rotating r 1004 -- -x509SVIDTTL 20)
 	bed_wait_entry "$e"
 	pod_uid=$(bed_uuid)
-	pod=$(bed_pod_json rotating "$pod_uid" "$(nii_annotations identity.noderesource.dev/container.r "$(nii_identity /var/certs)")")
+	pod=$(pod_json rotating "$pod_uid" "$(nii_annotations identity.noderesource.dev/container.r "$(nii_identity /var/certs)")")
 	pid=$("$CRICTL" runp "$pod")
 	# The workload re-reads its files; the host checks every version it sees.
 	start_ctr "$pid" "$(E2E_CTR_UID=1004 bed_ctr_json r sh -c 'while true; do sha256sum /var/certs/svid.pem; sleep 0.5; done')" "$pod"
@@ -124,7 +197,7 @@ scenario_rotation() {
 
 	# 4. Daemon restart while the pod runs: rotation continues.
 	nii_stop
-	nii_start
+	nii_start "${NII_ARGS[@]}"
 	t=$(nii_ms)
 	bed_wait 40 "rotation after a daemon restart" bash -c "[[ \$(openssl x509 -in '$dir/svid.pem' -noout -serial | cut -d= -f2) != '$s1' ]]"
 	note "daemon restarted; next rotation after $(($(nii_ms) - t)) ms"
@@ -160,10 +233,10 @@ scenario_runtime_restart() {
 	bed_wait 30 "re-registration" grep -q 'registered as.*10-identity-injector' "$E2E_RUNTIME_LOG"
 	bed_wait 30 "daemon ready again" curl -fsS -o /dev/null "http://$NII_HTTP/readyz"
 	note "daemon re-registered $(($(nii_ms) - t)) ms after $E2E_RUNTIME came back"
-	e=$(bed_entry /after-restart unix:uid:1005)
+	e=$(entry /after-restart ar 1005)
 	bed_wait_entry "$e"
 	pod_uid=$(bed_uuid)
-	pod=$(bed_pod_json afterrestart "$pod_uid" "$(nii_annotations identity.noderesource.dev/pod "$(nii_identity /var/certs)")")
+	pod=$(pod_json afterrestart "$pod_uid" "$(nii_annotations identity.noderesource.dev/pod "$(nii_identity /var/certs)")")
 	pid=$("$CRICTL" runp "$pod")
 	start_ctr "$pid" "$(E2E_CTR_UID=1005 bed_ctr_json ar sh -c "$CHECK")" "$pod"
 	cid=$CID
@@ -178,7 +251,7 @@ scenario_hostile() {
 	local value field pod_uid pod pid err
 	while IFS='|' read -r value field; do
 		pod_uid=$(bed_uuid)
-		pod=$(bed_pod_json evil "$pod_uid" "$(nii_annotations identity.noderesource.dev/container.c0 "$(printf '%b' "$value")")")
+		pod=$(pod_json evil "$pod_uid" "$(nii_annotations identity.noderesource.dev/container.c0 "$(printf '%b' "$value")")")
 		pid=$("$CRICTL" runp "$pod")
 		if err=$("$CRICTL" create "$pid" "$(bed_ctr_json c0 sh -c "$CHECK")" "$pod" 2>&1); then
 			fail "created with '$value'"
@@ -197,25 +270,37 @@ scenario_hostile() {
 
 # --- 8. agent down ------------------------------------------------------------
 scenario_agent_down() {
-	local e pod_uid pod pid cid err t dir
-	e=$(bed_entry /agent-down unix:uid:1006)
-	bed_wait_entry "$e"
+	local e=() pod_uid pod pid cid err t dir held=""
+	e+=("$(entry /agent-down strict 1006)")
+	# Selectors name each container by its name; in PID mode the one uid names both.
+	[[ $MODE == pid ]] || e+=("$(entry /agent-down lenient 1006)")
+	bed_wait_entry "${e[@]}"
 	bed_stop spire-agent 30
 	pod_uid=$(bed_uuid)
-	pod=$(bed_pod_json down "$pod_uid" "$(nii_annotations \
+	pod=$(pod_json down "$pod_uid" "$(nii_annotations \
 		identity.noderesource.dev/container.strict "$(nii_identity /var/certs)" \
 		identity.noderesource.dev/container.lenient "$(nii_identity /var/certs 'on_failure: continue')")")
 	pid=$("$CRICTL" runp "$pod")
-	cid=$("$CRICTL" create "$pid" "$(E2E_CTR_UID=1006 bed_ctr_json strict sh -c "$CHECK")" "$pod")
 	t=$(nii_ms)
-	if err=$("$CRICTL" start "$cid" 2>&1); then
-		bed_wait_exited "$cid" 10 || true
-		note "it ran and printed: $(logs_of "$cid")"
-		err=$(refused_start down strict)
-		[[ -z $err ]] || fail "started without an agent: $E2E_RUNTIME ignored the daemon's refusal: $err"
-		fail "started without an agent"
+	if [[ $MODE == selectors ]]; then
+		# Delivered inside CreateContainer: the container is never created.
+		if err=$("$CRICTL" create "$pid" "$(E2E_CTR_UID=1006 bed_ctr_json strict sh -c "$CHECK")" "$pod" 2>&1); then
+			"$CRICTL" start "$err" >/dev/null 2>&1 || true
+			bed_wait_exited "$err" 10 || true
+			note "it ran and printed: $(logs_of "$err")"
+			fail "created without an agent"
+		fi
+		[[ -z $("$CRICTL" ps -aq --pod "$pid" --name strict) ]] || fail "a strict container exists"
+		note "default policy: creation refused after $(($(nii_ms) - t)) ms: ${err##*nri-identity-injector: }"
+	else
+		cid=$("$CRICTL" create "$pid" "$(E2E_CTR_UID=1006 bed_ctr_json strict sh -c "$CHECK")" "$pod")
+		if err=$("$CRICTL" start "$cid" 2>&1); then
+			held_by_guard down strict "$cid" || fail "started without an agent"
+			err=$(refused_start down strict)
+			held=$cid
+		fi
+		note "default policy: start refused after $(($(nii_ms) - t)) ms: ${err##*nri-identity-injector: }"
 	fi
-	note "default policy: start refused after $(($(nii_ms) - t)) ms: ${err##*nri-identity-injector: }"
 	[[ $err == *"SPIRE agent"* ]] || fail "unclear error: $err"
 	start_ctr "$pid" "$(E2E_CTR_UID=1006 bed_ctr_json lenient sh -c 'while [ ! -f /var/certs/svid.pem ]; do sleep 0.2; done; echo "identity arrived"; sleep 3600')" "$pod"
 	cid=$CID
@@ -226,7 +311,110 @@ scenario_agent_down() {
 	bed_wait 40 "identity after the agent is back" test -s "$dir/svid.pem"
 	bed_wait 10 "workload saw it" bash -c "$CRICTL logs $cid 2>&1 | grep -q 'identity arrived'"
 	note "identity delivered once the agent was back"
+	if [[ -n $held ]]; then
+		# Started despite the refusal (CRI-O) and held: the daemon kept trying, so the workload
+		# is released with its files.
+		bed_wait_exited "$held" 40 || fail "the held container was not released"
+		[[ $(logs_of "$held") == "svid exists!" ]] || fail "the held workload printed: $(logs_of "$held")"
+		note "the held strict container was released once the agent was back: $(logs_of "$held")"
+	fi
 	bed_rmp "$pid"
+}
+
+# --- 11. SELinux labels on the host directory and files --------------------------
+# label_of PATH : the security.selinux attribute, or "none".
+label_of() {
+	python3 -c 'import os, sys
+try:
+    print(os.getxattr(sys.argv[1], "security.selinux").rstrip(b"\0").decode())
+except OSError:
+    print("none")' "$1"
+}
+
+# labels_are DIR LABEL : the directory and each of its identity files carry LABEL.
+labels_are() {
+	local f got
+	for f in "$1" "$1/svid.pem" "$1/svid_key.pem" "$1/svid_bundle.pem"; do
+		got=$(label_of "$f")
+		[[ $got == "$2" ]] || fail "$f is labelled $got, not $2"
+	done
+}
+
+# state_dir : where the bed's runtime keeps its state (the daemon's runtime_state_dir):
+# CRI-O's storage runroot, containerd's state directory.
+state_dir() {
+	case $E2E_RUNTIME in
+	cri-o) echo "$E2E/crio/run" ;;
+	containerd) echo "$E2E/containerd/state" ;;
+	esac
+}
+
+# sandbox_spec SANDBOX-ID : where the runtime keeps the sandbox's OCI configuration, written
+# out here as the runtime does (the daemon's own idea of it is its backend's).
+sandbox_spec() {
+	case $E2E_RUNTIME in
+	cri-o) echo "$(state_dir)/overlay-containers/$1/userdata/config.json" ;;
+	containerd) echo "$(state_dir)/io.containerd.runtime.v2.task/k8s.io/$1/config.json" ;;
+	esac
+}
+
+# label_pod NAME LEVEL : a pod with one annotated container `lbl` that checks its files;
+# LEVEL (e.g. s0:c1,c2), if not empty, is written into the sandbox's OCI configuration as the
+# mount label the runtime would have computed on a host with SELinux (this host has none, so
+# the runtime writes no mount label). Sets DIR, LBL_POD.
+label_pod() {
+	local name=$1 level=$2 pod_uid pod spec
+	pod_uid=$(bed_uuid)
+	pod=$(pod_json "$name" "$pod_uid" "$(nii_annotations identity.noderesource.dev/pod "$(nii_identity /var/certs)")")
+	LBL_POD=$("$CRICTL" runp "$pod")
+	spec=$(sandbox_spec "$LBL_POD")
+	[[ -f $spec ]] || fail "$E2E_RUNTIME keeps no sandbox configuration at $spec"
+	python3 - "$spec" "$level" <<'EOF' || fail "$spec"
+import json, sys
+path, level = sys.argv[1:]
+with open(path) as f:
+    spec = json.load(f)
+linux = spec.setdefault("linux", {})
+assert not linux.get("mountLabel"), f"a mount label on a host without SELinux: {linux['mountLabel']}"
+if level:
+    linux["mountLabel"] = "system_u:object_r:container_file_t:" + level
+    with open(path, "w") as f:
+        json.dump(spec, f)
+EOF
+	start_ctr "$LBL_POD" "$(E2E_CTR_UID=1007 bed_ctr_json lbl sh -c "$CHECK")" "$pod"
+	bed_wait_exited "$CID" 30
+	[[ $(logs_of "$CID") == *"svid exists!"* ]] || fail "lbl printed: $(logs_of "$CID")"
+	DIR=$(nii_dir "$pod_uid" "$CID")
+}
+
+scenario_labels() {
+	local e
+	e=$(entry /labels lbl 1007)
+	bed_wait_entry "$e"
+	# auto: this host has no SELinux, so no label.
+	label_pod lbl-auto ""
+	labels_are "$DIR" none
+	note "auto (no SELinux here): no label"
+	bed_rmp "$LBL_POD"
+
+	nii_restart NRI_IDENTITY_SELINUX_LABEL=shared -- "${NII_ARGS[@]}"
+	label_pod lbl-shared ""
+	labels_are "$DIR" system_u:object_r:container_file_t:s0
+	note "shared: directory and files system_u:object_r:container_file_t:s0"
+	bed_rmp "$LBL_POD"
+
+	nii_restart NRI_IDENTITY_SELINUX_LABEL=private NRI_IDENTITY_RUNTIME_STATE_DIR="$(state_dir)" -- "${NII_ARGS[@]}"
+	grep -q 'selinux_label=private policy=private' "$E2E/logs/nii.log" || fail "no startup line for the private choice"
+	label_pod lbl-private s0:c123,c456
+	labels_are "$DIR" system_u:object_r:container_file_t:s0:c123,c456
+	note "private: the pod's level from $(sandbox_spec "$LBL_POD" | sed "s|$E2E|\$E2E|")"
+	bed_rmp "$LBL_POD"
+	# A pod the runtime gave no level (SELinux off in the runtime, as here): the shared one.
+	label_pod lbl-private-none ""
+	labels_are "$DIR" system_u:object_r:container_file_t:s0
+	note "private, sandbox without a mount label: container_file_t:s0"
+	bed_rmp "$LBL_POD"
+	nii_restart -- "${NII_ARGS[@]}"
 }
 
 # --- 9. the start guard: the daemon away between CreateContainer and StartContainer -----
@@ -386,7 +574,10 @@ scenario_churn() {
 	for pid in "${pids[@]}"; do bed_rmp "$pid" 2>/dev/null || true; done
 }
 
-ALL=(proposal selectors rotation runtime_restart hostile agent_down guard_restart guard_timeout scratch churn)
+ALL=(proposal selectors rotation runtime_restart hostile agent_down labels)
+# The start guard holds PID-mode workloads until their files are in place; selectors mode
+# delivers inside CreateContainer and adds no guard.
+[[ $MODE != pid ]] || ALL+=(guard_restart guard_timeout scratch churn)
 (($#)) || set -- "${ALL[@]}"
 
 trap 'nii_finish e2e' EXIT
@@ -395,6 +586,10 @@ trap 'exit 130' INT TERM
 t0=$(nii_ms)
 nii_build
 bed_up
-nii_start
-echo "e2e: bed ($E2E_RUNTIME) and daemon up in $(($(nii_ms) - t0)) ms"
+if [[ $MODE == selectors ]]; then
+	kubelet_fake_up
+	NII_ARGS=(--kubelet-url "http://127.0.0.1:$KUBELET_FAKE_PORT")
+fi
+nii_start "${NII_ARGS[@]}"
+echo "e2e: bed ($E2E_RUNTIME, $MODE mode) and daemon up in $(($(nii_ms) - t0)) ms"
 nii_scenarios "$@"

@@ -345,6 +345,12 @@ pub trait RuntimeBackend: Send + Sync + 'static {
     /// Keys the runtime merges into the sandbox labels NRI reports that are not the pod's
     /// own labels (they never become `pod-label` selectors).
     fn sandbox_label_keys(&self) -> &'static [&'static str];
+
+    /// Where the runtime keeps the OCI runtime configuration of the sandbox `sandbox_id` (a
+    /// single path component, checked by the caller), below `state_dir` or the runtime's
+    /// default state directory. NRI carries no SELinux label; this file has the sandbox's
+    /// `linux.mountLabel`, whose MCS level the pod's containers run at.
+    fn sandbox_spec_path(&self, state_dir: Option<&Path>, sandbox_id: &str) -> PathBuf;
 }
 
 /// containerd (2.x) with runc: StartContainer carries the init PID and can fail the start.
@@ -354,6 +360,9 @@ pub struct Containerd;
 /// containerd's container annotation with the image the container was created from: the pod
 /// spec's `image` as written (CRI `UserSpecifiedImage`), else containerd's image name.
 pub const CONTAINERD_IMAGE_ANNOTATION: &str = "io.kubernetes.cri.image-name";
+
+/// containerd's default `state` directory.
+pub const CONTAINERD_STATE_DIR: &str = "/run/containerd";
 
 impl RuntimeBackend for Containerd {
     fn kind(&self) -> RuntimeKind {
@@ -380,6 +389,16 @@ impl RuntimeBackend for Containerd {
             "selinux_label",
         ]
     }
+
+    fn sandbox_spec_path(&self, state_dir: Option<&Path>, sandbox_id: &str) -> PathBuf {
+        // The CRI plugin's sandboxes are tasks of the `k8s.io` namespace; runc's shim keeps
+        // each task's bundle (with its config.json) under the runtime v2 state.
+        state_dir
+            .unwrap_or(Path::new(CONTAINERD_STATE_DIR))
+            .join("io.containerd.runtime.v2.task/k8s.io")
+            .join(sandbox_id)
+            .join("config.json")
+    }
 }
 
 /// CRI-O: the init PID exists from PostCreateContainer on, but an error answered to NRI
@@ -389,6 +408,9 @@ pub struct CriO;
 
 /// CRI-O's container annotation with the image as the pod spec wrote it.
 pub const CRIO_IMAGE_ANNOTATION: &str = "io.kubernetes.cri-o.ImageName";
+
+/// The default `runroot` of containers/storage, where CRI-O keeps run-time container data.
+pub const CRIO_STATE_DIR: &str = "/run/containers/storage";
 
 impl RuntimeBackend for CriO {
     fn kind(&self) -> RuntimeKind {
@@ -410,6 +432,17 @@ impl RuntimeBackend for CriO {
     fn sandbox_label_keys(&self) -> &'static [&'static str] {
         // CRI-O labels the sandbox as its infra container, named `POD`.
         &["io.kubernetes.container.name"]
+    }
+
+    fn sandbox_spec_path(&self, state_dir: Option<&Path>, sandbox_id: &str) -> PathBuf {
+        // CRI-O saves the sandbox's configuration in the storage run directory of its infra
+        // container even when it runs none (`drop_infra_ctr`, the default). `overlay` is
+        // the storage driver of CRI-O's default configuration and of OpenShift.
+        state_dir
+            .unwrap_or(Path::new(CRIO_STATE_DIR))
+            .join("overlay-containers")
+            .join(sandbox_id)
+            .join("userdata/config.json")
     }
 }
 
@@ -452,6 +485,9 @@ impl RuntimeBackend for AnyRuntime {
     }
     fn sandbox_label_keys(&self) -> &'static [&'static str] {
         self.get().sandbox_label_keys()
+    }
+    fn sandbox_spec_path(&self, state_dir: Option<&Path>, sandbox_id: &str) -> PathBuf {
+        self.get().sandbox_spec_path(state_dir, sandbox_id)
     }
 }
 
@@ -746,6 +782,22 @@ mod tests {
         assert_eq!(CriO.image_reference(&c), Some("alpine:3"));
         c.image = "docker.io/library/nginx:1".into();
         assert_eq!(CriO.image_reference(&c), Some("docker.io/library/nginx:1"));
+    }
+
+    #[test]
+    fn each_runtime_names_where_it_keeps_the_sandbox_spec() {
+        assert_eq!(
+            CriO.sandbox_spec_path(None, "sb1"),
+            Path::new("/run/containers/storage/overlay-containers/sb1/userdata/config.json")
+        );
+        assert_eq!(
+            CriO.sandbox_spec_path(Some(Path::new("/e2e/crio/run")), "sb1"),
+            Path::new("/e2e/crio/run/overlay-containers/sb1/userdata/config.json")
+        );
+        assert_eq!(
+            Containerd.sandbox_spec_path(None, "sb2"),
+            Path::new("/run/containerd/io.containerd.runtime.v2.task/k8s.io/sb2/config.json")
+        );
     }
 
     #[test]

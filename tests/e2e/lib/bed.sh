@@ -1163,6 +1163,9 @@ bed_down() {
 	done <<<"$_BED_HOST_PATHS"
 	# --one-file-system: never descend into something still mounted.
 	rm -rf --one-file-system "$E2E" || _bed_log "cannot remove $E2E"
+	# bed_check_clean looks for containerd's host paths only after a containerd bed: a
+	# CRI-O bed never makes them, and whatever is there belongs to another run.
+	_BED_DOWN_RUNTIME=$runtime
 	if [[ $runtime == containerd ]]; then
 		# containerd keeps shim sockets and runc state outside root/state.
 		rm -rf /run/containerd/s /run/containerd/runc/k8s.io
@@ -1190,9 +1193,11 @@ bed_check_clean() {
 		[[ ! -e $root/kubepods/nii-e2e-$E2E_RUN_ID ]] ||
 			{ _bed_log "left behind: cgroup $root/kubepods/nii-e2e-$E2E_RUN_ID" && bad=1; }
 	done
-	for p in /run/containerd/s /run/containerd/runc/k8s.io; do
-		[[ ! -e $p ]] || { _bed_log "left behind: $p" && bad=1; }
-	done
+	if [[ ${_BED_DOWN_RUNTIME:-containerd} == containerd ]]; then
+		for p in /run/containerd/s /run/containerd/runc/k8s.io; do
+			[[ ! -e $p ]] || { _bed_log "left behind: $p" && bad=1; }
+		done
+	fi
 	# Host paths that were absent at bed_up, and those bed_down removed.
 	while read -r p; do
 		[[ -z $p || ! -e $p ]] || { _bed_log "left behind: $p" && bad=1; }

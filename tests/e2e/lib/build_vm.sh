@@ -173,3 +173,57 @@ nii_build_vm() {
 	nii_build_vm_kernel || return 1
 	nii_build_virtiofsd || return 1
 }
+
+# Debian's reference SELinux policy (selinux-policy-default), compiled into the binary
+# policy a kernel loads, for tests/e2e/selinux_mcs.sh: the package is taken apart with
+# `apt-get download` + `dpkg-deb -x` (nothing is installed into the host's /etc/selinux) and
+# its modules linked and expanded by semodule-utils' offline tools (installed on demand: they
+# only read and write files). About 50 s cold; sets NII_SELINUX_POLICY (the binary policy).
+NII_SELINUX_POLICY_PKG=${NII_SELINUX_POLICY_PKG:-selinux-policy-default}
+
+_nii_build_selinux_policy() {
+	local out=$1 dl m modules
+	dl=$(mktemp -d "${TMPDIR:-/tmp}/nii-selinux.XXXXXX")
+	chmod 0755 "$dl"
+	chown _apt "$dl" 2>/dev/null || true
+	if ! (cd "$dl" && apt-get download -q "$_NII_SPKG=$_NII_SVER" >&2); then
+		rm -rf "$dl"
+		return 1
+	fi
+	mkdir "$dl/x" "$dl/pp" "$out/policy"
+	dpkg-deb -x "$dl"/*.deb "$dl/x" || { rm -rf "$dl"; return 1; }
+	for m in "$dl"/x/usr/share/selinux/default/*.pp.bz2; do
+		bzip2 -dc "$m" >"$dl/pp/$(basename "$m" .bz2)" || { rm -rf "$dl"; return 1; }
+	done
+	# Every module the package ships, as its postinst installs them: base first.
+	mapfile -t modules < <(find "$dl/pp" -name '*.pp' ! -name base.pp | sort)
+	if ! semodule_link -o "$dl/linked.pp" "$dl/pp/base.pp" "${modules[@]}" >/dev/null ||
+		! semodule_expand "$dl/linked.pp" "$out/policy/policy.bin"; then
+		rm -rf "$dl"
+		return 1
+	fi
+	echo "$_NII_SPKG $_NII_SVER" >"$out/package"
+	rm -rf "$dl"
+}
+
+nii_build_selinux_policy() {
+	local lock rc=0
+	_nii_pkg_installed semodule-utils || _nii_apt_install semodule-utils || return 1
+	_NII_SPKG=$NII_SELINUX_POLICY_PKG
+	_NII_SVER=$(apt-cache show --no-all-versions "$_NII_SPKG" 2>/dev/null | awk '$1 == "Version:" { print $2; exit }')
+	[[ -n $_NII_SVER ]] || { _nii_log "no version of $_NII_SPKG in the apt lists"; return 1; }
+	NII_SELINUX_POLICY_DIR=$NII_CACHE/vm/selinux-$_NII_SPKG-${_NII_SVER//:/_}
+	NII_SELINUX_POLICY=$NII_SELINUX_POLICY_DIR/policy/policy.bin
+	export NII_SELINUX_POLICY
+	if _nii_have_all "$NII_SELINUX_POLICY_DIR" policy; then
+		_nii_log "SELinux policy $_NII_SPKG $_NII_SVER cached (0s) in $NII_SELINUX_POLICY_DIR"
+		return 0
+	fi
+	mkdir -p "$NII_CACHE/vm"
+	exec {lock}>"$NII_CACHE/.build.lock"
+	flock "$lock"
+	_nii_build "SELinux policy $_NII_SPKG $_NII_SVER" "$NII_SELINUX_POLICY_DIR" policy \
+		_nii_build_selinux_policy || rc=1
+	exec {lock}>&-
+	return "$rc"
+}

@@ -148,6 +148,35 @@ nii_selectors_attested() {
 		grep -o 'type:\\"k8s\\" value:\\"[^\\]*' | sed 's/.*value:\\"/k8s:/' | sort -u
 }
 
+# --- a fake kubelet --------------------------------------------------------------------------
+
+# kubelet_fake_up : a stand-in for the kubelet's read-only port (lib/fake_kubelet.py) on a free
+# port, KUBELET_FAKE_PORT, serving KUBELET_FAKE_PODS (stopped by bed_down). For selectors mode
+# on pods made with crictl: the daemon needs what only the kubelet knows (the service account).
+kubelet_fake_up() {
+	KUBELET_FAKE_PODS=$E2E/kubelet-pods.json
+	KUBELET_FAKE_PORT=$(_bed_free_port)
+	export KUBELET_FAKE_PODS KUBELET_FAKE_PORT
+	echo '{"kind": "PodList", "items": []}' >"$KUBELET_FAKE_PODS"
+	bed_spawn fake-kubelet python3 "$_NII_LIB/fake_kubelet.py" "$KUBELET_FAKE_PORT" "$KUBELET_FAKE_PODS" >/dev/null
+	bed_wait 10 "fake kubelet" curl -fsS -o /dev/null "http://127.0.0.1:$KUBELET_FAKE_PORT/pods"
+}
+
+# kubelet_fake_add POD_UID SERVICE_ACCOUNT : the pod joins the fake kubelet's list.
+kubelet_fake_add() {
+	python3 - "$KUBELET_FAKE_PODS" "$1" "$2" <<'EOF'
+import json, os, sys
+path, uid, sa = sys.argv[1:]
+with open(path) as f:
+    pods = json.load(f)
+pods["items"].append({"metadata": {"uid": uid, "labels": {}},
+                      "spec": {"serviceAccountName": sa, "nodeName": "node-1"}})
+with open(path + ".tmp", "w") as f:
+    json.dump(pods, f)
+os.rename(path + ".tmp", path)
+EOF
+}
+
 # --- running scenarios --------------------------------------------------------------------
 
 # note TEXT : a result line of a scenario. fail TEXT : a failed check (errexit ends the
