@@ -98,9 +98,10 @@ pub enum LabelError {
         source: HostError,
     },
     #[error(
-        "selinux_label = \"private\": cannot read the sandbox's OCI configuration (is runtime_state_dir where the runtime keeps its sandboxes?)"
+        "selinux_label = \"private\": cannot read the sandbox's OCI configuration {path} (is runtime_state_dir where the runtime keeps its sandboxes?)"
     )]
     Read {
+        path: PathBuf,
         #[source]
         source: HostError,
     },
@@ -164,10 +165,13 @@ impl LabelSource {
                     source,
                 })?;
                 let path = spec_path(sandbox_id);
-                let bytes = self
-                    .host
-                    .read_runtime_file(&path, MAX_SPEC_BYTES)
-                    .map_err(|source| LabelError::Read { source })?;
+                let bytes =
+                    self.host
+                        .read_runtime_file(&path, MAX_SPEC_BYTES)
+                        .map_err(|source| LabelError::Read {
+                            path: path.clone(),
+                            source,
+                        })?;
                 let spec: oci_spec::runtime::Spec =
                     serde_json::from_slice(&bytes).map_err(|source| LabelError::Parse {
                         path: path.clone(),
