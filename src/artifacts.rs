@@ -223,6 +223,22 @@ pub enum ArtifactError {
     },
 }
 
+impl ArtifactError {
+    /// Whether the file system holding the artifact root is full (or out of inodes): the
+    /// write failed closed, the previous files are whole, and it heals when space returns.
+    pub fn is_no_space(&self) -> bool {
+        let source = match self {
+            Self::CreateDir { source, .. }
+            | Self::LabelDir { source, .. }
+            | Self::Stage { source, .. }
+            | Self::Commit { source, .. }
+            | Self::Sync { source, .. } => source,
+            _ => return false,
+        };
+        source.io_kind() == Some(std::io::ErrorKind::StorageFull)
+    }
+}
+
 // === rendering ===
 
 /// What a rendered file holds.

@@ -11,7 +11,7 @@ use nri_plugin::{Code, Context, CreateReply, Plugin, RuntimeInfo, Status};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::engine::{ContainerError, Engine, EngineError, RuntimeError};
+use crate::engine::{ContainerError, Engine, EngineError, Report, RuntimeError};
 use crate::k8s::NamingError;
 use crate::spire::IdentitySource;
 
@@ -107,17 +107,7 @@ pub fn status(e: &ContainerError) -> Status {
     };
     // The whole cause chain: "cannot create the directory" alone does not say "too many open
     // files".
-    let mut message = format!("nri-identity-injector: {e}");
-    let mut cause: Option<&(dyn std::error::Error + 'static)> =
-        std::error::Error::source(&*e.error);
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        cause = c.source();
-    }
+    let message = format!("nri-identity-injector: {}", Report(e));
     Status::new(code, message)
 }
 
@@ -198,7 +188,7 @@ impl<S: IdentitySource> Plugin for IdentityPlugin<S> {
                 .into())
             }
             Err(e) => {
-                warn!(error = %e, "refusing the container");
+                warn!(error = %Report(&e), "refusing the container");
                 Err(status(&e))
             }
         }
@@ -215,7 +205,7 @@ impl<S: IdentitySource> Plugin for IdentityPlugin<S> {
             .start_container(&pod, &c, ctx.deadline())
             .await
             .map_err(|e| {
-                warn!(error = %e, "failing the start");
+                warn!(error = %Report(&e), "failing the start");
                 status(&e)
             })
     }
