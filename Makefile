@@ -11,7 +11,7 @@ export PATH := $(HOME)/.cargo/bin:/usr/local/go/bin:$(PATH)
 export GOTOOLCHAIN := local
 export CARGO_TERM_COLOR := never
 
-.PHONY: release demo test lint unit conformance e2e e2e-k8s e2e-k8s-api e2e-deploy e2e-openshift e2e-kata e2e-vm manifests bench bench-nri bench-e2e bench-k8s bench-daemon codegen build
+.PHONY: release demo test lint unit conformance e2e chaos soak e2e-k8s e2e-k8s-api e2e-deploy e2e-openshift e2e-kata e2e-vm manifests bench bench-nri bench-e2e bench-k8s bench-daemon codegen build
 
 # The shipped binary: statically linked (no shared libc pages: idle RSS about 1.3 MiB below a
 # dynamically linked build) and built for an explicit target, so the static flag reaches only the
@@ -25,7 +25,7 @@ release:
 demo:
 	tests/e2e/demo.sh
 
-test: lint unit conformance e2e e2e-k8s e2e-k8s-api e2e-deploy e2e-openshift e2e-kata
+test: lint unit conformance e2e e2e-k8s e2e-k8s-api e2e-deploy e2e-openshift e2e-kata chaos
 
 build:
 	cargo build --workspace --all-targets
@@ -42,6 +42,21 @@ conformance:
 
 e2e:
 	tests/e2e/run.sh
+
+# Faults, load and time: annotated pods churned while the daemon, containerd, the SPIRE agent
+# and server are killed, the agent frozen and the artifact root filled; an invariant checker
+# samples every second. CHAOS_SECONDS (default 180) and CHAOS_SEED (default 1) pick the
+# length and the schedule; make test runs the default.
+CHAOS_SECONDS ?= 180
+CHAOS_SEED ?= 1
+chaos:
+	NII_CHAOS_SECONDS=$(CHAOS_SECONDS) NII_CHAOS_SEED=$(CHAOS_SEED) tests/e2e/chaos.sh
+
+# 500 live identities with 60 s SVIDs for 30 minutes (SOAK_SECONDS): rotations in time,
+# memory, CPU per rotation, descriptors, and a plot. Not part of make test.
+SOAK_SECONDS ?= 1800
+soak:
+	NII_SOAK_SECONDS=$(SOAK_SECONDS) tests/e2e/soak.sh
 
 # Kubernetes: a real standalone kubelet with static pods, SPIRE's k8s attestor, selectors mode.
 e2e-k8s:

@@ -110,7 +110,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
                 match (status, &error) {
                     (AgentStatus::Ready, _) => info!("the SPIRE agent serves the daemon"),
                     (AgentStatus::Refused(refusal), Some(error)) => {
-                        warn!(reason = refusal.kind(), "not ready: {error}")
+                        warn!(
+                            reason = refusal.kind(),
+                            "not ready: the SPIRE agent {error}"
+                        )
                     }
                     (_, Some(error)) => {
                         warn!(error = %Report(error), "not ready: the SPIRE agent does not answer")

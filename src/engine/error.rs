@@ -31,7 +31,7 @@ pub enum EngineError {
         // Already names the agent.
         SourceError::Connect { .. } => source.to_string(),
         // Says what is wrong with the deployment, not just "PermissionDenied".
-        SourceError::Refused { refusal, message } => format!("the SPIRE agent at {} refuses the daemon itself ({message:?}): {refusal}", agent.display()),
+        SourceError::Refused { .. } => format!("the SPIRE agent at {} {source}", agent.display()),
         _ => format!("the SPIRE agent at {}: {source}", agent.display()),
     })]
     Agent {

@@ -268,8 +268,9 @@ pub enum SourceError {
     #[error("lost the connection to the SPIRE agent: {0}")]
     Disconnected(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The agent refuses the daemon itself (`PermissionDenied` about the caller, not the
-    /// workload): see [`DelegateRefusal`].
-    #[error("the SPIRE agent refuses the daemon ({message:?}): {refusal}")]
+    /// workload): see [`DelegateRefusal`]. The message is a predicate ("refuses the daemon
+    /// itself …"), to follow the agent's name.
+    #[error("refuses the daemon itself ({message:?}): {refusal}")]
     Refused {
         refusal: DelegateRefusal,
         message: String,
