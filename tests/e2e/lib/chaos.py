@@ -141,8 +141,8 @@ class Log:
         self.f = open(os.path.join(out, "events.jsonl"), "a", buffering=1)
         self.events = []
 
-    def __call__(self, kind, **fields):
-        e = {"t": round(now(), 3), "kind": kind, **fields}
+    def __call__(self, event, **fields):
+        e = {"t": round(now(), 3), "event": event, **fields}
         with self.lock:
             self.events.append(e)
             self.f.write(json.dumps(e) + "\n")
@@ -283,6 +283,8 @@ class Run:
         self.max_past_rotation = (0.0, None)
         self.last_ok_start = 0.0
         self.idcheck_every = 1
+        # Bed processes being restarted (by the injector or the supervisor).
+        self.busy = set()
 
     # --- violations -----------------------------------------------------------------------
 
@@ -490,20 +492,15 @@ class Run:
                 return None, f"no {procs[kind]} running"
         t = now()
         if kind.startswith("kill_"):
-            os.kill(pid, signal.SIGKILL)
-            time.sleep(f["restart_after"])
-            call = {
-                "kill_daemon": "bed_stop nii; nii_start",
-                "kill_containerd": "bed_restart_runtime",
-                "kill_agent": "bed_restart_agent",
-                "kill_server": (
-                    "bed_stop spire-server; _bed_rotate_log spire-server; "
-                    'bed_spawn spire-server "$NII_SPIRE_DIR/spire-server" run '
-                    '-config "$E2E/spire/server.conf" >/dev/null; '
-                    'bed_wait 60 "spire-server health" "$SPIRE_SERVER" healthcheck'
-                ),
-            }[kind]
-            rc, _, err = bed(call)
+            name = procs[kind]
+            self.busy.add(name)
+            try:
+                os.kill(pid, signal.SIGKILL)
+                time.sleep(f["restart_after"])
+                call = self.RESTART[name]
+                rc, _, err = bed(f"bed_stop {name}; {call}" if name == "nii" else call)
+            finally:
+                self.busy.discard(name)
             if kind == "kill_daemon":
                 self.daemon_pid = pid_of("nii")
                 self.daemon_since = now()
@@ -692,9 +689,43 @@ class Run:
         if fds:
             self.max_fds = max(self.max_fds, fds)
 
+    # Restarts of what exited without being killed by the injector, as a supervisor would.
+    RESTART = {
+        "nii": "nii_start",
+        "containerd": "bed_restart_runtime",
+        "spire-agent": "bed_restart_agent",
+        "spire-server": (
+            "bed_stop spire-server; _bed_rotate_log spire-server; "
+            'bed_spawn spire-server "$NII_SPIRE_DIR/spire-server" run '
+            '-config "$E2E/spire/server.conf" >/dev/null; '
+            'bed_wait 60 "spire-server health" "$SPIRE_SERVER" healthcheck'
+        ),
+    }
+
+    def supervise(self):
+        """Notices a bed process that exited although nothing killed it (the injector marks
+        what it is restarting), reports it and restarts it."""
+        for name, call in self.RESTART.items():
+            if name in self.busy or pid_of(name) is not None:
+                continue
+            self.busy.add(name)
+            self.counters[f"exited_{name}"] += 1
+            self.log("exited", process=name)
+            print(f"{name} exited without being killed; restarting it", flush=True)
+
+            def restart(name=name, call=call):
+                try:
+                    rc, _, err = bed(f"bed_stop {name}; {call}" if name == "nii" else call)
+                    self.log("restarted", process=name, rc=rc, error=err[-300:])
+                finally:
+                    self.busy.discard(name)
+
+            threading.Thread(target=restart, daemon=True).start()
+
     def checker(self):
         while not self.stop.is_set():
             t = now()
+            self.supervise()
             with self.lock:
                 ws = list(self.workloads)
             for w in ws:
@@ -880,6 +911,8 @@ class Run:
             "first_instruction_ok": self.counters["first_ok"],
             "first_instruction_fail": self.counters["first_fail"],
             "faults": {k: self.counters[k] for k in sorted(recovery)},
+            "exited_unkilled": {k[len("exited_"):]: v for k, v in self.counters.items()
+                                if k.startswith("exited_")},
             "recovery_s": {k: v for k, v in sorted(recovery.items())},
             "violations": len(self.violations),
             "violations_by_kind": dict(by_kind),

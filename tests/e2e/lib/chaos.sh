@@ -11,6 +11,10 @@ _CHAOS_LIB=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 chaos_bed_up() {
 	nii_build
 	nii_build_identity_check
+	# A SPIRE server that is killed must come back with its CA, as production servers do
+	# (disk, a KMS or an upstream authority): with the bed's default in-memory keys it
+	# would come back with a new CA that its agents do not trust, and they would stop.
+	export E2E_SPIRE_SERVER_KEYMANAGER=disk
 	bed_up
 	# containerd's NRI default validator, which honours required-plugins.noderesource.dev:
 	# a container the daemon did not take part in creating is refused, not started bare.
