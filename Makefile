@@ -11,7 +11,7 @@ export PATH := $(HOME)/.cargo/bin:/usr/local/go/bin:$(PATH)
 export GOTOOLCHAIN := local
 export CARGO_TERM_COLOR := never
 
-.PHONY: release demo test lint unit conformance e2e chaos soak e2e-k8s e2e-k8s-api e2e-deploy e2e-openshift e2e-kata e2e-vm manifests bench bench-nri bench-e2e bench-k8s bench-daemon codegen build
+.PHONY: release demo test lint unit conformance e2e e2e-churn chaos soak e2e-k8s e2e-k8s-api e2e-deploy e2e-openshift e2e-kata e2e-vm manifests bench bench-nri bench-e2e bench-k8s bench-daemon codegen build
 
 # The shipped binary: statically linked (no shared libc pages: idle RSS about 1.3 MiB below a
 # dynamically linked build) and built for an explicit target, so the static flag reaches only the
@@ -42,6 +42,11 @@ conformance:
 
 e2e:
 	tests/e2e/run.sh
+
+# A longer churn than run.sh's 50 pods (part of e2e): 200 pods while the daemon is SIGKILLed
+# and restarted and the agent restarted; no workload may run without its files.
+e2e-churn:
+	NII_CHURN_PODS=200 tests/e2e/run.sh churn
 
 # Faults, load and time: annotated pods churned while the daemon, containerd, the SPIRE agent
 # and server are killed, the agent frozen and the artifact root filled; an invariant checker

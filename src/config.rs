@@ -90,6 +90,12 @@ pub struct Config {
     /// Runtime handlers whose pods run in a VM without a shared file system (files copied in
     /// once at creation); they win over `vm_runtime_handlers`.
     pub copy_once_runtime_handlers: Vec<String>,
+    /// Give containers served at StartContainer (PID mode) whose pod must not run without its
+    /// identity a start guard: an OCI hook the runtime runs before the workload, which waits
+    /// until the files are in place whether or not the daemon is alive at that moment.
+    pub start_guard: bool,
+    /// How long the start guard waits before failing the container's start.
+    pub start_guard_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -129,6 +135,8 @@ impl Default for Config {
             ]
             .map(String::from)
             .to_vec(),
+            start_guard: true,
+            start_guard_timeout_ms: 60_000,
         }
     }
 }
@@ -220,6 +228,12 @@ impl Config {
             return Err(invalid(
                 "first_svid_timeout_ms",
                 "must be between 50 and 10000",
+            ));
+        }
+        if !(1_000..=600_000).contains(&self.start_guard_timeout_ms) {
+            return Err(invalid(
+                "start_guard_timeout_ms",
+                "must be between 1000 and 600000",
             ));
         }
         if self.drain_timeout_ms > 120_000 {
@@ -318,6 +332,12 @@ impl Config {
 
     pub fn first_svid_timeout(&self) -> Duration {
         Duration::from_millis(self.first_svid_timeout_ms)
+    }
+
+    /// The start guard's timeout, when the guard is on.
+    pub fn start_guard(&self) -> Option<Duration> {
+        self.start_guard
+            .then(|| Duration::from_millis(self.start_guard_timeout_ms))
     }
 
     pub fn drain_timeout(&self) -> Duration {
@@ -520,6 +540,7 @@ mod tests {
             ("no_such_key = 1", "no_such_key"),
             ("first_svid_timeout_ms = \"soon\"", "first_svid_timeout_ms"),
             ("runtime = \"docker\"", "runtime"),
+            ("start_guard_timeout_ms = 10", "start_guard_timeout_ms"),
         ];
         for (body, field) in cases {
             let f = write("bad", body);
@@ -615,6 +636,21 @@ kubelet_private_key_path = "/etc/nii/client-key.pem"
                 .to_string();
             assert!(err.contains(field), "{body}: {err}");
         }
+    }
+
+    #[test]
+    fn the_start_guard_is_on_by_default_and_can_be_turned_off() {
+        assert_eq!(
+            Config::default().start_guard(),
+            Some(Duration::from_secs(60))
+        );
+        let e = env(&[
+            ("NRI_IDENTITY_START_GUARD", "false"),
+            ("NRI_IDENTITY_START_GUARD_TIMEOUT_MS", "5000"),
+        ]);
+        let c = Config::load(None, e, &Overrides::default()).unwrap();
+        assert_eq!(c.start_guard(), None);
+        assert_eq!(c.start_guard_timeout_ms, 5000);
     }
 
     #[test]

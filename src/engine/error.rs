@@ -64,6 +64,10 @@ pub enum EngineError {
     NoKubelet,
     #[error(transparent)]
     Naming(#[from] NamingError),
+    #[error(
+        "the start guard is on but its binary is not installed under the artifact root (see the daemon's start-up log)"
+    )]
+    GuardNotInstalled,
 }
 
 impl EngineError {
@@ -88,6 +92,7 @@ impl EngineError {
             EngineError::Naming(NamingError::Kubelet(_)) => "kubelet",
             EngineError::Naming(NamingError::Selectors(_)) => "selectors",
             EngineError::Naming(NamingError::EphemeralContainer) => "ephemeral_container",
+            EngineError::GuardNotInstalled => "guard_not_installed",
         }
     }
 }

@@ -76,3 +76,18 @@ pub async fn derive_selectors(
         spec_user,
     })
 }
+
+/// The container annotation in which the kubelet records the container's
+/// `terminationMessagePath`: the file whose contents `kubectl describe pod` shows as the
+/// message of a terminated container.
+pub const TERMINATION_MESSAGE_PATH_ANNOTATION: &str =
+    "io.kubernetes.container.terminationMessagePath";
+
+/// Where a container's termination message goes, if the kubelet created it (an absolute path
+/// inside the container).
+pub fn termination_message_path(c: &ContainerInfo) -> Option<&str> {
+    c.annotations
+        .get(TERMINATION_MESSAGE_PATH_ANNOTATION)
+        .map(String::as_str)
+        .filter(|p| p.starts_with('/'))
+}

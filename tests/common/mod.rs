@@ -27,6 +27,9 @@ pub type MixedHost = nri_identity_injector::host::SplitHost;
 
 pub const TD: &str = "example.org";
 
+/// What the test beds install as the start guard's binary.
+pub const GUARD_STAND_IN: &[u8] = b"start guard stand-in";
+
 pub struct Daemon {
     pub engine: Engine<DelegatedIdentityApi>,
     pub plugin: Arc<IdentityPlugin<DelegatedIdentityApi>>,
@@ -384,12 +387,17 @@ fn spawn_daemon(
     cfg.retry_initial = Duration::from_millis(20);
     cfg.retry_max = Duration::from_millis(200);
     tweak(&mut cfg);
+    let guarded = cfg.start_guard.is_some();
     let engine = Engine::new(
         cfg,
         DelegatedIdentityApi::new(ApiConfig::default()),
         host,
         metrics.clone(),
     );
+    if guarded {
+        // Its contents never run here: the runtime is fake.
+        engine.install_guard(GUARD_STAND_IN).unwrap();
+    }
     let mut options = Options::new("identity", "10").socket_path(nri_path);
     options.backoff = Backoff {
         initial: Duration::from_millis(10),

@@ -229,7 +229,165 @@ scenario_agent_down() {
 	bed_rmp "$pid"
 }
 
-# --- 9. deployment mistakes on the agent: the daemon missing from authorized_delegates, or
+# --- 9. the start guard: the daemon away between CreateContainer and StartContainer -----
+# guarded_pod NAME : a pod whose containers are all annotated; sets POD, POD_UID, PID.
+guarded_pod() {
+	POD_UID=$(bed_uuid)
+	POD=$(bed_pod_json "$1" "$POD_UID" "$(nii_annotations identity.noderesource.dev/pod "$(nii_identity /var/certs)")")
+	PID=$("$CRICTL" runp "$POD")
+}
+
+# held CID : the container runs (its start succeeded) but its workload has written nothing.
+held() { [[ $(bed_ctr_state "$1") == CONTAINER_RUNNING && -z $(logs_of "$1") ]]; }
+
+scenario_guard_restart() {
+	local e cid t
+	e=$(bed_entry /guarded unix:uid:1007)
+	bed_wait_entry "$e"
+	guarded_pod guarded
+	cid=$("$CRICTL" create "$PID" "$(E2E_CTR_UID=1007 bed_ctr_json g sh -c "echo first-instruction; $CHECK")" "$POD")
+	[[ $("$CRICTL" inspect "$cid") == *'"startContainer"'* ]] || fail "no startContainer hook in the OCI spec"
+	# CreateContainer returned; the daemon goes away before StartContainer.
+	nii_stop
+	t=$(nii_ms)
+	"$CRICTL" start "$cid" >/dev/null || fail "crictl start failed without the daemon"
+	note "daemon stopped after CreateContainer; crictl start succeeded in $(($(nii_ms) - t)) ms"
+	sleep 3
+	held "$cid" || fail "the workload ran without the daemon: $(bed_ctr_state "$cid") $(logs_of "$cid")"
+	note "3 s later the container runs, held by its guard; the workload has printed nothing"
+	t=$(nii_ms)
+	nii_start
+	bed_wait_exited "$cid" 30 || fail "not released after the daemon came back"
+	note "daemon back; workload released $(($(nii_ms) - t)) ms after the daemon was started"
+	[[ $(logs_of "$cid") == $'first-instruction\nsvid exists!' ]] || fail "workload printed: $(logs_of "$cid")"
+	[[ $(bed_ctr_exit_code "$cid") == 0 ]] || fail "exit code $(bed_ctr_exit_code "$cid")"
+	[[ $(grep "container_id=$cid" "$E2E/logs/nii.log") == *'resuming identity maintenance'* ]] || fail "not resumed from Synchronize"
+	note "its first instruction saw the files: $(logs_of "$cid" | tr '\n' ' ')"
+	bed_rmp "$PID"
+}
+
+scenario_guard_timeout() {
+	local e cid log message
+	e=$(bed_entry /guarded-timeout unix:uid:1007)
+	bed_wait_entry "$e"
+	nii_restart NRI_IDENTITY_START_GUARD_TIMEOUT_MS=3000
+	guarded_pod guardtimeout
+	# Kubernetes' termination message file, as the kubelet would mount it and name it.
+	log=$E2E/termination-log-$POD_UID
+	: >"$log"
+	chmod 0666 "$log"
+	cid=$("$CRICTL" create "$PID" "$(E2E_CTR_UID=1007 E2E_CTR_EXTRA="$(printf '{"annotations": {"io.kubernetes.container.terminationMessagePath": "/dev/termination-log"}, "mounts": [{"container_path": "/dev/termination-log", "host_path": "%s"}]}' "$log")" \
+		bed_ctr_json g sh -c "echo first-instruction; $CHECK")" "$POD")
+	nii_stop
+	"$CRICTL" start "$cid" >/dev/null || fail "crictl start failed without the daemon"
+	bed_wait_exited "$cid" 30 || fail "the guard did not give up"
+	[[ $(bed_ctr_exit_code "$cid") != 0 ]] || fail "exit code 0"
+	[[ $(logs_of "$cid") != *first-instruction* ]] || fail "the workload ran: $(logs_of "$cid")"
+	message=$(logs_of "$cid")
+	for part in "pod e2e/guardtimeout container g" "/var/certs" "missing svid.pem, svid_key.pem, svid_bundle.pem"; do
+		[[ $message == *"$part"* ]] || fail "the log does not say $part: $message"
+	done
+	[[ $(cat "$log") == *"missing svid.pem"* ]] || fail "termination message: $(cat "$log")"
+	note "daemon away past the guard's 3 s: exit code $(bed_ctr_exit_code "$cid"), workload never ran"
+	note "container log: ${message:0:400}"
+	note "termination message: $(head -c 200 "$log")"
+	bed_rmp "$PID"
+	nii_restart
+}
+
+scenario_scratch() {
+	local e c1 c2
+	e=$(bed_entry /scratch unix:uid:1008)
+	bed_wait_entry "$e"
+	guarded_pod scratch
+	# FROM scratch, read-only root file system: nothing of the guard comes from the image.
+	ctr() { E2E_CTR_UID=1008 E2E_CTR_IMAGE=$E2E_SCRATCH_IMAGE E2E_CTR_READONLY=1 bed_ctr_json "$1" /idcheck /var/certs; }
+	start_ctr "$PID" "$(ctr g)" "$POD"
+	c1=$CID
+	bed_wait_exited "$c1" 30
+	[[ $(logs_of "$c1") == *"svid exists!"*"key-readable-by-1008"* ]] || fail "scratch workload printed: $(logs_of "$c1")"
+	note "daemon up: crictl start ${START_MS} ms; $(logs_of "$c1" | tail -n +2 | tr '\n' ' ')"
+	c2=$("$CRICTL" create "$PID" "$(ctr g2)" "$POD")
+	nii_stop
+	"$CRICTL" start "$c2" >/dev/null || fail "crictl start failed without the daemon"
+	sleep 2
+	held "$c2" || fail "the scratch workload ran without the daemon: $(logs_of "$c2")"
+	nii_start
+	bed_wait_exited "$c2" 30
+	[[ $(logs_of "$c2") == *"svid exists!"*"key-readable-by-1008"* ]] || fail "after the daemon came back: $(logs_of "$c2")"
+	note "daemon away at start: held, then released with its files: $(logs_of "$c2" | tail -n +2 | tr '\n' ' ')"
+	bed_rmp "$PID"
+}
+
+# --- 10. churn: pods created and started one after another while the daemon is SIGKILLed
+# and restarted and the agent restarted; no workload may ever run without its files --------
+scenario_churn() {
+	local n=${NII_CHURN_PODS:-50} e i pod pid cid kills=0 uid=1009 bg ok=0 without=0 refused=0 guarded=0 t0 t restarts=0
+	local -a cids=() pids=()
+	e=$(bed_entry /churn unix:uid:$uid)
+	bed_wait_entry "$e"
+	t0=$(nii_ms)
+	for ((i = 0; i < n; i++)); do
+		pod=$(bed_pod_json "churn$i" "$(bed_uuid)" "$(nii_annotations identity.noderesource.dev/pod "$(nii_identity /var/certs)")")
+		pid=$("$CRICTL" runp "$pod")
+		pids+=("$pid")
+		cid=$("$CRICTL" create "$pid" "$(E2E_CTR_UID=$uid bed_ctr_json "w$i" sh -c "$CHECK")" "$pod")
+		cids+=("$cid")
+		case $((i % 8)) in
+		3)
+			# Between CreateContainer and StartContainer.
+			nii_kill
+			kills=$((kills + 1))
+			"$CRICTL" start "$cid" >/dev/null 2>&1 || true
+			t=$(nii_ms)
+			nii_start
+			restarts=$((restarts + $(nii_ms) - t))
+			;;
+		6)
+			# During StartContainer.
+			"$CRICTL" start "$cid" >/dev/null 2>&1 &
+			bg=$!
+			sleep "0.0$((RANDOM % 3))"
+			nii_kill
+			kills=$((kills + 1))
+			wait "$bg" 2>/dev/null || true
+			t=$(nii_ms)
+			nii_start
+			restarts=$((restarts + $(nii_ms) - t))
+			;;
+		*)
+			"$CRICTL" start "$cid" >/dev/null 2>&1 || true
+			;;
+		esac
+		if ((i == n / 2)); then
+			# The agent restarts while pods keep coming.
+			bed_restart_agent >/dev/null 2>&1 &
+			bg=$!
+		fi
+	done
+	wait "$bg" || fail "agent restart"
+	for cid in "${cids[@]}"; do
+		if [[ $(bed_ctr_state "$cid") == CONTAINER_CREATED ]]; then
+			refused=$((refused + 1)) # the start was refused: fail-closed
+			continue
+		fi
+		bed_wait_exited "$cid" 90 || fail "$cid did not finish"
+		case $(logs_of "$cid") in
+		*"svid does NOT exist."*) without=$((without + 1)) ;;
+		*"svid exists!"*) ok=$((ok + 1)) ;;
+		*"nri-identity-injector guard:"*) guarded=$((guarded + 1)) ;;
+		*) refused=$((refused + 1)) ;;
+		esac
+	done
+	note "$n pods in $(($(nii_ms) - t0)) ms (of which $restarts ms restarting the daemon), daemon SIGKILLed $kills times (before and during StartContainer), agent restarted once"
+	note "ran with their files: $ok; ran WITHOUT: $without; start refused: $refused; stopped by the guard: $guarded"
+	((without == 0)) || fail "$without workloads ran without their files"
+	((ok + refused + guarded == n)) || fail "unaccounted containers"
+	for pid in "${pids[@]}"; do bed_rmp "$pid" 2>/dev/null || true; done
+}
+
+
+# --- 11. deployment mistakes on the agent: the daemon missing from authorized_delegates, or
 # without a registration entry of its own -------------------------------------------------
 readyz() { curl -s "http://$NII_HTTP/readyz"; }
 
@@ -301,7 +459,7 @@ scenario_delegate_mistakes() {
 	bed_rmp "$pid"
 }
 
-ALL=(proposal selectors rotation runtime_restart hostile agent_down delegate_mistakes)
+ALL=(proposal selectors rotation runtime_restart hostile agent_down guard_restart guard_timeout scratch churn delegate_mistakes)
 (($#)) || set -- "${ALL[@]}"
 
 trap 'nii_finish e2e' EXIT

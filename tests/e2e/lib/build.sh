@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the real programs the end-to-end bed runs (containerd, its runc shim,
-# ctr, crictl, spire-server, spire-agent; CRI-O and pinns on demand) from the
-# Go module proxy, and installs the Debian packages the bed needs (runc,
-# busybox-static, gcc; conmon and libseccomp-dev for CRI-O).
+# ctr, crictl, runc, spire-server, spire-agent; CRI-O and pinns on demand) from
+# the Go module proxy, and installs the Debian packages the bed needs
+# (busybox-static, gcc, libseccomp-dev; conmon for CRI-O).
 #
 # Executed: builds everything that is missing, then prints the binary dirs.
 # Sourced:  defines nii_build_all and the NII_*_DIR variables (bed.sh does
@@ -23,6 +23,11 @@ NII_KUBELET_VERSION=${NII_KUBELET_VERSION:-v1.34.4}
 NII_ETCD_VERSION=${NII_ETCD_VERSION:-v3.6.16}
 NII_CRIO_VERSION=${NII_CRIO_VERSION:-v1.36.3}
 NII_HELM_VERSION=${NII_HELM_VERSION:-v3.22.0}
+# runc from 1.2.8, 1.3.3 and 1.4.0 on closes its exec FIFO before the OCI startContainer
+# hooks run, so `runc start` returns without waiting for them (older ones wait, holding
+# containerd's StartContainer, and NRI plugin synchronisation with it, until the hooks end);
+# the same releases fix the November 2025 container-escape CVEs.
+NII_RUNC_VERSION=${NII_RUNC_VERSION:-v1.4.0}
 
 NII_CONTAINERD_DIR=$NII_CACHE/bin/containerd-$NII_CONTAINERD_VERSION
 NII_CRICTL_DIR=$NII_CACHE/bin/crictl-$NII_CRICTL_VERSION
@@ -33,10 +38,12 @@ NII_CONTROL_PLANE_DIR=$NII_CACHE/bin/kube-control-plane-$NII_KUBELET_VERSION
 NII_ETCD_DIR=$NII_CACHE/bin/etcd-$NII_ETCD_VERSION
 # crio, pinns (its namespace pinner) and copyimg (its test suite's image loader).
 NII_CRIO_DIR=$NII_CACHE/bin/crio-$NII_CRIO_VERSION
-export NII_CACHE NII_CONTAINERD_DIR NII_CRICTL_DIR NII_SPIRE_DIR NII_KUBELET_DIR NII_CONTROL_PLANE_DIR NII_ETCD_DIR \
-	NII_CRIO_DIR
 NII_HELM_DIR=$NII_CACHE/bin/helm-$NII_HELM_VERSION
-export NII_CACHE NII_CONTAINERD_DIR NII_CRICTL_DIR NII_SPIRE_DIR NII_KUBELET_DIR NII_CONTROL_PLANE_DIR NII_ETCD_DIR NII_HELM_DIR
+NII_RUNC_DIR=$NII_CACHE/bin/runc-$NII_RUNC_VERSION
+# The OCI runtime the bed's shim calls; NII_RUNC=/usr/sbin/runc picks the distribution's.
+NII_RUNC=${NII_RUNC:-$NII_RUNC_DIR/runc}
+export NII_CACHE NII_CONTAINERD_DIR NII_CRICTL_DIR NII_SPIRE_DIR NII_KUBELET_DIR NII_CONTROL_PLANE_DIR NII_ETCD_DIR \
+	NII_CRIO_DIR NII_HELM_DIR NII_RUNC_DIR NII_RUNC
 
 # The toolchain must be the installed one: the module proxy is reachable but
 # toolchain downloads are not, and a silent toolchain switch would hide a
@@ -99,6 +106,12 @@ _nii_build_containerd() {
 		"$m/containerd@$NII_CONTAINERD_VERSION" \
 		"$m/containerd-shim-runc-v2@$NII_CONTAINERD_VERSION" \
 		"$m/ctr@$NII_CONTAINERD_VERSION"
+}
+
+_nii_build_runc() {
+	# cgo: runc's nsexec is C, and seccomp profiles need libseccomp.
+	GOBIN=$1 CGO_ENABLED=1 _nii_go install -trimpath -tags seccomp -ldflags='-s -w' \
+		"github.com/opencontainers/runc@$NII_RUNC_VERSION"
 }
 
 _nii_build_crictl() {
@@ -350,12 +363,14 @@ _nii_build_e2e_tool() {
 		-ldflags='-s -w' -o "$1/$_NII_TOOL_NAME" .)
 }
 
-# nii_install_packages: runc (the OCI runtime the shim calls), a static busybox
-# (the only content of the test images) and gcc (spire-server's cgo). Debian's
-# containerd is deliberately not installed: its shim would shadow ours.
+# nii_install_packages: runc (the distribution's, for NII_RUNC=/usr/sbin/runc), a
+# static busybox (the only content of the test images), gcc (spire-server's and
+# runc's cgo, the scratch image's binary) and libseccomp-dev (runc's seccomp).
+# Debian's containerd is deliberately not installed: its shim would shadow ours.
 nii_install_packages() {
 	local missing=()
 	[[ -x /usr/sbin/runc ]] || missing+=(runc)
+	dpkg-query -W -f='${Status}' libseccomp-dev 2>/dev/null | grep -q 'ok installed' || missing+=(libseccomp-dev)
 	# The images need the *static* busybox; the dynamic one would not run
 	# inside a rootfs that holds nothing else.
 	dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' || missing+=(busybox-static)
@@ -379,6 +394,7 @@ nii_build_all() {
 	_nii_build "containerd $NII_CONTAINERD_VERSION" "$NII_CONTAINERD_DIR" \
 		"containerd containerd-shim-runc-v2 ctr" _nii_build_containerd || rc=1
 	((rc)) || _nii_build "crictl $NII_CRICTL_VERSION" "$NII_CRICTL_DIR" "crictl" _nii_build_crictl || rc=1
+	((rc)) || _nii_build "runc $NII_RUNC_VERSION" "$NII_RUNC_DIR" "runc" _nii_build_runc || rc=1
 	((rc)) || _nii_build "spire $NII_SPIRE_VERSION" "$NII_SPIRE_DIR" \
 		"spire-server spire-agent" _nii_build_spire || rc=1
 	exec {lock}>&-
@@ -401,8 +417,8 @@ if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
 		exit 0
 	fi
 	nii_build_all
-	printf 'NII_CONTAINERD_DIR=%s\nNII_CRICTL_DIR=%s\nNII_SPIRE_DIR=%s\n' \
-		"$NII_CONTAINERD_DIR" "$NII_CRICTL_DIR" "$NII_SPIRE_DIR"
+	printf 'NII_CONTAINERD_DIR=%s\nNII_CRICTL_DIR=%s\nNII_SPIRE_DIR=%s\nNII_RUNC=%s\n' \
+		"$NII_CONTAINERD_DIR" "$NII_CRICTL_DIR" "$NII_SPIRE_DIR" "$NII_RUNC"
 	# `build.sh kubelet cri-o`: also the standalone kubelet, CRI-O.
 	for extra in "$@"; do
 		case $extra in

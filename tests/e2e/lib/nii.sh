@@ -62,6 +62,16 @@ nii_start() {
 
 nii_stop() { bed_stop nii 15; }
 
+# nii_kill : SIGKILL the daemon (no draining, no goodbye to the runtime) and forget it.
+nii_kill() {
+	local pid
+	if pid=$(bed_pid nii); then
+		kill -KILL "$pid" 2>/dev/null || true
+		wait "$pid" 2>/dev/null || true
+	fi
+	bed_stop nii
+}
+
 # nii_restart [VAR=VALUE...] [-- EXTRA-ARGS...] : stop the daemon if it runs, then start it
 # with those environment variables (NRI_IDENTITY_*, NII_WAIT) and arguments.
 nii_restart() {
