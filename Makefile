@@ -50,9 +50,9 @@ e2e-churn:
 
 # Faults, load and time: annotated pods churned while the daemon, containerd, the SPIRE agent
 # and server are killed, the agent frozen and the artifact root filled; an invariant checker
-# samples every second. CHAOS_SECONDS (default 180) and CHAOS_SEED (default 1) pick the
+# samples every second. CHAOS_SECONDS (default 120) and CHAOS_SEED (default 1) pick the
 # length and the schedule; make test runs the default.
-CHAOS_SECONDS ?= 180
+CHAOS_SECONDS ?= 120
 CHAOS_SEED ?= 1
 chaos:
 	NII_CHAOS_SECONDS=$(CHAOS_SECONDS) NII_CHAOS_SEED=$(CHAOS_SEED) tests/e2e/chaos.sh

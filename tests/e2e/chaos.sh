@@ -26,7 +26,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 bed_runtime_only containerd "the runtime's own fail-closed settings (required plugins) are containerd's here"
 
 SEED=${NII_CHAOS_SEED:-1}
-SECONDS_=${NII_CHAOS_SECONDS:-180}
+SECONDS_=${NII_CHAOS_SECONDS:-120}
 PODS=${NII_CHAOS_PODS:-55}
 OUT=${NII_CHAOS_OUT:-/tmp/nii-chaos-$SEED-$(date +%Y%m%d-%H%M%S)}
 
