@@ -668,6 +668,26 @@ fn sweep_removes_only_what_the_runtime_no_longer_has() {
     assert!(host.node(Path::new(ROOT).join("p2")).is_none());
 }
 
+#[test]
+fn sweep_removes_a_live_pods_directory_it_emptied_and_keeps_one_with_live_containers() {
+    let (host, writer) = fake_writer();
+    for (pod, ctr) in [("p1", "c1"), ("p2", "c2"), ("p2", "c3")] {
+        writer.create_dir(pod, ctr, None).unwrap();
+    }
+    // Both pods still exist; p1's only container and one of p2's are gone.
+    let live = LiveContainers {
+        pods: ["p1".to_owned(), "p2".to_owned()].into(),
+        containers: [("p2".to_owned(), "c3".to_owned())].into(),
+    };
+    writer.sweep(&live).unwrap();
+    assert!(host.node(Path::new(ROOT).join("p1")).is_none());
+    assert!(host.node(Path::new(ROOT).join("p2/c2")).is_none());
+    assert!(host.node(Path::new(ROOT).join("p2/c3")).is_some());
+    // A container created in p1 later gets its directory as usual.
+    writer.create_dir("p1", "c4", None).unwrap();
+    assert!(host.node(Path::new(ROOT).join("p1/c4")).is_some());
+}
+
 fn guard_path() -> PathBuf {
     Path::new(ROOT).join(GUARD_DIR).join(GUARD_FILE)
 }
