@@ -1,7 +1,7 @@
 # The soak run's plot (tests/e2e/soak.sh): gnuplot -e "csv='plot.csv'; png='soak.png'".
 # Columns of plot.csv (lib/chaos.py): minutes since the containers were up, the daemon's RSS
 # (MiB), its descriptors, rotations per minute (the daemon's counter), the 1-minute load.
-set terminal pngcairo size 1000,900 font ",10"
+set terminal pngcairo noenhanced size 1000,900 font ",10"
 set output png
 set datafile separator ","
 set key autotitle columnhead top left
