@@ -216,6 +216,22 @@ pub enum ArtifactError {
     Guard { path: PathBuf, error: HostError },
 }
 
+impl ArtifactError {
+    /// Whether the file system holding the artifact root is full (or out of inodes): the
+    /// write failed closed, the previous files are whole, and it heals when space returns.
+    pub fn is_no_space(&self) -> bool {
+        let error = match self {
+            Self::CreateDir { error, .. }
+            | Self::LabelDir { error, .. }
+            | Self::Stage { error, .. }
+            | Self::Commit { error, .. }
+            | Self::Sync { error, .. } => error,
+            _ => return false,
+        };
+        error.io_kind() == Some(std::io::ErrorKind::StorageFull)
+    }
+}
+
 // === rendering ===
 
 /// What a rendered file holds.
@@ -793,12 +809,21 @@ impl ArtifactWriter {
             let Ok(Some(pod_dir)) = self.host.open_dir(&root, &pod) else {
                 continue;
             };
+            let mut emptied = false;
             for id in self.list(&pod_dir)? {
                 if !live.containers.contains(&(pod.clone(), id.clone()))
                     && self.host.remove_all(&pod_dir, &id).is_ok()
                 {
+                    emptied = true;
                     removed.push((pod.clone(), Some(id)));
                 }
+            }
+            // The pod's last container went while the daemon was away, so no RemoveContainer
+            // took the pod's directory with it; and a runtime that restarted since the pod was
+            // created may never send its RemovePodSandbox (containerd forgets which pods
+            // plugins know of). A later CreateContainer makes the directory again.
+            if emptied {
+                let _ = self.host.remove_empty_dir(&root, &pod);
             }
         }
         Ok(removed)

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::engine::{Engine, EngineConfig, RuntimeError};
+use crate::engine::{AgentStatus, Engine, EngineConfig, Report, RuntimeError};
 use crate::host::RealHost;
 use crate::metrics::Metrics;
 use crate::nri::IdentityPlugin;
@@ -103,18 +103,42 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             }
         }
     });
-    // ...and whether the agent answers...
+    // ...and whether the agent serves the daemon: a real call, so that an agent that refuses
+    // the daemon (not an authorized delegate, no entry of its own) keeps it unready and the
+    // log says which mistake it is and how to fix it. A container that the agent refused
+    // asks for a probe at once, so that readiness follows within moments.
     let e = engine.clone();
-    watch(shutdown.clone(), Duration::from_secs(10), move |last| {
-        let e = e.clone();
-        async move {
-            let ok = e.probe_agent().await;
-            match (ok, last) {
-                (true, l) if l != Some(true) => info!("the SPIRE agent answers"),
-                (false, l) if l != Some(false) => warn!("the SPIRE agent does not answer"),
-                _ => {}
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            let (status, error) = e.probe_agent().await;
+            if last != Some(status) {
+                match (status, &error) {
+                    (AgentStatus::Ready, _) => info!("the SPIRE agent serves the daemon"),
+                    (AgentStatus::Refused(refusal), Some(error)) => {
+                        warn!(
+                            reason = refusal.kind(),
+                            "not ready: the SPIRE agent {error}"
+                        )
+                    }
+                    (_, Some(error)) => {
+                        warn!(error = %Report(error), "not ready: the SPIRE agent does not answer")
+                    }
+                    _ => {}
+                }
             }
-            Some(ok)
+            last = Some(status);
+            let every = if status == AgentStatus::Ready {
+                Duration::from_secs(10)
+            } else {
+                Duration::from_secs(2)
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+                _ = e.probe_wanted() => {}
+            }
         }
     });
     // ...and, in selectors mode, whether the kubelet lists the node's pods: without it no

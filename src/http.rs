@@ -53,7 +53,16 @@ pub fn respond(path: &str, metrics: &Metrics) -> (&'static str, String) {
         "/healthz" => ("200 OK", "ok\n".into()),
         "/readyz" => {
             let (nri, agent) = (metrics.nri_ready(), metrics.agent_ready());
-            let mut body = format!("nri: {}\nagent: {}\n", word(nri), word(agent));
+            let mut body = format!("nri: {}\nagent: {}", word(nri), word(agent));
+            // Say which deployment mistake it is and how to fix it, not just "not ready".
+            if let Some(refusal) = metrics.agent_refusal() {
+                body.push_str(&format!(" ({}): {refusal}", refusal.kind()));
+            }
+            body.push('\n');
+            let refused = metrics.refused();
+            if refused > 0 {
+                body.push_str(&format!("refused containers: {refused}\n"));
+            }
             // In selectors mode the kubelet is as necessary as the agent.
             let kubelet = metrics.kubelet_ready();
             if let Some(k) = kubelet {
@@ -87,6 +96,7 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spire::DelegateRefusal;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
@@ -102,6 +112,23 @@ mod tests {
         assert_eq!(status, "503 Service Unavailable");
         assert!(body.contains("kubelet: not ready"), "{body}");
         m.set_kubelet_ready(true);
+        assert_eq!(respond("/readyz", &m).0, "200 OK");
+        // The agent answers, but refuses the daemon: not ready, and the body says why.
+        m.set_agent_refusal(Some(DelegateRefusal::NotAuthorized));
+        let (status, body) = respond("/readyz", &m);
+        assert_eq!(status, "503 Service Unavailable");
+        assert!(
+            body.contains("agent: not ready (not_authorized_delegate): ")
+                && body.contains("authorized_delegates"),
+            "{body}"
+        );
+        m.set_agent_refusal(Some(DelegateRefusal::NoEntry));
+        let (_, body) = respond("/readyz", &m);
+        assert!(
+            body.contains("(no_delegate_entry)") && body.contains("registration entry"),
+            "{body}"
+        );
+        m.set_agent_refusal(None);
         assert_eq!(respond("/readyz", &m).0, "200 OK");
         assert_eq!(respond("/healthz", &m).0, "200 OK");
         assert!(

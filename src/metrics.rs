@@ -1,11 +1,16 @@
 //! Prometheus metrics, rendered by hand in the text exposition format: a handful of
 //! counters does not justify a metrics stack in a daemon that aims at a few MiB of memory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
+
+use crate::spire::DelegateRefusal;
+
+/// Every refusal, in the order its one-hot `reason` series is rendered.
+const REFUSALS: [DelegateRefusal; 2] = [DelegateRefusal::NoEntry, DelegateRefusal::NotAuthorized];
 
 /// Upper bounds (seconds) of the time-to-first-SVID histogram.
 const BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0];
@@ -14,6 +19,8 @@ const BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 
 pub struct Metrics {
     nri_ready: AtomicU64,
     agent_ready: AtomicU64,
+    /// 0: the agent does not refuse the daemon; else 1 + the index in [`REFUSALS`].
+    agent_refusal: AtomicU8,
     /// 0: no kubelet configured; 1: it answers; 2: it does not.
     kubelet: AtomicU64,
     identities_served: AtomicU64,
@@ -22,6 +29,8 @@ pub struct Metrics {
     first_svid: Histogram,
     failures: Mutex<BTreeMap<&'static str, u64>>,
     expiries: Mutex<BTreeMap<String, i64>>,
+    /// Containers whose identity the agent refuses for good, until something changes.
+    refused: Mutex<BTreeSet<String>>,
 }
 
 #[derive(Debug, Default)]
@@ -52,8 +61,35 @@ impl Metrics {
     pub fn nri_ready(&self) -> bool {
         self.nri_ready.load(Ordering::Relaxed) == 1
     }
+    /// Whether the agent answers the daemon and does not refuse it.
     pub fn agent_ready(&self) -> bool {
-        self.agent_ready.load(Ordering::Relaxed) == 1
+        self.agent_ready.load(Ordering::Relaxed) == 1 && self.agent_refusal().is_none()
+    }
+    /// Why the agent refuses the daemon itself, as its last answer said.
+    pub fn set_agent_refusal(&self, refusal: Option<DelegateRefusal>) {
+        let v = refusal.map_or(0, |r| {
+            1 + REFUSALS.iter().position(|x| *x == r).unwrap_or(0) as u8
+        });
+        self.agent_refusal.store(v, Ordering::Relaxed);
+    }
+    pub fn agent_refusal(&self) -> Option<DelegateRefusal> {
+        match self.agent_refusal.load(Ordering::Relaxed) {
+            0 => None,
+            v => REFUSALS.get(usize::from(v) - 1).copied(),
+        }
+    }
+
+    /// Whether a container's identity is refused for good (reported once, until it is not).
+    pub fn set_refused(&self, container: &str, refused: bool) {
+        let mut set = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        if refused {
+            set.insert(container.to_owned());
+        } else {
+            set.remove(container);
+        }
+    }
+    pub fn refused(&self) -> usize {
+        self.refused.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// A container's first identity is on disk.
@@ -110,6 +146,7 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(container);
+        self.set_refused(container, false);
     }
 
     pub fn identities_served(&self) -> u64 {
@@ -132,6 +169,25 @@ impl Metrics {
             "nri_identity_agent_reachable",
             "1 while the SPIRE agent answers.",
             self.agent_ready.load(Ordering::Relaxed).to_string(),
+        );
+        let refusal = self.agent_refusal();
+        let _ = writeln!(
+            o,
+            "# HELP nri_identity_agent_refusal 1 while the SPIRE agent refuses the daemon itself, by reason (no_delegate_entry: no registration entry matches the daemon; not_authorized_delegate: its SPIFFE ID is not in authorized_delegates).\n# TYPE nri_identity_agent_refusal gauge"
+        );
+        for r in REFUSALS {
+            let _ = writeln!(
+                o,
+                "nri_identity_agent_refusal{{reason=\"{}\"}} {}",
+                r.kind(),
+                u8::from(refusal == Some(r))
+            );
+        }
+        gauge(
+            &mut o,
+            "nri_identity_refused_containers",
+            "Containers whose identity the SPIRE agent refuses for good; retried when the agent changes.",
+            self.refused().to_string(),
         );
         if let Some(ok) = self.kubelet_ready() {
             gauge(
@@ -312,5 +368,30 @@ mod tests {
             !Metrics::default().render(0).contains("kubelet"),
             "no kubelet gauge without a kubelet"
         );
+    }
+
+    #[test]
+    fn the_agents_refusal_is_one_hot_and_refused_containers_are_counted_once() {
+        let m = Metrics::default();
+        let text = m.render(0);
+        assert!(text.contains("nri_identity_agent_refusal{reason=\"no_delegate_entry\"} 0"));
+        assert!(text.contains("nri_identity_agent_refusal{reason=\"not_authorized_delegate\"} 0"));
+        m.set_agent_ready(true);
+        m.set_agent_refusal(Some(DelegateRefusal::NotAuthorized));
+        assert!(!m.agent_ready(), "answering but refusing is not ready");
+        let text = m.render(0);
+        assert!(text.contains("nri_identity_agent_reachable 1"));
+        assert!(text.contains("nri_identity_agent_refusal{reason=\"no_delegate_entry\"} 0"));
+        assert!(text.contains("nri_identity_agent_refusal{reason=\"not_authorized_delegate\"} 1"));
+        m.set_agent_refusal(None);
+        assert!(m.agent_ready());
+
+        m.set_refused("a", true);
+        m.set_refused("a", true);
+        m.set_refused("b", true);
+        assert!(m.render(0).contains("nri_identity_refused_containers 2"));
+        m.forget("b");
+        m.set_refused("a", false);
+        assert!(m.render(0).contains("nri_identity_refused_containers 0"));
     }
 }

@@ -14,7 +14,7 @@ use nri_plugin::{Code, Context, CreateReply, Plugin, RuntimeInfo, Status};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::engine::{ContainerError, Engine, EngineError, RuntimeError};
+use crate::engine::{ContainerError, Engine, EngineError, Report, RuntimeError};
 use crate::k8s::NamingError;
 use crate::spire::{IdentitySource, SourceError};
 
@@ -174,6 +174,7 @@ fn agent_code(e: &SourceError) -> Code {
         | SourceError::Disconnected(_)
         | SourceError::StreamEnded
         | SourceError::Decode(_) => Code::Unavailable,
+        SourceError::Refused { .. } => Code::PermissionDenied,
         SourceError::InvalidWorkload(_) => Code::FailedPrecondition,
     }
 }
@@ -240,7 +241,7 @@ impl<S: IdentitySource> Plugin for IdentityPlugin<S> {
             Ok(None) => Ok(CreateReply::default()),
             Ok(Some(injection)) => Ok(adjustment(injection).into()),
             Err(e) => {
-                warn!(error = %e, "refusing the container");
+                warn!(error = %Report(&e), "refusing the container");
                 Err(status(&e))
             }
         }
@@ -257,7 +258,7 @@ impl<S: IdentitySource> Plugin for IdentityPlugin<S> {
             .start_container(&pod, &c, ctx.deadline())
             .await
             .map_err(|e| {
-                warn!(error = %e, "failing the start");
+                warn!(error = %Report(&e), "failing the start");
                 status(&e)
             })
     }

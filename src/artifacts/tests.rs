@@ -484,6 +484,51 @@ fn failure_while_staging_keeps_every_previous_file() {
 }
 
 #[test]
+fn a_full_file_system_fails_closed_leaves_no_partial_file_and_heals() {
+    let (host, writer) = fake_writer();
+    let dir = writer.create_dir(POD, CTR, None).unwrap();
+    let req = spiffe_helper();
+    writer.deliver(&dir, &req, &material(&[]), None).unwrap();
+    let before = snapshot(&host);
+
+    // The key fits, the certificate does not: the file system filled up mid-delivery.
+    let seen = AtomicUsize::new(0);
+    host.fail_with(28, move |op| {
+        matches!(op, Op::WriteFile { .. }) && seen.fetch_add(1, Ordering::SeqCst) >= 1
+    });
+    let err = writer
+        .deliver(&dir, &req, &material(&[]), None)
+        .unwrap_err();
+    assert!(err.is_no_space(), "{err:?}");
+    let text = crate::engine::Report(&err).to_string();
+    assert!(
+        text.contains("staging svid.pem")
+            && text.contains("previous files are untouched")
+            && text.contains("No space left on device"),
+        "{text}"
+    );
+    assert_eq!(snapshot(&host), before, "no partial or temporary file");
+
+    // Space returns: the next write goes through.
+    host.clear_failures();
+    let fresh = material(&[]);
+    writer.deliver(&dir, &req, &fresh, None).unwrap();
+    let files = RenderedFiles::for_request(&req, &fresh).unwrap();
+    for file in files.files() {
+        assert_eq!(
+            host.contents(ctr_path().join(file.name())).unwrap(),
+            file.contents()
+        );
+    }
+    assert!(
+        !host
+            .names(ctr_path())
+            .iter()
+            .any(|n| n.starts_with(".tmp-"))
+    );
+}
+
+#[test]
 fn failure_while_committing_reports_progress_and_the_next_write_repairs() {
     let (host, writer) = fake_writer();
     let dir = writer.create_dir(POD, CTR, None).unwrap();
@@ -619,6 +664,26 @@ fn sweep_removes_only_what_the_runtime_no_longer_has() {
     assert!(host.node(Path::new(ROOT).join("p1/c1")).is_some());
     assert!(host.node(Path::new(ROOT).join("p1/c2")).is_none());
     assert!(host.node(Path::new(ROOT).join("p2")).is_none());
+}
+
+#[test]
+fn sweep_removes_a_live_pods_directory_it_emptied_and_keeps_one_with_live_containers() {
+    let (host, writer) = fake_writer();
+    for (pod, ctr) in [("p1", "c1"), ("p2", "c2"), ("p2", "c3")] {
+        writer.create_dir(pod, ctr, None).unwrap();
+    }
+    // Both pods still exist; p1's only container and one of p2's are gone.
+    let live = LiveContainers {
+        pods: ["p1".to_owned(), "p2".to_owned()].into(),
+        containers: [("p2".to_owned(), "c3".to_owned())].into(),
+    };
+    writer.sweep(&live).unwrap();
+    assert!(host.node(Path::new(ROOT).join("p1")).is_none());
+    assert!(host.node(Path::new(ROOT).join("p2/c2")).is_none());
+    assert!(host.node(Path::new(ROOT).join("p2/c3")).is_some());
+    // A container created in p1 later gets its directory as usual.
+    writer.create_dir("p1", "c4", None).unwrap();
+    assert!(host.node(Path::new(ROOT).join("p1/c4")).is_some());
 }
 
 fn guard_path() -> PathBuf {

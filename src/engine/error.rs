@@ -32,6 +32,8 @@ pub enum EngineError {
     #[error("{}", match error {
         // Already names the agent.
         SourceError::Connect { .. } => error.to_string(),
+        // Says what is wrong with the deployment, not just "PermissionDenied".
+        SourceError::Refused { .. } => format!("the SPIRE agent at {} {error}", agent.display()),
         _ => format!("the SPIRE agent at {}: {error}", agent.display()),
     })]
     Agent { agent: PathBuf, error: SourceError },
@@ -84,6 +86,7 @@ impl EngineError {
             EngineError::UnexpectedSpiffeId { .. } => "unexpected_spiffe_id",
             EngineError::MissingTrustDomain { .. } => "missing_trust_domain",
             EngineError::Host(_) => "host",
+            EngineError::Artifacts(e) if e.is_no_space() => "no_space",
             EngineError::Artifacts(_) => "write",
             EngineError::NoKubelet => "no_kubelet",
             EngineError::Naming(NamingError::Kubelet(_)) => "kubelet",
@@ -92,6 +95,27 @@ impl EngineError {
             EngineError::Label(_) => "selinux_label",
             EngineError::GuardNotInstalled => "guard_not_installed",
         }
+    }
+}
+
+/// An error with its whole chain of causes, for logs and for the runtime's message: "staging
+/// svid.pem" alone does not say "no space left on device". A cause whose text is already in
+/// the message is not repeated.
+pub struct Report<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut message = self.0.to_string();
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if !message.contains(&text) {
+                message.push_str(": ");
+                message.push_str(&text);
+            }
+            cause = c.source();
+        }
+        f.write_str(&message)
     }
 }
 

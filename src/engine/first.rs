@@ -8,7 +8,7 @@ use nri_identity_backends::{Attestation, BackendError, ContainerInfo, Plan, PodI
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
-use tracing::info;
+use tracing::{debug, info};
 
 use super::maintain::{Delivered, WorkloadCtx};
 use super::{Engine, EngineError, blocking};
@@ -79,36 +79,55 @@ impl<S: IdentitySource> Engine<S> {
             error,
         };
 
-        let mut stream =
-            tokio::time::timeout_at(until, inner.source.subscribe_svids(&agent, &workload))
-                .await
-                .map_err(|_| EngineError::NoIdentity {
-                    agent: agent.clone(),
-                    budget,
-                    empty_updates: 0,
-                })?
-                .map_err(agent_err)?;
+        // Failures that may heal before the deadline (the agent restarting, or refusing the
+        // daemon until its first sync) are retried until then; the last one is the error.
         let mut empty = 0;
-        let (svid, federates_with) = loop {
-            match tokio::time::timeout_at(until, stream.next()).await {
-                Err(_) => {
-                    return Err(EngineError::NoIdentity {
-                        agent: agent.clone(),
-                        budget,
-                        empty_updates: empty,
-                    });
-                }
-                Ok(None) => return Err(agent_err(SourceError::StreamEnded)),
-                Ok(Some(Err(e))) => return Err(agent_err(e)),
-                Ok(Some(Ok(update))) => {
-                    if update.svids.is_empty() {
-                        // The agent answers at once with an empty set when no entry matches
-                        // (yet); an entry may still arrive within the budget.
-                        empty += 1;
-                        continue;
+        let mut attempt = 0;
+        let mut last: Option<SourceError> = None;
+        let no_identity = |last: Option<SourceError>, empty| match last {
+            Some(e) => agent_err(e),
+            None => EngineError::NoIdentity {
+                agent: agent.clone(),
+                budget,
+                empty_updates: empty,
+            },
+        };
+        let (stream, svid, federates_with) = 'answered: loop {
+            let subscribed =
+                tokio::time::timeout_at(until, inner.source.subscribe_svids(&agent, &workload))
+                    .await;
+            let error = match subscribed {
+                Err(_) => return Err(no_identity(last, empty)),
+                Ok(Err(e)) => e,
+                Ok(Ok(mut stream)) => loop {
+                    match tokio::time::timeout_at(until, stream.next()).await {
+                        Err(_) => return Err(no_identity(None, empty)),
+                        Ok(None) => break SourceError::StreamEnded,
+                        Ok(Some(Err(e))) => break e,
+                        Ok(Some(Ok(update))) => {
+                            if update.svids.is_empty() {
+                                // The agent answers at once with an empty set when no entry
+                                // matches (yet); an entry may still arrive within the budget.
+                                empty += 1;
+                                continue;
+                            }
+                            let (svid, federates_with) = pick(&request, update)?;
+                            break 'answered (stream, svid, federates_with);
+                        }
                     }
-                    break pick(&request, update)?;
+                },
+            };
+            if error.refusal().is_some() {
+                inner.probe_now.notify_one();
+            }
+            match inner.retry.within_deadline(&error, attempt) {
+                Some(delay) if Instant::now() + delay < until => {
+                    debug!(%error, ?delay, "no identity yet; asking again");
+                    attempt += 1;
+                    last = Some(error);
+                    tokio::time::sleep(delay).await;
                 }
+                _ => return Err(agent_err(error)),
             }
         };
         let bundle_set =

@@ -13,12 +13,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::first::{material, owner_of, pick};
-use super::{Engine, active_tasks, blocking, lock};
+use super::retry::{self, Retry};
+use super::{Engine, Report, active_tasks, blocking, lock};
 use crate::annotation::IdentityRequest;
 use crate::artifacts::ArtifactDir;
 use crate::host::{Owner, Pidfd};
 use crate::spiffe::TrustDomain;
-use crate::spire::{BundleSet, IdentitySource, SvidStream, Workload, X509Svid};
+use crate::spire::{BundleSet, IdentitySource, SourceError, SvidStream, Workload, X509Svid};
 
 /// Everything one workload's maintenance task needs.
 pub(super) struct WorkloadCtx {
@@ -95,11 +96,7 @@ impl<S: IdentitySource> Engine<S> {
                             }
                             Err(error) => {
                                 warn!(%error, "cannot derive selectors; retrying");
-                                let delay = backoff(
-                                    engine.inner.cfg.retry_initial,
-                                    engine.inner.cfg.retry_max,
-                                    attempt,
-                                );
+                                let delay = engine.inner.retry.backoff(attempt);
                                 attempt += 1;
                                 tokio::select! {
                                     _ = cancel.cancelled() => return,
@@ -159,8 +156,9 @@ impl<S: IdentitySource> Engine<S> {
     }
 
     /// Keeps one workload's files fresh: follows the agent's stream, rewrites on rotation
-    /// and bundle changes, reconnects with jittered backoff (the old files stay), and stops
-    /// when the process exits or the container goes.
+    /// and bundle changes, reconnects as the retry policy says (the old files stay), retries
+    /// failed writes (a full disk) until they succeed, and stops when the process exits or
+    /// the container goes.
     async fn maintain(
         &self,
         ctx: WorkloadCtx,
@@ -171,7 +169,6 @@ impl<S: IdentitySource> Engine<S> {
         let inner = &self.inner;
         let agent = ctx.request.agent_address.clone();
         let mut bundles = self.bundles_for(&agent);
-        let mut attempt: u32 = 0;
         let exited = async {
             match &ctx.pidfd {
                 Some(p) => {
@@ -181,18 +178,25 @@ impl<S: IdentitySource> Engine<S> {
             }
         };
         tokio::pin!(exited);
+        let mut failures = Failures::new(&ctx.container_id);
         let mut latest: Option<(X509Svid, Vec<TrustDomain>)> = None;
+        // A write that failed is tried again after a backoff, not only at the next update:
+        // with short-lived SVIDs the next update may come after the files expired.
+        let mut write_retry: Option<Instant> = None;
+        let mut write_failures: u32 = 0;
         loop {
             let Some(s) = stream.as_mut() else {
-                match inner.source.subscribe_svids(&agent, &ctx.workload).await {
+                let subscribed = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = &mut exited => { debug!("process exited; stream closed"); return; }
+                    r = inner.source.subscribe_svids(&agent, &ctx.workload) => r,
+                };
+                match subscribed {
                     Ok(s) => stream = Some(s),
                     Err(error) => {
-                        inner.metrics.failure(error.kind());
-                        let delay = backoff(inner.cfg.retry_initial, inner.cfg.retry_max, attempt);
-                        attempt = attempt.saturating_add(1);
-                        debug!(%error, ?delay, "cannot subscribe; retrying");
+                        let wait = self.after_failure(&mut failures, error);
                         tokio::select! {
-                            _ = tokio::time::sleep(delay) => {}
+                            _ = wait => {}
                             _ = cancel.cancelled() => return,
                             _ = &mut exited => { debug!("process exited; stream closed"); return; }
                         }
@@ -200,6 +204,7 @@ impl<S: IdentitySource> Engine<S> {
                 }
                 continue;
             };
+            let retry_at = write_retry.unwrap_or_else(far_future);
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = &mut exited => {
@@ -208,7 +213,7 @@ impl<S: IdentitySource> Engine<S> {
                 }
                 item = s.next() => match item {
                     Some(Ok(update)) => {
-                        attempt = 0;
+                        failures.answered(inner);
                         if update.svids.is_empty() {
                             debug!("the agent has no identity for this workload now; keeping the last files");
                             continue;
@@ -223,14 +228,24 @@ impl<S: IdentitySource> Engine<S> {
                         }
                     }
                     Some(Err(error)) => {
-                        warn!(%error, "identity stream broken; reconnecting");
-                        inner.metrics.failure(error.kind());
                         stream = None;
+                        if error.is_retryable() && failures.in_a_row == 0 {
+                            // Reconnect at once after a stream that worked.
+                            warn!(%error, "identity stream broken; reconnecting");
+                            inner.metrics.failure(error.kind());
+                            failures.in_a_row = 1;
+                            continue;
+                        }
+                        let wait = self.after_failure(&mut failures, error);
+                        tokio::select! {
+                            _ = wait => {}
+                            _ = cancel.cancelled() => return,
+                            _ = &mut exited => { debug!("process exited; stream closed"); return; }
+                        }
                         continue;
                     }
                     None => {
-                        warn!("identity stream ended; reconnecting");
-                        inner.metrics.failure("stream_ended");
+                        // The source's contract: every stream ends with an error.
                         stream = None;
                         continue;
                     }
@@ -239,6 +254,9 @@ impl<S: IdentitySource> Engine<S> {
                     if changed.is_err() {
                         bundles = self.bundles_for(&agent);
                     }
+                }
+                _ = tokio::time::sleep_until(retry_at), if write_retry.is_some() => {
+                    write_retry = None;
                 }
             }
             let Some((svid, federates_with)) = latest.as_ref() else {
@@ -275,6 +293,14 @@ impl<S: IdentitySource> Engine<S> {
             };
             match result {
                 Ok(()) => {
+                    if write_failures > 0 {
+                        info!(
+                            failed_attempts = write_failures,
+                            "identity files written again"
+                        );
+                    }
+                    write_failures = 0;
+                    write_retry = None;
                     if delivered.is_none() {
                         inner.metrics.served(Duration::ZERO);
                         info!(spiffe_id = %svid.spiffe_id, "identity delivered");
@@ -286,13 +312,56 @@ impl<S: IdentitySource> Engine<S> {
                     delivered = Some(next);
                 }
                 Err(error) => {
-                    warn!(%error, "cannot write identity files");
-                    inner.metrics.failure(error.kind());
+                    // Reported once per episode; the old files stay whole (staged writes).
+                    if write_failures == 0 {
+                        warn!(error = %Report(&error), "cannot write identity files; retrying");
+                        inner.metrics.failure(error.kind());
+                    } else {
+                        debug!(error = %Report(&error), attempt = write_failures, "still cannot write identity files");
+                    }
+                    write_retry = Some(Instant::now() + inner.retry.backoff(write_failures));
+                    write_failures = write_failures.saturating_add(1);
                 }
             }
         }
     }
 
+    /// Reports a failed subscription as the retry policy says and returns what to wait for
+    /// before asking again: a backoff for transient failures; for refusals, the agent
+    /// changing (reported once per container, with the probe asked to look now).
+    fn after_failure(&self, failures: &mut Failures, error: SourceError) -> Wait {
+        let inner = &self.inner;
+        let attempt = failures.in_a_row;
+        failures.in_a_row = failures.in_a_row.saturating_add(1);
+        let backoff = inner.retry.backoff(attempt);
+        let (agent, recheck) = (inner.agent.subscribe(), inner.retry.recheck);
+        let since = inner.agent.borrow().probes;
+        match inner.retry.after(&error, attempt) {
+            Retry::After(delay) => {
+                inner.metrics.failure(error.kind());
+                debug!(error = %error, ?delay, "cannot subscribe; retrying");
+                Box::pin(tokio::time::sleep(delay))
+            }
+            Retry::WhenAgentChanges => {
+                if failures.refused != Some(error.kind()) {
+                    warn!(error = %error, "the SPIRE agent refuses this identity; asking again when the agent changes");
+                    inner.metrics.failure(error.kind());
+                    inner.metrics.set_refused(&failures.container_id, true);
+                    failures.refused = Some(error.kind());
+                }
+                if error.refusal().is_some() {
+                    inner.probe_now.notify_one();
+                }
+                Box::pin(async move {
+                    // Never faster than the backoff, never longer than the recheck.
+                    tokio::time::sleep(backoff).await;
+                    let _ =
+                        tokio::time::timeout(recheck, retry::agent_changed(agent, &error, since))
+                            .await;
+                })
+            }
+        }
+    }
     /// The bundle watch of an agent, started on first use and kept for the daemon's life.
     pub(super) fn bundles_for(&self, agent: &Path) -> watch::Receiver<Option<Arc<BundleSet>>> {
         let mut map = lock(&self.inner.bundles);
@@ -312,53 +381,99 @@ impl<S: IdentitySource> Engine<S> {
 
     async fn follow_bundles(&self, agent: PathBuf, tx: watch::Sender<Option<Arc<BundleSet>>>) {
         let inner = &self.inner;
-        let mut attempt = 0;
+        let mut failures = 0u32;
+        let mut reported: Option<&'static str> = None;
         loop {
             let result = tokio::select! {
                 _ = inner.shutdown.cancelled() => return,
                 r = inner.source.subscribe_bundles(&agent) => r,
             };
-            match result {
+            let error = match result {
                 Ok(mut stream) => loop {
                     tokio::select! {
                         _ = inner.shutdown.cancelled() => return,
                         item = stream.next() => match item {
                             Some(Ok(set)) => {
-                                attempt = 0;
+                                if reported.take().is_some() {
+                                    info!("the SPIRE agent sends trust bundles again");
+                                }
+                                failures = 0;
                                 let changed = tx.borrow().as_deref() != Some(&set);
                                 if changed {
                                     debug!(trust_domains = set.bundles.len(), "trust bundles updated");
                                     tx.send_replace(Some(Arc::new(set)));
                                 }
                             }
-                            Some(Err(error)) => {
-                                warn!(%error, "bundle stream broken; reconnecting");
-                                break;
-                            }
-                            None => break,
+                            Some(Err(error)) => break error,
+                            None => break SourceError::StreamEnded,
                         }
                     }
                 },
-                Err(error) => {
-                    if attempt == 0 {
-                        warn!(%error, "cannot subscribe to trust bundles; retrying");
-                    }
-                }
+                Err(error) => error,
+            };
+            // Reported once per kind of failure; the last bundles stay in use.
+            if reported != Some(error.kind()) {
+                warn!(%error, "cannot follow trust bundles; retrying");
+                reported = Some(error.kind());
             }
-            let delay = backoff(inner.cfg.retry_initial, inner.cfg.retry_max, attempt);
-            attempt = attempt.saturating_add(1);
+            let attempt = failures;
+            failures = failures.saturating_add(1);
+            let since = inner.agent.borrow().probes;
+            // Every workload of the agent needs its bundles, and a start waits for them: a
+            // refusal of the daemon is asked again after the backoff, or as soon as the probe
+            // finds the agent serving the daemon again, whichever comes first.
+            let delay = inner.retry.backoff(attempt);
+            let wait: Wait = match inner.retry.after(&error, attempt) {
+                Retry::After(delay) => Box::pin(tokio::time::sleep(delay)),
+                Retry::WhenAgentChanges => {
+                    let rx = inner.agent.subscribe();
+                    Box::pin(async move {
+                        let _ =
+                            tokio::time::timeout(delay, retry::agent_changed(rx, &error, since))
+                                .await;
+                    })
+                }
+            };
             tokio::select! {
                 _ = inner.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
+                _ = wait => {}
             }
         }
     }
 }
 
-fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duration {
-    let exp = initial
-        .saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX))
-        .min(max);
-    let half = exp / 2;
-    half + half.mul_f64(fastrand::f64())
+/// What a failed task waits for before asking the agent again.
+type Wait = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// A moment that never comes, for a timer that is off.
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
+}
+
+/// One container's run of failed subscriptions, so that each failure is reported once.
+struct Failures {
+    container_id: String,
+    /// Failures since the agent last answered.
+    in_a_row: u32,
+    /// The kind of the refusal reported, while the agent refuses this identity.
+    refused: Option<&'static str>,
+}
+
+impl Failures {
+    fn new(container_id: &str) -> Self {
+        Failures {
+            container_id: container_id.to_owned(),
+            in_a_row: 0,
+            refused: None,
+        }
+    }
+
+    /// The agent answered: the run is over.
+    fn answered<S>(&mut self, inner: &super::Inner<S>) {
+        if self.refused.take().is_some() {
+            info!("the SPIRE agent serves this identity again");
+            inner.metrics.set_refused(&self.container_id, false);
+        }
+        self.in_a_row = 0;
+    }
 }

@@ -10,11 +10,14 @@
 //!
 //! * this module: the lifecycle (create, start, stop, remove, synchronize);
 //! * [`first`]: the first delivery, inside a runtime event's deadline;
-//! * [`maintain`]: keeping files fresh afterwards, and following trust bundles.
+//! * [`maintain`]: keeping files fresh afterwards, and following trust bundles;
+//! * [`retry`]: when to ask the agent again after a failure, and the agent's status as the
+//!   readiness probe finds it.
 
 mod error;
 mod first;
 mod maintain;
+mod retry;
 #[cfg(test)]
 mod tests;
 
@@ -33,7 +36,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-pub use error::{ContainerError, EngineError, RuntimeError};
+pub use error::{ContainerError, EngineError, Report, RuntimeError};
+pub use retry::AgentStatus;
 
 use crate::annotation::{self, IdentityRequest, OnFailure, PodRef, Policy};
 use crate::artifacts::{ArtifactDir, ArtifactError, ArtifactWriter, LiveContainers};
@@ -42,7 +46,8 @@ use crate::host::{HostError, HostOps};
 use crate::k8s::{KubeletPods, LookupError};
 use crate::metrics::Metrics;
 use crate::selinux::{LabelPolicy, LabelSource};
-use crate::spire::{BundleSet, IdentitySource};
+use crate::spire::{BundleSet, IdentitySource, SourceError};
+use retry::{AgentState, RetryPolicy};
 
 /// Engine settings, taken from the daemon configuration.
 #[derive(Debug, Clone)]
@@ -64,9 +69,12 @@ pub struct EngineConfig {
     pub first_svid_timeout: Duration,
     /// Kept free of the runtime's deadline for writing files and answering.
     pub deadline_margin: Duration,
-    /// Reconnection backoff for broken agent streams.
+    /// Reconnection backoff for broken agent streams (and failed writes).
     pub retry_initial: Duration,
     pub retry_max: Duration,
+    /// The longest a container whose identity the agent refuses for good waits before
+    /// asking again, when nothing the probe sees has changed.
+    pub refused_recheck: Duration,
     /// Where selectors mode learns what NRI does not carry (service account, owners).
     pub kubelet: Option<Arc<KubeletPods>>,
     /// The start guard's timeout, where containers served at StartContainer get one
@@ -89,6 +97,7 @@ impl EngineConfig {
             deadline_margin: Duration::from_millis(150),
             retry_initial: Duration::from_millis(200),
             retry_max: Duration::from_secs(30),
+            refused_recheck: Duration::from_secs(300),
             kubelet: None,
             start_guard: None,
         }
@@ -136,6 +145,11 @@ struct Inner<S> {
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     tasks: tokio_util::task::TaskTracker,
+    retry: RetryPolicy,
+    /// The default agent as the readiness probe last found it.
+    agent: watch::Sender<AgentState>,
+    /// Asks the readiness probe to look now (a container was refused).
+    probe_now: tokio::sync::Notify,
 }
 
 /// Containers with a maintenance task, for the active-identities gauge.
@@ -157,10 +171,18 @@ impl<S: IdentitySource> Engine<S> {
         // Until the runtime says who it is, the configured one (events never come before
         // NRI Configure; this only serves direct callers).
         let backends = cfg.backends(cfg.runtime.unwrap_or(RuntimeKind::Containerd));
+        let retry = RetryPolicy {
+            initial: cfg.retry_initial,
+            max: cfg.retry_max,
+            recheck: cfg.refused_recheck,
+        };
         Engine {
             inner: Arc::new(Inner {
                 writer: ArtifactWriter::new(host.clone(), cfg.artifact_root.clone()),
                 labels: LabelSource::new(cfg.selinux_label, host.clone()),
+                retry,
+                agent: watch::Sender::new(AgentState::default()),
+                probe_now: tokio::sync::Notify::new(),
                 cfg,
                 source,
                 host,
@@ -590,12 +612,34 @@ impl<S: IdentitySource> Engine<S> {
         }
     }
 
-    /// Whether the agent at the configured default address answers.
-    pub async fn probe_agent(&self) -> bool {
+    /// Asks the default agent whether it serves the daemon, and records the answer for
+    /// readiness, metrics and the containers waiting for the agent to change. Returns the
+    /// status and, unless ready, the error that says why.
+    pub async fn probe_agent(&self) -> (AgentStatus, Option<SourceError>) {
         let agent = self.inner.cfg.policy.default_agent_address().to_owned();
-        let ok = self.inner.source.probe(&agent).await.is_ok();
-        self.inner.metrics.set_agent_ready(ok);
-        ok
+        let (status, error) = match self.inner.source.probe(&agent).await {
+            Ok(()) => (AgentStatus::Ready, None),
+            Err(e) => match e.refusal() {
+                Some(r) => (AgentStatus::Refused(r), Some(e)),
+                None => (AgentStatus::Unreachable, Some(e)),
+            },
+        };
+        let m = &self.inner.metrics;
+        m.set_agent_ready(status != AgentStatus::Unreachable);
+        m.set_agent_refusal(match status {
+            AgentStatus::Refused(r) => Some(r),
+            _ => None,
+        });
+        self.inner.agent.send_modify(|s| {
+            s.status = status;
+            s.probes += 1;
+        });
+        (status, error)
+    }
+
+    /// Resolves when a container's refusal asks for the agent to be probed now.
+    pub async fn probe_wanted(&self) {
+        self.inner.probe_now.notified().await;
     }
 
     /// Whether the kubelet lists the node's pods (`None` without a kubelet); refreshes the

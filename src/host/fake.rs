@@ -98,6 +98,13 @@ impl FakeProcess {
 
 type FailurePredicate = Box<dyn Fn(&Op) -> bool + Send + Sync>;
 
+/// An injected failure: which ops fail, and with which OS error (`None`:
+/// [`HostError::Injected`]).
+struct Failure {
+    fails: FailurePredicate,
+    errno: Option<i32>,
+}
+
 struct FakeProc {
     process: FakeProcess,
     cgroup: String,
@@ -108,7 +115,7 @@ struct FakeProc {
 struct State {
     tree: BTreeMap<PathBuf, FakeNode>,
     ops: Vec<Op>,
-    failures: Vec<FailurePredicate>,
+    failures: Vec<Failure>,
     processes: HashMap<u32, FakeProc>,
     next_temp: u64,
 }
@@ -136,6 +143,24 @@ impl fmt::Debug for RecordingHost {
     }
 }
 
+/// The path an op is about, for an injected OS error's message.
+fn op_path(op: &Op) -> PathBuf {
+    match op {
+        Op::MkdirAt { path, .. }
+        | Op::Chmod { path, .. }
+        | Op::WriteFile { path, .. }
+        | Op::Chown { path, .. }
+        | Op::SetXattr { path, .. }
+        | Op::Unlink { path }
+        | Op::RemoveAll { path }
+        | Op::RemoveDir { path }
+        | Op::FsyncDir { path }
+        | Op::ReadRuntimeFile { path } => path.clone(),
+        Op::Rename { dir, to, .. } => dir.join(to),
+        Op::OpenPidfd { pid } => PathBuf::from(format!("/proc/{pid}")),
+    }
+}
+
 fn not_found(op: &'static str, path: &Path) -> HostError {
     HostError::io(op, path, io::Error::from(io::ErrorKind::NotFound))
 }
@@ -143,8 +168,15 @@ fn not_found(op: &'static str, path: &Path) -> HostError {
 impl State {
     /// Records `op` unless a failure predicate matches it.
     fn perform(&mut self, op: Op) -> Result<(), HostError> {
-        if self.failures.iter().any(|fails| fails(&op)) {
-            return Err(HostError::Injected { op: Box::new(op) });
+        if let Some(f) = self.failures.iter().find(|f| (f.fails)(&op)) {
+            return Err(match f.errno {
+                None => HostError::Injected { op: Box::new(op) },
+                Some(errno) => HostError::Io {
+                    op: "injected failure of",
+                    path: op_path(&op),
+                    error: io::Error::from_raw_os_error(errno),
+                },
+            });
         }
         self.ops.push(op);
         Ok(())
@@ -242,7 +274,19 @@ impl RecordingHost {
     /// Makes every later op for which `fails` returns true fail with [`HostError::Injected`],
     /// before it has any effect.
     pub fn fail_when(&self, fails: impl Fn(&Op) -> bool + Send + Sync + 'static) {
-        self.lock().failures.push(Box::new(fails));
+        self.lock().failures.push(Failure {
+            fails: Box::new(fails),
+            errno: None,
+        });
+    }
+
+    /// Like [`fail_when`](Self::fail_when), but the op fails as the kernel would fail it,
+    /// with the OS error `errno` (e.g. `ENOSPC` for a full file system).
+    pub fn fail_with(&self, errno: i32, fails: impl Fn(&Op) -> bool + Send + Sync + 'static) {
+        self.lock().failures.push(Failure {
+            fails: Box::new(fails),
+            errno: Some(errno),
+        });
     }
 
     pub fn clear_failures(&self) {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::transport::{Channel, Endpoint, Uri};
 use zeroize::Zeroizing;
 
@@ -133,14 +133,21 @@ impl IdentitySource for DelegatedIdentityApi {
     }
 
     async fn probe(&self, agent: &Path) -> Result<(), SourceError> {
-        // A bare connect: proves the agent is listening without costing it an attestation.
-        match tokio::time::timeout(self.config.connect_timeout, UnixStream::connect(agent)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(connect_error(agent, e)),
-            Err(_) => Err(connect_error(
-                agent,
-                timeout_error(self.config.connect_timeout),
-            )),
+        // The cheapest call that the agent authorizes like every other: it attests the
+        // daemon, checks it against its entries and authorized_delegates, and answers with
+        // its bundles at once. Dropping the stream cancels the call.
+        let timeout = self.config.connect_timeout;
+        let first = async {
+            let mut stream = self.subscribe_bundles(agent).await?;
+            match stream.next().await {
+                Some(Ok(_)) => Ok(()),
+                Some(Err(e)) => Err(e),
+                None => Err(SourceError::StreamEnded),
+            }
+        };
+        match tokio::time::timeout(timeout, first).await {
+            Ok(result) => result,
+            Err(_) => Err(connect_error(agent, timeout_error(timeout))),
         }
     }
 }

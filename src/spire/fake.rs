@@ -15,6 +15,9 @@
 //! - Bundles keyed by `spiffe://<td>` with concatenated DER values.
 //! - Scripted call errors, stream failures, clean stream ends, and an abrupt stop (every
 //!   connection dropped, as when the agent process dies) and restart on the same path.
+//! - The agent refusing the daemon itself, with SPIRE's own words for each of the two
+//!   deployment mistakes ([`FakeAgent::refuse_delegate`]): new calls fail, and open streams
+//!   end with the refusal, as the agent re-checks its caller before every update.
 //!
 //! [`TestCa`] mints real certificates (rcgen) with SPIFFE URI SANs and PKCS#8 keys.
 
@@ -38,7 +41,7 @@ use super::proto::api::agent::delegatedidentity::v1::{
     delegated_identity_server::{DelegatedIdentity, DelegatedIdentityServer},
 };
 use super::proto::api::types;
-use super::{Selector, SvidUpdate, Workload, X509Svid};
+use super::{DelegateRefusal, Selector, SvidUpdate, Workload, X509Svid};
 use crate::spiffe::{SpiffeId, TrustDomain};
 
 /// What scripted identities are keyed by: a PID, or a selector set (like a registration
@@ -269,12 +272,28 @@ impl FakeAgent {
         });
     }
 
-    /// Makes every new call (SVIDs and bundles) fail, e.g. `PermissionDenied` "caller not
-    /// configured as an authorized delegate"; `None` clears it.
+    /// Makes every new call (SVIDs and bundles) fail, and every open stream end, with this
+    /// status; `None` clears it. See [`refuse_delegate`](Self::refuse_delegate) for SPIRE's
+    /// own refusals.
     pub fn set_deny_all(&self, error: Option<(Code, &str)>) {
         self.shared.change(|s| {
             s.deny_all = error.map(|(code, message)| Status::new(code, message));
         });
+    }
+
+    /// Makes the agent refuse the daemon itself, as SPIRE's delegated identity service words
+    /// it: `NoEntry` is "no identity issued" (no entry matches the caller), `NotAuthorized`
+    /// "caller not configured as an authorized delegate". Every new call fails with it and
+    /// every open stream ends with it; `None` serves again.
+    pub fn refuse_delegate(&self, refusal: Option<DelegateRefusal>) {
+        let message = match refusal {
+            None => None,
+            Some(DelegateRefusal::NoEntry) => Some("no identity issued"),
+            Some(DelegateRefusal::NotAuthorized) => {
+                Some("caller not configured as an authorized delegate")
+            }
+        };
+        self.set_deny_all(message.map(|m| (Code::PermissionDenied, m)));
     }
 
     /// Delay before the first message of every new stream (attestation, SVID minting). The
@@ -585,7 +604,10 @@ where
             }
             let next = {
                 let state = shared.lock();
-                if state.close_epoch != close_seen {
+                if let Some(status) = &state.deny_all {
+                    // The agent authorizes its caller again before every update.
+                    Next::Close(Some(status.clone()))
+                } else if state.close_epoch != close_seen {
                     close_seen = state.close_epoch;
                     Next::Close(state.close_status.clone())
                 } else {

@@ -2,7 +2,8 @@
 //!
 //! The engine sees only the seam defined here: [`IdentitySource`] with its two subscriptions
 //! and a readiness [`probe`](IdentitySource::probe), the plain data types [`SvidUpdate`] and
-//! [`BundleSet`], and [`SourceError`] with its retry classification. The production
+//! [`BundleSet`], and [`SourceError`] with its retry classification, which tells the agent
+//! refusing the daemon itself ([`DelegateRefusal`]) from everything else. The production
 //! implementation is [`DelegatedIdentityApi`], a thin gRPC client of the agent's Delegated
 //! Identity API on its admin socket. A scriptable stand-in for the agent lives in `fake`
 //! (compiled for tests and with the `testing` feature).
@@ -195,8 +196,64 @@ pub trait IdentitySource: Send + Sync + 'static {
         agent: &Path,
     ) -> impl Future<Output = Result<BundleStream, SourceError>> + Send;
 
-    /// Cheap reachability check for readiness (e.g. connect to the socket).
+    /// Whether the agent serves the daemon: a real call, answered within a bound, so that an
+    /// agent that accepts connections but refuses the daemon (a [`SourceError::Refused`]) or
+    /// does not answer at all is told from one that works.
     fn probe(&self, agent: &Path) -> impl Future<Output = Result<(), SourceError>> + Send;
+}
+
+/// Why the agent refuses the daemon itself, whatever the workload: the two deployment
+/// mistakes the Delegated Identity API reports as `PermissionDenied` before it looks at the
+/// request. Nothing the daemon does can change the answer; the operator must fix the agent
+/// or the registration entries, and then the very same call succeeds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DelegateRefusal {
+    /// "no identity issued": no registration entry on this agent matches the daemon's own
+    /// process (or the agent has not synced it yet, right after it started).
+    NoEntry,
+    /// "caller not configured as an authorized delegate": the daemon has an entry, but its
+    /// SPIFFE ID is not in the agent's `authorized_delegates`.
+    NotAuthorized,
+}
+
+impl DelegateRefusal {
+    /// Classifies an agent's `PermissionDenied` message (SPIRE's delegated identity service
+    /// words both since the API exists).
+    fn from_message(message: &str) -> Option<Self> {
+        if message.contains("not configured as an authorized delegate") {
+            Some(Self::NotAuthorized)
+        } else if message.contains("no identity issued") {
+            Some(Self::NoEntry)
+        } else {
+            None
+        }
+    }
+
+    /// A short stable label for metrics and logs.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Self::NoEntry => "no_delegate_entry",
+            Self::NotAuthorized => "not_authorized_delegate",
+        }
+    }
+
+    /// What the operator has to do.
+    pub fn remedy(self) -> &'static str {
+        match self {
+            Self::NoEntry => {
+                "no registration entry on this agent matches the daemon itself: create one for it (e.g. -selector unix:uid:0, or k8s:ns and k8s:sa of its pod) parented to this agent, with the SPIFFE ID named in the agent's authorized_delegates (right after the agent starts, this lasts until its first sync)"
+            }
+            Self::NotAuthorized => {
+                "the daemon's SPIFFE ID (the one its own registration entry gives it) is not in the agent's authorized_delegates: add it to agent.conf and restart the agent"
+            }
+        }
+    }
+}
+
+impl fmt::Display for DelegateRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.remedy())
+    }
 }
 
 /// Why a subscription failed or ended.
@@ -211,6 +268,14 @@ pub enum SourceError {
     /// The connection broke while a stream was open (typically the agent exited).
     #[error("lost the connection to the SPIRE agent: {}", root_cause(.0.as_ref()))]
     Disconnected(Box<dyn std::error::Error + Send + Sync>),
+    /// The agent refuses the daemon itself (`PermissionDenied` about the caller, not the
+    /// workload): see [`DelegateRefusal`]. The message is a predicate ("refuses the daemon
+    /// itself …"), to follow the agent's name.
+    #[error("refuses the daemon itself ({message:?}): {refusal}")]
+    Refused {
+        refusal: DelegateRefusal,
+        message: String,
+    },
     /// The agent (or the gRPC layer) ended the call with a status.
     #[error("SPIRE agent answered {code:?}: {message}")]
     Status { code: tonic::Code, message: String },
@@ -263,11 +328,10 @@ impl SourceError {
     /// `Cancelled`, `Aborted` and `ResourceExhausted` (transient by gRPC convention); and
     /// `Decode` (a bad message from the agent; a new subscription gets a fresh complete set).
     ///
-    /// Terminal: the agent answers these from its configuration (authorized delegates, workload
-    /// attestors), its registration entries or the request itself, so asking again gets the
-    /// same answer until one of them or our code changes. `InvalidArgument` (bad pid/selector combination or
-    /// selectors), `PermissionDenied` (we are not an authorized delegate, or have no entry on
-    /// this agent), `Unauthenticated` (the agent could not verify us as the caller),
+    /// Terminal: the answer will not change until configuration, registration entries or our
+    /// code do. `InvalidArgument` (bad pid/selector combination or selectors), `Refused` and
+    /// `PermissionDenied` (we are not an authorized delegate, or have no entry on this
+    /// agent), `Unauthenticated` (the agent could not verify us as the caller),
     /// `Unimplemented` (agent without this API), `OutOfRange` (a message over our size limit),
     /// `InvalidWorkload`, and the codes SPIRE never uses here. The engine may still retry
     /// these on a slow schedule or when configuration changes.
@@ -278,7 +342,7 @@ impl SourceError {
             | SourceError::Disconnected(_)
             | SourceError::StreamEnded
             | SourceError::Decode(_) => true,
-            SourceError::InvalidWorkload(_) => false,
+            SourceError::InvalidWorkload(_) | SourceError::Refused { .. } => false,
             SourceError::Status { code, .. } => matches!(
                 code,
                 Code::Unavailable
@@ -301,6 +365,7 @@ impl SourceError {
             SourceError::StreamEnded => "stream_ended",
             SourceError::Decode(_) => "decode",
             SourceError::InvalidWorkload(_) => "invalid_workload",
+            SourceError::Refused { refusal, .. } => refusal.kind(),
             SourceError::Status { code, .. } => match code {
                 Code::Ok => "ok",
                 Code::Cancelled => "cancelled",
@@ -327,6 +392,15 @@ impl SourceError {
     pub fn code(&self) -> Option<tonic::Code> {
         match self {
             SourceError::Status { code, .. } => Some(*code),
+            SourceError::Refused { .. } => Some(tonic::Code::PermissionDenied),
+            _ => None,
+        }
+    }
+
+    /// Why the agent refuses the daemon itself, if that is what this is.
+    pub fn refusal(&self) -> Option<DelegateRefusal> {
+        match self {
+            SourceError::Refused { refusal, .. } => Some(*refusal),
             _ => None,
         }
     }
@@ -334,9 +408,15 @@ impl SourceError {
 
 impl From<tonic::Status> for SourceError {
     fn from(status: tonic::Status) -> Self {
+        let message = status.message().to_owned();
+        if status.code() == tonic::Code::PermissionDenied
+            && let Some(refusal) = DelegateRefusal::from_message(&message)
+        {
+            return SourceError::Refused { refusal, message };
+        }
         SourceError::Status {
             code: status.code(),
-            message: status.message().to_owned(),
+            message,
         }
     }
 }

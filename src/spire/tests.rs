@@ -241,22 +241,48 @@ async fn call_errors_are_classified() {
     assert_eq!(err.kind(), "unavailable");
     assert!(err.is_retryable());
 
-    fake.set_deny_all(Some((
-        Code::PermissionDenied,
-        "caller not configured as an authorized delegate",
-    )));
-    let err = api
-        .subscribe_svids(fake.path(), &Workload::Pid(1))
-        .await
-        .err()
-        .unwrap();
+    // The agent refusing the daemon itself: classified, with SPIRE's words kept and the
+    // remedy said.
+    for (refusal, words, remedy) in [
+        (
+            DelegateRefusal::NotAuthorized,
+            "caller not configured as an authorized delegate",
+            "authorized_delegates",
+        ),
+        (
+            DelegateRefusal::NoEntry,
+            "no identity issued",
+            "registration entry",
+        ),
+    ] {
+        fake.refuse_delegate(Some(refusal));
+        let err = api
+            .subscribe_svids(fake.path(), &Workload::Pid(1))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.refusal(), Some(refusal), "{err:?}");
+        assert_eq!(err.kind(), refusal.kind());
+        assert_eq!(err.code(), Some(Code::PermissionDenied));
+        assert!(!err.is_retryable());
+        let text = err.to_string();
+        assert!(text.contains(words) && text.contains(remedy), "{text}");
+        let err = api.subscribe_bundles(fake.path()).await.err().unwrap();
+        assert_eq!(err.refusal(), Some(refusal));
+        let err = api.probe(fake.path()).await.unwrap_err();
+        assert_eq!(err.refusal(), Some(refusal), "the probe tells: {err:?}");
+    }
+    fake.refuse_delegate(None);
+    api.probe(fake.path()).await.unwrap();
+
+    // Any other PermissionDenied stays a plain status.
+    fake.set_deny_all(Some((Code::PermissionDenied, "something else")));
+    let err = api.subscribe_bundles(fake.path()).await.err().unwrap();
     assert!(
-        matches!(&err, SourceError::Status { code: Code::PermissionDenied, message } if message.contains("authorized delegate"))
+        matches!(&err, SourceError::Status { code: Code::PermissionDenied, message } if message == "something else")
     );
     assert_eq!(err.kind(), "permission_denied");
     assert!(!err.is_retryable());
-    let err = api.subscribe_bundles(fake.path()).await.err().unwrap();
-    assert_eq!(err.code(), Some(Code::PermissionDenied));
     fake.set_deny_all(None);
 
     // Malformed selectors reach the agent and come back as InvalidArgument.
@@ -415,6 +441,33 @@ async fn agent_restart_fails_open_streams_retryably_and_resubscribing_works() {
 }
 
 #[tokio::test]
+async fn open_streams_end_when_the_agent_starts_refusing_the_daemon() {
+    let fake = FakeAgent::start().await.unwrap();
+    let ca = TestCa::new("example.org").unwrap();
+    fake.set_svids(
+        WorkloadKey::Pid(8),
+        update(vec![ca.mint("/w", TTL).unwrap()]),
+    );
+    fake.set_bundle(&ca.trust_domain_id(), &[ca.cert_der().to_vec()]);
+    let api = api();
+    let mut svids = subscribe(&api, fake.path(), &Workload::Pid(8)).await;
+    next(&mut svids).await.unwrap();
+    let mut bundles = api.subscribe_bundles(fake.path()).await.unwrap();
+    next(&mut bundles).await.unwrap();
+    fake.refuse_delegate(Some(DelegateRefusal::NotAuthorized));
+    for err in [
+        next(&mut svids).await.unwrap_err(),
+        next(&mut bundles).await.unwrap_err(),
+    ] {
+        assert_eq!(
+            err.refusal(),
+            Some(DelegateRefusal::NotAuthorized),
+            "{err:?}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_quick_restart_needs_no_failed_call_to_reconnect() {
     let fake = FakeAgent::start().await.unwrap();
     let api = api();
@@ -452,7 +505,7 @@ async fn missing_socket_is_a_prompt_retryable_connect_error() {
 
 /// Documents a limit rather than a feature: HTTP/2 setup does not wait for the server, so a
 /// socket that accepts but never speaks (a hung agent) yields a channel, and the call then
-/// waits until the caller's own timeout. The probe cannot tell either.
+/// waits until the caller's own timeout.
 #[tokio::test]
 async fn a_mute_listener_needs_the_callers_timeout() {
     let dir = std::env::temp_dir().join(format!("nri-mute-agent-{}", std::process::id()));
@@ -467,7 +520,11 @@ async fn a_mute_listener_needs_the_callers_timeout() {
     )
     .await;
     assert!(result.is_err(), "still waiting when the caller gives up");
-    api.probe(&path).await.unwrap();
+    // The probe makes a real call with its own bound, so it tells a mute agent (a frozen one)
+    // from one that answers.
+    let err = api.probe(&path).await.unwrap_err();
+    assert_eq!(err.kind(), "connect", "{err:?}");
+    assert!(err.is_retryable());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -574,10 +574,85 @@ scenario_churn() {
 	for pid in "${pids[@]}"; do bed_rmp "$pid" 2>/dev/null || true; done
 }
 
+
+# --- 11. deployment mistakes on the agent: the daemon missing from authorized_delegates, or
+# without a registration entry of its own -------------------------------------------------
+readyz() { curl -s "http://$NII_HTTP/readyz"; }
+
+# unready_because REASON : /readyz answers 503 and names REASON (the metric says it too).
+unready_because() {
+	[[ $(curl -s -o /dev/null -w '%{http_code}' "http://$NII_HTTP/readyz") == 503 ]] &&
+		[[ $(readyz) == *"agent: not ready ($1)"* ]] &&
+		[[ $(nii_metric "nri_identity_agent_refusal{reason=\"$1\"}") == 1 ]]
+}
+
+# refused_with POD_ID POD_JSON POD_NAME NAME UID : a container whose start the daemon must
+# refuse; prints the daemon's reason (on either runtime: CRI-O only logs it).
+refused_with() {
+	local cid err
+	cid=$("$CRICTL" create "$1" "$(E2E_CTR_UID=$5 bed_ctr_json "$4" sh -c "$CHECK")" "$2") || return 1
+	if err=$("$CRICTL" start "$cid" 2>&1); then
+		err=$(refused_start "$3" "$4")
+		[[ -n $err ]] || { fail "$4 started although the agent refuses the daemon" && return 1; }
+	fi
+	echo "$err"
+}
+
+scenario_delegate_mistakes() {
+	local e pod_uid pod pid err t own
+	e=$(bed_entry /mistakes unix:uid:1010)
+	bed_wait_entry "$e"
+	pod_uid=$(bed_uuid)
+	pod=$(bed_pod_json mistakes "$pod_uid" "$(nii_annotations identity.noderesource.dev/pod "$(nii_identity /var/certs)")")
+	pid=$("$CRICTL" runp "$pod")
+
+	# The daemon's SPIFFE ID missing from the agent's authorized_delegates.
+	sed -i "s|authorized_delegates = \[\"$E2E_DELEGATE_ID\"\]|authorized_delegates = [\"spiffe://$E2E_TD/someone-else\"]|" "$E2E/spire/agent.conf"
+	grep -q someone-else "$E2E/spire/agent.conf" || fail "agent.conf not rewritten"
+	bed_restart_agent
+	t=$(nii_ms)
+	bed_wait 30 "not ready: not an authorized delegate" unready_because not_authorized_delegate
+	note "not an authorized delegate: unready after $(($(nii_ms) - t)) ms: $(readyz | grep agent | cut -c1-160)..."
+	grep -q 'not ready: the SPIRE agent refuses the daemon.*authorized_delegates.*reason="\?not_authorized_delegate' "$E2E/logs/nii.log" || fail "no log line naming the mistake"
+	err=$(refused_with "$pid" "$pod" mistakes notdelegate 1010)
+	[[ $err == *"refuses the daemon itself"*"caller not configured as an authorized delegate"*"authorized_delegates"* ]] || fail "start refused with: $err"
+	note "start refused: ${err##*nri-identity-injector: }"
+	sed -i "s|spiffe://$E2E_TD/someone-else|$E2E_DELEGATE_ID|" "$E2E/spire/agent.conf"
+	bed_restart_agent
+	t=$(nii_ms)
+	bed_wait 30 "ready again" curl -fsS -o /dev/null "http://$NII_HTTP/readyz"
+	note "authorized_delegates fixed: ready again $(($(nii_ms) - t)) ms after the agent, without restarting the daemon"
+	start_ctr "$pid" "$(E2E_CTR_UID=1010 bed_ctr_json delegate-ok sh -c "$CHECK")" "$pod"
+	bed_wait_exited "$CID" 30
+	[[ $(logs_of "$CID") == *"svid exists!"* ]] || fail "after the fix: $(logs_of "$CID")"
+
+	# The daemon without a registration entry of its own.
+	own=$("$SPIRE_SERVER" entry show -spiffeID "$E2E_DELEGATE_ID" | sed -n 's/^Entry ID *: *//p')
+	[[ -n $own ]] || fail "no entry for $E2E_DELEGATE_ID"
+	"$SPIRE_SERVER" entry delete -entryID "$own" >/dev/null
+	t=$(nii_ms)
+	bed_wait 30 "not ready: no entry of its own" unready_because no_delegate_entry
+	note "no entry of its own: unready after $(($(nii_ms) - t)) ms: $(readyz | grep agent | cut -c1-160)..."
+	grep -q 'not ready: the SPIRE agent refuses the daemon.*registration entry.*reason="\?no_delegate_entry' "$E2E/logs/nii.log" || fail "no log line naming the mistake"
+	err=$(refused_with "$pid" "$pod" mistakes noentry 1010)
+	[[ $err == *"refuses the daemon itself"*"no identity issued"*"registration entry"* ]] || fail "start refused with: $err"
+	note "start refused: ${err##*nri-identity-injector: }"
+	own=$(bed_entry "$E2E_DELEGATE_ID" unix:uid:0)
+	t=$(nii_ms)
+	bed_wait 30 "ready again" curl -fsS -o /dev/null "http://$NII_HTTP/readyz"
+	note "entry created again: ready after $(($(nii_ms) - t)) ms, without restarting the daemon"
+	start_ctr "$pid" "$(E2E_CTR_UID=1010 bed_ctr_json entry-ok sh -c "$CHECK")" "$pod"
+	bed_wait_exited "$CID" 30
+	[[ $(logs_of "$CID") == *"svid exists!"* ]] || fail "after the fix: $(logs_of "$CID")"
+	bed_rmp "$pid"
+}
+
 ALL=(proposal selectors rotation runtime_restart hostile agent_down labels)
 # The start guard holds PID-mode workloads until their files are in place; selectors mode
 # delivers inside CreateContainer and adds no guard.
 [[ $MODE != pid ]] || ALL+=(guard_restart guard_timeout scratch churn)
+# The agent refusing the daemon: checked once, on the runtime that enforces a failed start.
+[[ $MODE != pid || ${E2E_RUNTIME:-containerd} != containerd ]] || ALL+=(delegate_mistakes)
 (($#)) || set -- "${ALL[@]}"
 
 trap 'nii_finish e2e' EXIT

@@ -475,10 +475,15 @@ print(str(v).lower() if isinstance(v, bool) else v)' "$1" "$2" "$3" <<<"$out"
 }
 
 _bed_write_spire_configs() {
-	local ttl=""
+	local ttl="" km='KeyManager "memory" { plugin_data {} }'
 	if [[ -n ${E2E_SVID_TTL:-} ]]; then
 		# Short SVIDs exercise rotation (SPIRE's default is 1h).
 		ttl="default_x509_svid_ttl = \"$E2E_SVID_TTL\""
+	fi
+	if [[ ${E2E_SPIRE_SERVER_KEYMANAGER:-memory} == disk ]]; then
+		# The CA's keys survive a server restart; with "memory" a restarted server signs
+		# with a new CA that no agent trusts yet, and the agents stop.
+		km="KeyManager \"disk\" { plugin_data { keys_path = \"$E2E/spire/server/data/keys.json\" } }"
 	fi
 	cat >"$E2E/spire/server.conf" <<EOF
 server {
@@ -501,7 +506,7 @@ plugins {
     }
   }
   NodeAttestor "join_token" { plugin_data {} }
-  KeyManager "memory" { plugin_data {} }
+  $km
 }
 EOF
 	local k8s=""

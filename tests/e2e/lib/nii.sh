@@ -224,7 +224,8 @@ nii_finish() {
 	rc=${2:-$rc}
 	trap - EXIT
 	nii_stop 2>/dev/null || true
-	bed_down "$rc" || true
+	# A failed scenario keeps the bed's logs too, not only a failed script.
+	bed_down "$((rc != 0 ? rc : NII_FAILED != 0))" || true
 	if [[ -n ${E2E:-} ]] && ! bed_check_clean; then
 		echo "$label: the bed was not left clean" >&2
 		NII_FAILED=$((NII_FAILED + 1))
