@@ -20,16 +20,15 @@ use crate::spire::{ApiConfig, DelegatedIdentityApi};
 pub enum DaemonError {
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
-    #[error("cannot listen on {addr} for health and metrics: {source}")]
+    #[error("cannot listen on {addr} for health and metrics: {error}")]
     Http {
         addr: std::net::SocketAddr,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(transparent)]
     Nri(#[from] nri_plugin::Error),
-    #[error("cannot read the daemon's own executable for the start guard")]
-    GuardExecutable(#[source] std::io::Error),
+    #[error("cannot read the daemon's own executable for the start guard: {0}")]
+    GuardExecutable(std::io::Error),
     #[error(transparent)]
     Guard(#[from] crate::artifacts::ArtifactError),
 }
@@ -79,7 +78,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     if let Some(addr) = config.http_address {
         let listener = crate::http::bind(addr)
             .await
-            .map_err(|source| DaemonError::Http { addr, source })?;
+            .map_err(|error| DaemonError::Http { addr, error })?;
         info!(%addr, "serving /healthz, /readyz and /metrics");
         tokio::spawn(crate::http::serve(
             listener,
