@@ -28,6 +28,9 @@ pub mod fake;
 #[cfg(test)]
 mod tests;
 
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub use client::fuzzing as client_fuzzing;
 pub use client::{ApiConfig, DelegatedIdentityApi};
 pub use der::{DerError, split_der_certificates};
 
