@@ -12,6 +12,7 @@ use nri_identity_backends::{RuntimeKind, SandboxClasses};
 use serde::{Deserialize, Serialize};
 
 use crate::k8s::{ClientAuth, Endpoint, KubeletUrl, Scheme, TlsSettings};
+use crate::limits::IdentityLimits;
 pub use crate::selinux::SelinuxLabel;
 
 /// Prefix of the environment variables that override the file, e.g.
@@ -90,6 +91,12 @@ pub struct Config {
     /// Runtime handlers whose pods run in a VM without a shared file system (files copied in
     /// once at creation); they win over `vm_runtime_handlers`.
     pub copy_once_runtime_handlers: Vec<String>,
+    /// How many containers of one pod may hold an identity at once; more are refused at
+    /// CreateContainer.
+    pub max_identities_per_pod: usize,
+    /// How many identities the node may hold at once; keep it below what the daemon's memory
+    /// limit holds (about 2,000 in the shipped DaemonSet's 64 MiB).
+    pub max_identities: usize,
 }
 
 impl Default for Config {
@@ -129,6 +136,8 @@ impl Default for Config {
             ]
             .map(String::from)
             .to_vec(),
+            max_identities_per_pod: IdentityLimits::DEFAULT.per_pod,
+            max_identities: IdentityLimits::DEFAULT.total,
         }
     }
 }
@@ -225,6 +234,15 @@ impl Config {
         if self.drain_timeout_ms > 120_000 {
             return Err(invalid("drain_timeout_ms", "must be at most 120000"));
         }
+        if self.max_identities_per_pod == 0 {
+            return Err(invalid("max_identities_per_pod", "must be at least 1"));
+        }
+        if self.max_identities < self.max_identities_per_pod {
+            return Err(invalid(
+                "max_identities",
+                "must be at least max_identities_per_pod",
+            ));
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
             return Err(invalid(
                 "log_level",
@@ -316,6 +334,14 @@ impl Config {
         Some(Endpoint { url, tls })
     }
 
+    /// How many identities a pod, and the node, may hold at once.
+    pub fn identity_limits(&self) -> IdentityLimits {
+        IdentityLimits {
+            per_pod: self.max_identities_per_pod,
+            total: self.max_identities,
+        }
+    }
+
     pub fn first_svid_timeout(&self) -> Duration {
         Duration::from_millis(self.first_svid_timeout_ms)
     }
@@ -352,7 +378,7 @@ impl Config {
 fn toml_value(v: &figment::value::Value) -> String {
     use figment::value::Value;
     match v {
-        Value::String(_, s) => format!("{s:?}"),
+        Value::String(_, s) => toml_string(s),
         Value::Num(_, n) => n
             .to_u128()
             .map(|n| n.to_string())
@@ -364,6 +390,26 @@ fn toml_value(v: &figment::value::Value) -> String {
         ),
         other => format!("{other:?}"),
     }
+}
+
+/// A TOML basic string. Not Rust's `{:?}`: its `\u{1b}` escapes are not TOML, so a printed
+/// configuration holding a control character would not load back.
+fn toml_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// Flag values; unset flags leave lower sources alone.
@@ -520,6 +566,12 @@ mod tests {
             ("no_such_key = 1", "no_such_key"),
             ("first_svid_timeout_ms = \"soon\"", "first_svid_timeout_ms"),
             ("runtime = \"docker\"", "runtime"),
+            ("max_identities_per_pod = 0", "max_identities_per_pod"),
+            (
+                "max_identities = 5\nmax_identities_per_pod = 6",
+                "max_identities",
+            ),
+            ("max_identities = -1", "max_identities"),
         ];
         for (body, field) in cases {
             let f = write("bad", body);
@@ -528,6 +580,25 @@ mod tests {
                 .to_string();
             assert!(err.contains(field), "{body}: {err}");
         }
+    }
+
+    #[test]
+    fn identity_limits_come_from_the_file_and_the_environment() {
+        assert_eq!(Config::default().identity_limits(), IdentityLimits::DEFAULT);
+        let f = write("limits", "max_identities = 500\nmax_identities_per_pod = 4");
+        let c = Config::load(
+            Some(&f),
+            env(&[("NRI_IDENTITY_MAX_IDENTITIES_PER_POD", "8")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.identity_limits(),
+            IdentityLimits {
+                per_pod: 8,
+                total: 500
+            }
+        );
     }
 
     #[test]
@@ -640,6 +711,24 @@ kubelet_private_key_path = "/etc/nii/client-key.pem"
             Path::new("/run/spire/admin/admin.sock")
         );
         assert_eq!(p.allowed_agent_addresses().len(), 2);
+    }
+
+    #[test]
+    fn printed_strings_with_control_characters_quotes_and_unicode_load_back() {
+        // Found by the `config` fuzz target: `{:?}` printed "\u{e}", which TOML refuses.
+        let c = Config {
+            allowed_agent_sockets: vec![
+                PathBuf::from("/run/a\u{e}sock"),
+                PathBuf::from("/run/\"quoted\" \\ back\tslash\n\u{7f}\u{85}"),
+                PathBuf::from("/run/é/\u{200b}/✓.sock"),
+            ],
+            ..Config::default()
+        };
+        c.validate().unwrap();
+        let rendered = c.to_toml();
+        let f = write("escapes", &rendered);
+        let again = Config::load(Some(&f), vec![], &Overrides::default()).unwrap();
+        assert_eq!(again, c, "{rendered}");
     }
 
     #[test]

@@ -29,17 +29,30 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Nri(#[from] nri_plugin::Error),
+    #[error("unsafe artifact_root {}", root.display())]
+    ArtifactRoot {
+        root: std::path::PathBuf,
+        #[source]
+        source: crate::host::HostError,
+    },
 }
 
 /// Runs until SIGTERM/SIGINT (or `shutdown` is cancelled).
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
     warn_unless_tmpfs(&config.artifact_root);
+    RealHost::check_root_ancestors(&config.artifact_root).map_err(|source| {
+        DaemonError::ArtifactRoot {
+            root: config.artifact_root.clone(),
+            source,
+        }
+    })?;
     let metrics = Arc::new(Metrics::default());
     let mut engine_cfg = EngineConfig::new(&config.artifact_root, config.annotation_policy());
     engine_cfg.runtime = config.runtime;
     engine_cfg.sandboxes = config.sandbox_classes();
     engine_cfg.first_svid_timeout = config.first_svid_timeout();
     engine_cfg.default_attestation = config.default_attestation();
+    engine_cfg.limits = config.identity_limits();
     engine_cfg.selinux_label = match config
         .selinux_label
         .resolve(std::path::Path::new(SELINUXFS))

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod host;
 pub mod http;
 pub mod k8s;
+pub mod limits;
 pub mod metrics;
 pub mod nri;
 pub mod selinux;

@@ -104,6 +104,7 @@ pub fn status(e: &ContainerError) -> Status {
         }
         EngineError::Naming(NamingError::Kubelet(_)) => Code::Unavailable,
         EngineError::Host(_) | EngineError::Artifacts(_) => Code::Internal,
+        EngineError::Limit(_) => Code::ResourceExhausted,
     };
     // The whole cause chain: "cannot create the directory" alone does not say "too many open
     // files".

@@ -9,6 +9,7 @@ use crate::annotation::InvalidAnnotation;
 use crate::artifacts::ArtifactError;
 use crate::host::HostError;
 use crate::k8s::NamingError;
+use crate::limits::LimitError;
 use crate::spire::SourceError;
 
 /// Why a container could not get its identity. Messages name what failed; the pod and
@@ -62,6 +63,8 @@ pub enum EngineError {
     NoKubelet,
     #[error(transparent)]
     Naming(#[from] NamingError),
+    #[error(transparent)]
+    Limit(#[from] LimitError),
 }
 
 impl EngineError {
@@ -85,6 +88,7 @@ impl EngineError {
             EngineError::Naming(NamingError::Kubelet(_)) => "kubelet",
             EngineError::Naming(NamingError::Selectors(_)) => "selectors",
             EngineError::Naming(NamingError::EphemeralContainer) => "ephemeral_container",
+            EngineError::Limit(_) => "limit",
         }
     }
 }

@@ -37,6 +37,7 @@ use crate::annotation::{self, IdentityRequest, OnFailure, PodRef, Policy};
 use crate::artifacts::{ArtifactDir, ArtifactWriter, LiveContainers};
 use crate::host::{HostError, HostOps};
 use crate::k8s::{KubeletPods, LookupError};
+use crate::limits::{Admissions, IdentityLimits};
 use crate::metrics::Metrics;
 use crate::spire::{BundleSet, IdentitySource};
 
@@ -62,6 +63,8 @@ pub struct EngineConfig {
     pub retry_max: Duration,
     /// Where selectors mode learns what NRI does not carry (service account, owners).
     pub kubelet: Option<Arc<KubeletPods>>,
+    /// How many identities a pod, and the node, may hold at once.
+    pub limits: IdentityLimits,
 }
 
 impl EngineConfig {
@@ -78,6 +81,7 @@ impl EngineConfig {
             retry_initial: Duration::from_millis(200),
             retry_max: Duration::from_secs(30),
             kubelet: None,
+            limits: IdentityLimits::DEFAULT,
         }
     }
 }
@@ -112,6 +116,8 @@ struct Inner<S> {
     /// Set again when the runtime connects (NRI Configure names it).
     backends: RwLock<Backends>,
     tracked: Mutex<HashMap<String, Tracked>>,
+    /// Counted at CreateContainer, before anything is written.
+    admissions: Admissions,
     bundles: Mutex<HashMap<PathBuf, watch::Receiver<Option<Arc<BundleSet>>>>>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -143,6 +149,7 @@ impl<S: IdentitySource> Engine<S> {
         Engine {
             inner: Arc::new(Inner {
                 writer: ArtifactWriter::new(host.clone(), cfg.artifact_root.clone()),
+                admissions: Admissions::new(cfg.limits),
                 cfg,
                 source,
                 host,
@@ -255,11 +262,18 @@ impl<S: IdentitySource> Engine<S> {
             return Ok(None);
         };
         let plan = self.plan(pod, &request).map_err(err)?;
+        let admissions = &self.inner.admissions;
+        admissions
+            .admit(pod.key(), &c.id)
+            .map_err(|e| err(e.into()))?;
         let dir = self
             .inner
             .writer
             .create_dir(pod.key(), &c.id, self.label())
-            .map_err(|e| err(e.into()))?;
+            .map_err(|e| {
+                admissions.release(pod.key(), &c.id);
+                err(e.into())
+            })?;
         let mount = MountSpec::identity_dir(dir.path(), &request.cert_dir);
         info!(pod = %pod.name, namespace = %pod.namespace, container = %c.name, container_id = %c.id,
             cert_dir = %request.cert_dir.display(), attestation = %plan.attestation, sandbox = %plan.sandbox,
@@ -398,6 +412,7 @@ impl<S: IdentitySource> Engine<S> {
                 if at_create {
                     lock(&self.inner.tracked).remove(&c.id);
                     let _ = w.remove_container(pod.key(), &c.id);
+                    self.inner.admissions.release(pod.key(), &c.id);
                 } else if let Ok(dir) = self.dir_of(pod, c)
                     && let Err(error) = w.empty(&dir)
                 {
@@ -438,6 +453,7 @@ impl<S: IdentitySource> Engine<S> {
             .as_ref()
             .map(|t| t.pod_key.clone())
             .unwrap_or_else(|| pod.key().to_owned());
+        self.inner.admissions.release(&pod_key, &c.id);
         if let Err(error) = self.inner.writer.remove_container(&pod_key, &c.id) {
             warn!(container_id = %c.id, %error, "cannot remove the identity directory");
         }
@@ -445,6 +461,7 @@ impl<S: IdentitySource> Engine<S> {
 
     /// RemovePodSandbox: the pod's directory goes with whatever is left in it.
     pub fn remove_pod(&self, pod: &PodInfo) {
+        self.inner.admissions.release_pod(pod.key());
         if let Err(error) = self.inner.writer.remove_pod(pod.key()) {
             warn!(pod = %pod.name, %error, "cannot remove the pod's identity directory");
         }
@@ -478,6 +495,7 @@ impl<S: IdentitySource> Engine<S> {
                     continue;
                 }
             };
+            inner.admissions.restore(pod.key(), &c.id);
             let has_task = lock(&inner.tracked)
                 .get(&c.id)
                 .is_some_and(|t| t.task.is_some());
@@ -502,6 +520,7 @@ impl<S: IdentitySource> Engine<S> {
             span.in_scope(|| info!("resuming identity maintenance"));
             self.spawn_background(pod, c, request, plan, span);
         }
+        inner.admissions.retain(&live.containers);
         match inner.writer.sweep(&live) {
             Ok(removed) => {
                 for (pod_key, container_id) in removed {
