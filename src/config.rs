@@ -474,6 +474,15 @@ impl figment::Provider for EnvPairs {
             // parse as figment's own Env provider would (numbers, lists).
             let value = if STRING_FIELDS.contains(&k.as_str()) {
                 figment::value::Value::from(v.clone())
+            } else if v.contains('\\') && !v.is_ascii() {
+                // figment 0.10's value parser slices a quoted string at a character index
+                // where it needs a byte index, and panics when non-ASCII text precedes a
+                // backslash (found by the `config` fuzz target). Refuse instead of crashing.
+                return Err(figment::Error::from(format!(
+                    "{ENV_PREFIX}{}: a value with both backslashes and non-ASCII characters \
+                     cannot be read; write it in the configuration file",
+                    k.to_ascii_uppercase()
+                )));
             } else {
                 v.parse()
                     .unwrap_or_else(|_| figment::value::Value::from(v.clone()))
@@ -729,6 +738,42 @@ kubelet_private_key_path = "/etc/nii/client-key.pem"
         let f = write("escapes", &rendered);
         let again = Config::load(Some(&f), vec![], &Overrides::default()).unwrap();
         assert_eq!(again, c, "{rendered}");
+    }
+
+    #[test]
+    fn environment_values_that_crash_figments_parser_are_refused_not_a_panic() {
+        // Found by the `config` fuzz target (reduced): figment's value parser panicked on
+        // non-ASCII text before a backslash in a quoted string.
+        for value in [
+            r#"["/run/é\u00e9"]"#,
+            r#""é\"""#,
+            "[\"/ruo/\u{fffd}ri-i\\u00&0\"]",
+        ] {
+            let err = Config::load(
+                None,
+                env(&[("NRI_IDENTITY_ALLOWED_AGENT_SOCKETS", value)]),
+                &Overrides::default(),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("NRI_IDENTITY_ALLOWED_AGENT_SOCKETS"),
+                "{value}: {err}"
+            );
+        }
+        // Backslashes alone, or non-ASCII alone, still parse.
+        for (value, expected) in [
+            (r#"["/run/a\\b.sock"]"#, "/run/a\\b.sock"),
+            ("[/run/é.sock]", "/run/é.sock"),
+        ] {
+            let c = Config::load(
+                None,
+                env(&[("NRI_IDENTITY_ALLOWED_AGENT_SOCKETS", value)]),
+                &Overrides::default(),
+            )
+            .unwrap();
+            assert_eq!(c.allowed_agent_sockets, [PathBuf::from(expected)]);
+        }
     }
 
     #[test]
