@@ -11,7 +11,7 @@ export PATH := $(HOME)/.cargo/bin:/usr/local/go/bin:$(PATH)
 export GOTOOLCHAIN := local
 export CARGO_TERM_COLOR := never
 
-.PHONY: release demo test lint unit fuzz-smoke fuzz conformance e2e e2e-k8s e2e-k8s-api e2e-deploy bench bench-nri bench-e2e bench-k8s bench-daemon codegen build
+.PHONY: release demo test lint unit fuzz-smoke fuzz conformance e2e e2e-churn e2e-k8s e2e-k8s-api e2e-deploy e2e-openshift e2e-kata e2e-vm manifests bench bench-nri bench-e2e bench-k8s bench-daemon codegen build
 
 # The shipped binary: statically linked (no shared libc pages: idle RSS about 1.3 MiB below a
 # dynamically linked build) and built for an explicit target, so the static flag reaches only the
@@ -25,7 +25,7 @@ release:
 demo:
 	tests/e2e/demo.sh
 
-test: lint unit fuzz-smoke conformance e2e e2e-k8s e2e-k8s-api e2e-deploy
+test: lint unit fuzz-smoke conformance e2e e2e-k8s e2e-k8s-api e2e-deploy e2e-openshift e2e-kata
 
 build:
 	cargo build --workspace --all-targets
@@ -54,6 +54,11 @@ conformance:
 e2e:
 	tests/e2e/run.sh
 
+# A longer churn than run.sh's 50 pods (part of e2e): 200 pods while the daemon is SIGKILLed
+# and restarted and the agent restarted; no workload may run without its files.
+e2e-churn:
+	NII_CHURN_PODS=200 tests/e2e/run.sh churn
+
 # Kubernetes: a real standalone kubelet with static pods, SPIRE's k8s attestor, selectors mode.
 e2e-k8s:
 	tests/e2e/k8s.sh
@@ -67,6 +72,27 @@ e2e-k8s-api:
 # is enough, required-plugins keeps annotated pods out until it runs.
 e2e-deploy:
 	tests/e2e/deploy.sh
+
+# The Helm chart and openshift/, by the real tools: helm lint and template (the rendering
+# must be the checked-in deploy/ and openshift/ files), Ignition's validator on the
+# MachineConfigs, OpenShift's SCC admission on the DaemonSet's pod, an API server with
+# OpenShift's CRDs for server-side validation and helm install/uninstall.
+e2e-openshift:
+	tests/e2e/openshift.sh
+
+# deploy/nri-identity-injector.yaml and openshift/*.yaml are the chart's rendering: edit
+# charts/nri-identity-injector, then run this.
+manifests:
+	charts/render.sh
+
+# Kata/VM guests: pods of Kata runtime handlers on real containerd, the daemon's mount carried
+# into a Kata-style virtio-fs guest (cache auto and never), checked from inside the guest.
+e2e-kata:
+	tests/e2e/kata.sh
+
+# The VM bed alone: a Kata-style virtio-fs guest per cache mode (qemu TCG, virtiofsd, no containerd).
+e2e-vm:
+	tests/e2e/vm_smoke.sh
 
 bench: bench-nri bench-daemon
 

@@ -35,7 +35,7 @@
 //! | field | default | rule |
 //! |---|---|---|
 //! | `spire_agent_address` | the daemon's agent socket | absolute path or `unix://` URL, in the [`Policy`] allowlist |
-//! | `cert_dir` | required | absolute, normalised, not `/`, not at or under `/proc`, `/sys`, `/dev` |
+//! | `cert_dir` | required | absolute, normalised, not `/`, not at or under `/proc`, `/sys`, `/dev` or the start guard's `/.nri-identity-injector-guard` |
 //! | `layout` | `spiffe-helper` | `spiffe-helper` (three files) or `combined` (key + chain in one file) |
 //! | `svid_file_name` | `svid.pem` | spiffe-helper layout only |
 //! | `svid_key_file_name` | `svid_key.pem` | spiffe-helper layout only |
@@ -1391,8 +1391,8 @@ fn agent_address(address: &str, policy: &Policy) -> Result<PathBuf, AnnotationEr
 }
 
 // Runtime-managed mounts: mounting over them could mask the runtime's own masked or read-only
-// paths, and nothing legitimate lives there.
-const RESERVED_DIRS: [&str; 3] = ["/proc", "/sys", "/dev"];
+// paths, and nothing legitimate lives there; and where the start guard is mounted.
+const RESERVED_DIRS: [&str; 4] = ["/proc", "/sys", "/dev", crate::guard::CONTAINER_PATH];
 
 fn cert_directory(dir: &str) -> Result<PathBuf, FieldProblem> {
     absolute_path(dir)?;

@@ -21,7 +21,8 @@
 //!
 //! [`ArtifactWriter::write`] first **stages** every file: a temp file per output, created
 //! `O_EXCL`, given its final mode, owner and (optionally) SELinux label, written and
-//! `fsync`ed, in the order key, certificates, bundles. Only when all are staged does it
+//! `fsync`ed, in the order key, certificates, federated bundles, trust bundle (so the trust
+//! bundle's arrival means the whole set arrived). Only when all are staged does it
 //! **commit**: `renameat` of each over its final name in the same order, then removal of
 //! stale federated bundles, then `fsync` of the directory. Consequences:
 //!
@@ -58,6 +59,13 @@
 //!   key, and reading both again if not (a mismatch resolves as soon as the writer has done
 //!   its back-to-back renames).
 //!
+//! # The writer's own files
+//!
+//! Names under the root that start with `.` are the writer's, never a pod's (pod UIDs and
+//! sandbox IDs never start with one, and [`ArtifactWriter::create_dir`] refuses them):
+//! [`GUARD_DIR`] holds the start guard's binary ([`ArtifactWriter::install_guard`]), which
+//! guarded containers bind-mount. [`ArtifactWriter::sweep`] leaves these names alone.
+//!
 //! # Secrets
 //!
 //! The PEM of the private key is rendered straight into a [`Zeroizing`] buffer allocated at
@@ -84,8 +92,21 @@ use crate::annotation::{
     MAX_FILE_NAME_BYTES, OutputFile,
 };
 use crate::host::{
-    DirHandle, FileAttrs, HostError, HostOps, Owner, SELINUX_XATTR, TEMP_PREFIX, validate_component,
+    DirHandle, FileAttrs, HostError, HostOps, Owner, PRIVATE_DIR_MODE, SELINUX_XATTR, TEMP_PREFIX,
+    validate_component,
 };
+
+/// The directory under the root holding the start guard's binary.
+pub const GUARD_DIR: &str = ".guard";
+/// The start guard's binary in [`GUARD_DIR`].
+pub const GUARD_FILE: &str = "nri-identity-injector";
+/// Containers execute the guard as their own user.
+const GUARD_MODE: u32 = 0o755;
+
+/// Whether `name` directly under the root is the writer's own, not a pod's.
+fn is_reserved(name: &str) -> bool {
+    name.starts_with('.')
+}
 
 const CERTIFICATE_LABEL: &str = "CERTIFICATE";
 const PRIVATE_KEY_LABEL: &str = "PRIVATE KEY";
@@ -221,6 +242,12 @@ pub enum ArtifactError {
         #[source]
         source: HostError,
     },
+    #[error("installing the start guard at {path}")]
+    Guard {
+        path: PathBuf,
+        #[source]
+        source: HostError,
+    },
 }
 
 // === rendering ===
@@ -279,7 +306,8 @@ impl fmt::Debug for RenderedFile {
     }
 }
 
-/// The files of one delivery, in write order (key, certificates, bundles, federated bundles).
+/// The files of one delivery, in write order (key, certificates, federated bundles, the trust
+/// bundle).
 /// Every buffer is wiped on drop.
 #[derive(Debug)]
 pub struct RenderedFiles {
@@ -333,6 +361,12 @@ impl RenderedFiles {
                     contents,
                 });
             }
+        }
+        // The trust bundle goes last: whoever sees it (the start guard waits for it) sees every
+        // file of this delivery, federated bundles included.
+        if let Some(i) = out.iter().position(|f| f.kind == RenderedKind::TrustBundle) {
+            let bundle = out.remove(i);
+            out.push(bundle);
         }
         let mut seen = BTreeSet::new();
         for file in &out {
@@ -573,6 +607,16 @@ impl ArtifactWriter {
         container_id: &str,
         label: Option<&str>,
     ) -> Result<ArtifactDir, ArtifactError> {
+        if is_reserved(pod_uid) {
+            return Err(ArtifactError::CreateDir {
+                pod_uid: pod_uid.to_owned(),
+                container_id: container_id.to_owned(),
+                source: HostError::InvalidComponent {
+                    component: pod_uid.to_owned(),
+                    reason: "starts with '.', which the daemon keeps for its own files",
+                },
+            });
+        }
         let handle = self
             .host
             .create_container_dir(&self.root, pod_uid, container_id)
@@ -709,7 +753,10 @@ impl ArtifactWriter {
     /// e.g. after a restart, when no [`ArtifactDir`] is at hand. Missing is not an error;
     /// names that are not single path components name nothing here and are ignored.
     pub fn remove_container(&self, pod_uid: &str, container_id: &str) -> Result<(), ArtifactError> {
-        if validate_component(pod_uid).is_err() || validate_component(container_id).is_err() {
+        if validate_component(pod_uid).is_err()
+            || validate_component(container_id).is_err()
+            || is_reserved(pod_uid)
+        {
             return Ok(());
         }
         self.host
@@ -746,7 +793,7 @@ impl ArtifactWriter {
     /// Removes `<root>/<pod_uid>/` with whatever is left in it. Missing is not an error;
     /// an invalid name names nothing here and is ignored.
     pub fn remove_pod(&self, pod_uid: &str) -> Result<(), ArtifactError> {
-        if validate_component(pod_uid).is_err() {
+        if validate_component(pod_uid).is_err() || is_reserved(pod_uid) {
             return Ok(());
         }
         let remove_pod = |source| ArtifactError::RemovePod {
@@ -773,6 +820,9 @@ impl ArtifactWriter {
             })?;
         let mut removed = Vec::new();
         for pod in self.list(&root)? {
+            if is_reserved(&pod) {
+                continue;
+            }
             if !live.pods.contains(&pod) {
                 if self.host.remove_all(&root, &pod).is_ok() {
                     removed.push((pod, None));
@@ -791,6 +841,54 @@ impl ArtifactWriter {
             }
         }
         Ok(removed)
+    }
+
+    /// Installs `executable` as `<root>/.guard/nri-identity-injector` (mode 0755, labelled
+    /// `label`), replacing a different one atomically and leaving an identical one as it is:
+    /// running containers keep the copy they mounted, so a needless replacement would only
+    /// pin one more inode. Returns the host path containers bind-mount.
+    pub fn install_guard(
+        &self,
+        executable: &[u8],
+        label: Option<&str>,
+    ) -> Result<PathBuf, ArtifactError> {
+        let path = self.root.join(GUARD_DIR).join(GUARD_FILE);
+        let failed = |source| ArtifactError::Guard {
+            path: path.clone(),
+            source,
+        };
+        let root = self.host.open_root(&self.root).map_err(failed)?;
+        let dir = self
+            .host
+            .ensure_dir(&root, GUARD_DIR, PRIVATE_DIR_MODE)
+            .map_err(failed)?;
+        // Left by an install that was interrupted.
+        for name in self.list(&dir)? {
+            if name.starts_with(TEMP_PREFIX) {
+                self.host.unlink(&dir, &name).map_err(failed)?;
+            }
+        }
+        if self
+            .host
+            .file_matches(&dir, GUARD_FILE, executable)
+            .map_err(failed)?
+        {
+            if let Some(label) = label {
+                self.host
+                    .set_xattr(&dir, Some(GUARD_FILE), SELINUX_XATTR, label.as_bytes())
+                    .map_err(failed)?;
+            }
+            return Ok(path);
+        }
+        let attrs = FileAttrs {
+            mode: GUARD_MODE,
+            owner: None,
+            selinux_label: label,
+        };
+        self.host
+            .write_file_atomic(&dir, GUARD_FILE, executable, attrs)
+            .map_err(failed)?;
+        Ok(path)
     }
 
     fn list(&self, handle: &DirHandle) -> Result<Vec<String>, ArtifactError> {

@@ -97,6 +97,12 @@ pub struct Config {
     /// How many identities the node may hold at once; keep it below what the daemon's memory
     /// limit holds (about 2,000 in the shipped DaemonSet's 64 MiB).
     pub max_identities: usize,
+    /// Give containers served at StartContainer (PID mode) whose pod must not run without its
+    /// identity a start guard: an OCI hook the runtime runs before the workload, which waits
+    /// until the files are in place whether or not the daemon is alive at that moment.
+    pub start_guard: bool,
+    /// How long the start guard waits before failing the container's start.
+    pub start_guard_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -138,6 +144,8 @@ impl Default for Config {
             .to_vec(),
             max_identities_per_pod: IdentityLimits::DEFAULT.per_pod,
             max_identities: IdentityLimits::DEFAULT.total,
+            start_guard: true,
+            start_guard_timeout_ms: 60_000,
         }
     }
 }
@@ -229,6 +237,12 @@ impl Config {
             return Err(invalid(
                 "first_svid_timeout_ms",
                 "must be between 50 and 10000",
+            ));
+        }
+        if !(1_000..=600_000).contains(&self.start_guard_timeout_ms) {
+            return Err(invalid(
+                "start_guard_timeout_ms",
+                "must be between 1000 and 600000",
             ));
         }
         if self.drain_timeout_ms > 120_000 {
@@ -344,6 +358,12 @@ impl Config {
 
     pub fn first_svid_timeout(&self) -> Duration {
         Duration::from_millis(self.first_svid_timeout_ms)
+    }
+
+    /// The start guard's timeout, when the guard is on.
+    pub fn start_guard(&self) -> Option<Duration> {
+        self.start_guard
+            .then(|| Duration::from_millis(self.start_guard_timeout_ms))
     }
 
     pub fn drain_timeout(&self) -> Duration {
@@ -581,6 +601,7 @@ mod tests {
                 "max_identities",
             ),
             ("max_identities = -1", "max_identities"),
+            ("start_guard_timeout_ms = 10", "start_guard_timeout_ms"),
         ];
         for (body, field) in cases {
             let f = write("bad", body);
@@ -695,6 +716,21 @@ kubelet_private_key_path = "/etc/nii/client-key.pem"
                 .to_string();
             assert!(err.contains(field), "{body}: {err}");
         }
+    }
+
+    #[test]
+    fn the_start_guard_is_on_by_default_and_can_be_turned_off() {
+        assert_eq!(
+            Config::default().start_guard(),
+            Some(Duration::from_secs(60))
+        );
+        let e = env(&[
+            ("NRI_IDENTITY_START_GUARD", "false"),
+            ("NRI_IDENTITY_START_GUARD_TIMEOUT_MS", "5000"),
+        ]);
+        let c = Config::load(None, e, &Overrides::default()).unwrap();
+        assert_eq!(c.start_guard(), None);
+        assert_eq!(c.start_guard_timeout_ms, 5000);
     }
 
     #[test]

@@ -35,6 +35,10 @@ pub enum DaemonError {
         #[source]
         source: crate::host::HostError,
     },
+    #[error("cannot read the daemon's own executable for the start guard")]
+    GuardExecutable(#[source] std::io::Error),
+    #[error(transparent)]
+    Guard(#[from] crate::artifacts::ArtifactError),
 }
 
 /// Runs until SIGTERM/SIGINT (or `shutdown` is cancelled).
@@ -53,6 +57,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     engine_cfg.first_svid_timeout = config.first_svid_timeout();
     engine_cfg.default_attestation = config.default_attestation();
     engine_cfg.limits = config.identity_limits();
+    engine_cfg.start_guard = config.start_guard();
     engine_cfg.selinux_label = match config
         .selinux_label
         .resolve(std::path::Path::new(SELINUXFS))
@@ -73,6 +78,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         Arc::new(RealHost::new()),
         metrics.clone(),
     );
+    if let Some(timeout) = config.start_guard() {
+        // In a DaemonSet the binary lives in the daemon's image; its copy under the (host)
+        // artifact root is a host path the runtime can bind-mount into containers.
+        let executable = std::fs::read("/proc/self/exe").map_err(DaemonError::GuardExecutable)?;
+        let path = engine.install_guard(&executable)?;
+        info!(path = %path.display(), timeout_ms = timeout.as_millis() as u64, "start guard installed");
+    }
 
     let mut options =
         Options::new(&config.plugin_name, &config.plugin_index).socket_path(&config.nri_socket);

@@ -363,6 +363,12 @@ pub trait HostOps: Send + Sync + fmt::Debug {
         attrs: FileAttrs<'_>,
     ) -> Result<String, HostError>;
 
+    /// Whether the regular file `name` in `dir` holds exactly `contents` (`false` when
+    /// nothing is there), compared a block at a time so that a large file is never held in
+    /// memory. A symlink or anything but a regular file is refused.
+    fn file_matches(&self, dir: &DirHandle, name: &str, contents: &[u8])
+    -> Result<bool, HostError>;
+
     /// `renameat(dir, from, dir, to)`: atomically replaces whatever is at `to` (a symlink
     /// there is replaced, not followed).
     fn rename(&self, dir: &DirHandle, from: &str, to: &str) -> Result<(), HostError>;

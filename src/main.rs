@@ -41,6 +41,10 @@ enum Command {
     },
     /// Print the effective configuration (defaults < file < environment < flags) and exit.
     Config(RunArgs),
+    /// The start guard, run by the container runtime as an OCI startContainer hook inside a
+    /// container: waits until the container's identity files are in place, or fails the start.
+    #[command(hide = true)]
+    Guard(nri_identity_injector::guard::GuardSpec),
 }
 
 #[derive(clap::Args)]
@@ -120,6 +124,13 @@ fn init_tracing(config: &Config) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Guard(spec) => {
+            if nri_identity_injector::guard::run(&spec) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
         Command::Check {
             file,
             agent_socket,

@@ -5,8 +5,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use nri_identity_backends::{ContainerInfo, PodInfo};
-use nri_plugin::api::{Container, ContainerAdjustment, ContainerUpdate, Mount, PodSandbox};
+use nri_identity_backends::{ContainerInfo, Injection, PodInfo};
+use nri_plugin::api::v1alpha1::OptionalInt;
+use nri_plugin::api::{
+    Container, ContainerAdjustment, ContainerUpdate, Hook, Hooks, Mount, PodSandbox,
+};
 use nri_plugin::{Code, Context, CreateReply, Plugin, RuntimeInfo, Status};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -83,6 +86,41 @@ pub fn container_info(c: &Container) -> ContainerInfo {
     }
 }
 
+/// What CreateContainer adds, as NRI carries it.
+pub fn adjustment(injection: Injection) -> ContainerAdjustment {
+    let mounts = injection
+        .mounts
+        .into_iter()
+        .map(|m| Mount {
+            destination: m.destination.to_string_lossy().into_owned(),
+            r#type: m.kind.to_owned(),
+            source: m.source.to_string_lossy().into_owned(),
+            options: m.options.iter().map(|o| (*o).to_owned()).collect(),
+        })
+        .collect();
+    let start_container: Vec<Hook> = injection
+        .start_container_hooks
+        .into_iter()
+        .map(|h| Hook {
+            path: h.path.to_string_lossy().into_owned(),
+            args: h.args,
+            env: h.env,
+            timeout: Some(OptionalInt {
+                value: i64::from(h.timeout_s),
+            }),
+        })
+        .collect();
+    let hooks = (!start_container.is_empty()).then(|| Hooks {
+        start_container,
+        ..Default::default()
+    });
+    ContainerAdjustment {
+        mounts,
+        hooks,
+        ..Default::default()
+    }
+}
+
 /// The single mapping from engine errors to the status the runtime sees. containerd fails
 /// CreateContainer and StartContainer on any status; the code tells operators what kind of
 /// problem it is.
@@ -103,7 +141,9 @@ pub fn status(e: &ContainerError) -> Status {
             Code::FailedPrecondition
         }
         EngineError::Naming(NamingError::Kubelet(_)) => Code::Unavailable,
-        EngineError::Host(_) | EngineError::Artifacts(_) => Code::Internal,
+        EngineError::Host(_) | EngineError::Artifacts(_) | EngineError::GuardNotInstalled => {
+            Code::Internal
+        }
         EngineError::Limit(_) => Code::ResourceExhausted,
     };
     // The whole cause chain: "cannot create the directory" alone does not say "too many open
@@ -185,19 +225,7 @@ impl<S: IdentitySource> Plugin for IdentityPlugin<S> {
         let (pod, c) = (pod_info(&pod), container_info(&c));
         match self.engine.create_container(&pod, &c, ctx.deadline()).await {
             Ok(None) => Ok(CreateReply::default()),
-            Ok(Some(m)) => {
-                let mount = Mount {
-                    destination: m.destination.to_string_lossy().into_owned(),
-                    r#type: m.kind.to_owned(),
-                    source: m.source.to_string_lossy().into_owned(),
-                    options: m.options.iter().map(|o| (*o).to_owned()).collect(),
-                };
-                Ok(ContainerAdjustment {
-                    mounts: vec![mount],
-                    ..Default::default()
-                }
-                .into())
-            }
+            Ok(Some(injection)) => Ok(adjustment(injection).into()),
             Err(e) => {
                 warn!(error = %e, "refusing the container");
                 Err(status(&e))

@@ -208,3 +208,144 @@ async fn without_a_configured_runtime_cri_o_is_served_with_its_own_rules() {
     assert!(err.message.contains("cri-o"), "{}", err.message);
     assert!(err.message.contains("selectors"), "{}", err.message);
 }
+
+/// The directory as a VM guest's share holds it: an open descriptor pins the inode, so a
+/// directory removed and made again under the same path necessarily has another inode, and
+/// the pinned one has no link left.
+struct Pinned {
+    path: std::path::PathBuf,
+    fd: std::fs::File,
+}
+
+impl Pinned {
+    fn new(path: std::path::PathBuf) -> Pinned {
+        let fd = std::fs::File::open(&path).expect("the directory exists");
+        Pinned { path, fd }
+    }
+
+    #[track_caller]
+    fn assert_same(&self, step: &str) {
+        let held = self.fd.metadata().unwrap();
+        let now = std::fs::metadata(&self.path)
+            .unwrap_or_else(|e| panic!("{step}: {} is gone: {e}", self.path.display()));
+        assert!(held.nlink() > 0, "{step}: the pinned directory was removed");
+        assert_eq!(
+            (now.dev(), now.ino()),
+            (held.dev(), held.ino()),
+            "{step}: {} is another directory now",
+            self.path.display()
+        );
+    }
+}
+
+fn running_with_mount(c: &pb::Container, dir: &std::path::Path) -> pb::Container {
+    let mut c = c.clone();
+    c.state = pb::ContainerState::ContainerRunning as i32;
+    c.mounts = vec![pb::Mount {
+        destination: "/var/certs".into(),
+        r#type: "bind".into(),
+        source: dir.to_string_lossy().into_owned(),
+        options: vec!["rbind".into(), "ro".into()],
+    }];
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_event_replaces_a_container_directory_until_remove_container() {
+    let kubelet = FakeKubelet::start().await;
+    let mut bed = Bed::with(
+        Some(&kubelet),
+        Arc::new(|cfg| {
+            kata_classes(cfg);
+            cfg.default_attestation = nri_identity_backends::Attestation::Pid;
+            cfg.first_svid_timeout = Duration::from_millis(300);
+        }),
+    )
+    .await;
+
+    // A runc pod by PID: created, a failed start (no entry yet), the retried start.
+    let mut runc = pod_with(&bed, "uid-pin-runc", "runc", "");
+    runc.id = "sandbox-pin-runc".into();
+    let c = container(&runc, "c0", "ctr-pin-runc", 4400);
+    bed.process(4400, "ctr-pin-runc", 1001);
+    bed.create(&runc, &c).await.unwrap();
+    let runc_dir = Pinned::new(bed.dir("uid-pin-runc", "ctr-pin-runc"));
+    bed.start(&runc, &c).await.unwrap_err();
+    runc_dir.assert_same("failed start");
+    bed.serve_pid(4400, bed.svid("/runc"));
+    bed.start(&runc, &c).await.unwrap();
+    runc_dir.assert_same("retried start");
+
+    // A VM pod by selectors: delivered at create, then started.
+    let svid = serve_k8s(&bed, &kubelet, "uid-pin-vm");
+    let mut vm = pod_with(&bed, "uid-pin-vm", "kata-qemu", "");
+    vm.id = "sandbox-pin-vm".into();
+    let v = container(&vm, "c0", "ctr-pin-vm", 4401);
+    bed.create(&vm, &v).await.unwrap();
+    let vm_dir = Pinned::new(bed.dir("uid-pin-vm", "ctr-pin-vm"));
+    bed.start(&vm, &v).await.unwrap();
+    vm_dir.assert_same("start");
+    assert!(bed.wait_leaf(&vm_dir.path.join("svid.pem"), &svid).await);
+
+    // A VM container created before a daemon restart and started after it: the new daemon
+    // never saw its CreateContainer.
+    let late = container(&vm, "c0", "ctr-pin-late", 4402);
+    bed.create(&vm, &late).await.unwrap();
+    let late_dir = Pinned::new(bed.dir("uid-pin-vm", "ctr-pin-late"));
+
+    // Rotations.
+    let rotated = bed.svid("/runc");
+    bed.serve_pid(4400, rotated.clone());
+    assert!(
+        bed.wait_leaf(&runc_dir.path.join("svid.pem"), &rotated)
+            .await
+    );
+    runc_dir.assert_same("rotation");
+
+    // A daemon restart: synchronize resumes the running ones and keeps the created one.
+    let mut created = late.clone();
+    created.state = pb::ContainerState::ContainerCreated as i32;
+    bed.restart_daemon(
+        vec![runc.clone(), vm.clone()],
+        vec![
+            running_with_mount(&c, &runc_dir.path),
+            running_with_mount(&v, &vm_dir.path),
+            created,
+        ],
+    )
+    .await;
+    for (d, step) in [
+        (&runc_dir, "daemon restart"),
+        (&vm_dir, "daemon restart"),
+        (&late_dir, "daemon restart"),
+    ] {
+        d.assert_same(step);
+    }
+    bed.start(&vm, &running_with_mount(&late, &late_dir.path))
+        .await
+        .unwrap();
+    late_dir.assert_same("start after the restart");
+    let rotated = bed.svid("/runc");
+    bed.serve_pid(4400, rotated.clone());
+    assert!(
+        bed.wait_leaf(&runc_dir.path.join("svid.pem"), &rotated)
+            .await
+    );
+    runc_dir.assert_same("rotation after the restart");
+
+    for (pod, ctr, d) in [
+        (&runc, &c, &runc_dir),
+        (&vm, &v, &vm_dir),
+        (&vm, &late, &late_dir),
+    ] {
+        bed.stop(pod, ctr).await;
+        d.assert_same("stop");
+        bed.remove(pod, ctr).await;
+        assert!(
+            !d.path.exists(),
+            "RemoveContainer removes {}",
+            d.path.display()
+        );
+        assert_eq!(d.fd.metadata().unwrap().nlink(), 0);
+    }
+}

@@ -177,3 +177,59 @@ async fn a_pod_can_still_choose_pid_mode() {
     assert!(bed.dir("uid-pid", "ctr-pid").join("svid.pem").exists());
     assert_eq!(bed.agent.stats().svid_subscriptions[0].pid, 6001);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_runtime_reporting_the_user_the_pod_spec_names_the_owner() {
+    use std::os::unix::fs::MetadataExt;
+    let kubelet = FakeKubelet::start().await;
+    // The pod's securityContext, and one container's own over it.
+    kubelet.add_pod_with_spec(
+        "uid-owner",
+        "web-sa",
+        &[],
+        serde_json::json!({
+            "securityContext": {"runAsUser": 1001, "runAsGroup": 1002},
+            "containers": [
+                {"name": "c0"},
+                {"name": "c1", "securityContext": {"runAsUser": 1003}},
+            ],
+        }),
+    );
+    let bed = Bed::with_kubelet(&kubelet).await;
+    bed.agent.set_svids(
+        entry(&["k8s:ns:prod", "k8s:sa:web-sa"]),
+        SvidUpdate {
+            svids: vec![bed.svid("/ns/prod/sa/web-sa")],
+            federates_with: vec![],
+        },
+    );
+    let value = identity_annotation(bed.agent.path(), "/var/certs");
+    let mut pod = k8s_pod(&bed, "prod", "web", "uid-owner");
+    pod.annotations = [("identity.noderesource.dev/pod".to_string(), value)].into();
+    let owner = |id: &str| {
+        let m = std::fs::metadata(bed.dir("uid-owner", id).join("svid_key.pem")).unwrap();
+        (m.uid(), m.gid())
+    };
+
+    // A runtime that reports no user (containerd before 2.3): the spec's.
+    let c0 = container(&pod, "c0", "ctr-owner-0", 0);
+    bed.create(&pod, &c0).await.unwrap();
+    assert_eq!(owner("ctr-owner-0"), (1001, 1002));
+    let c1 = container(&pod, "c1", "ctr-owner-1", 0);
+    bed.create(&pod, &c1).await.unwrap();
+    assert_eq!(
+        owner("ctr-owner-1"),
+        (1003, 1002),
+        "the container's uid over the pod's"
+    );
+
+    // A runtime that reports one: it resolved the image's USER, so it wins.
+    let mut c2 = container(&pod, "c0", "ctr-owner-2", 0);
+    c2.user = Some(pb::User {
+        uid: 2001,
+        gid: 2002,
+        additional_gids: vec![],
+    });
+    bed.create(&pod, &c2).await.unwrap();
+    assert_eq!(owner("ctr-owner-2"), (2001, 2002));
+}

@@ -70,6 +70,16 @@ fn hostile_values_are_refused_with_typed_errors() {
             field(Field::CertDir, P::ReservedDirectory { dir: "/dev" }),
         ),
         (
+            "start guard",
+            "cert_dir: /.nri-identity-injector-guard".into(),
+            field(
+                Field::CertDir,
+                P::ReservedDirectory {
+                    dir: crate::guard::CONTAINER_PATH,
+                },
+            ),
+        ),
+        (
             "relative dir",
             "cert_dir: relative".into(),
             field(Field::CertDir, P::NotAbsolute),

@@ -133,10 +133,11 @@ fn spiffe_helper_layout_with_separate_federation() {
         vec![
             "svid_key.pem",
             "svid.pem",
-            "svid_bundle.pem",
             "other.org.x509.pem",
-            "third.example.x509.pem"
-        ]
+            "third.example.x509.pem",
+            "svid_bundle.pem"
+        ],
+        "the trust bundle last: its arrival means the whole set arrived"
     );
     let key = files.get("svid_key.pem").unwrap();
     assert_eq!(key.mode(), 0o600);
@@ -620,6 +621,115 @@ fn sweep_removes_only_what_the_runtime_no_longer_has() {
     assert!(host.node(Path::new(ROOT).join("p1/c1")).is_some());
     assert!(host.node(Path::new(ROOT).join("p1/c2")).is_none());
     assert!(host.node(Path::new(ROOT).join("p2")).is_none());
+}
+
+fn guard_path() -> PathBuf {
+    Path::new(ROOT).join(GUARD_DIR).join(GUARD_FILE)
+}
+
+#[test]
+fn the_guard_is_installed_once_executable_labelled_and_replaced_when_it_differs() {
+    let (host, writer) = fake_writer();
+    assert_eq!(
+        writer.install_guard(b"binary v1", Some(LABEL)).unwrap(),
+        guard_path()
+    );
+    let node = host.node(guard_path()).unwrap();
+    assert_eq!(node.contents(), Some(&b"binary v1"[..]));
+    assert_eq!(node.mode(), Some(0o755));
+    assert_eq!(node.xattr(SELINUX_XATTR), Some(LABEL.as_bytes()));
+    assert_eq!(
+        host.node(Path::new(ROOT).join(GUARD_DIR)).unwrap().mode(),
+        Some(0o700)
+    );
+
+    // The same binary again (a daemon restart): nothing is rewritten.
+    host.take_ops();
+    writer.install_guard(b"binary v1", None).unwrap();
+    assert!(
+        !host
+            .take_ops()
+            .iter()
+            .any(|op| matches!(op, Op::WriteFile { .. } | Op::Rename { .. })),
+        "an identical guard stays in place"
+    );
+    // A new version (or a longer one that starts the same) replaces it by rename.
+    for next in [&b"binary v2"[..], b"binary v1 and more"] {
+        writer.install_guard(next, None).unwrap();
+        assert_eq!(host.contents(guard_path()).as_deref(), Some(next));
+        assert!(
+            host.take_ops().iter().any(|op| matches!(
+                op,
+                Op::Rename { to, .. } if to == GUARD_FILE
+            )),
+            "replaced atomically"
+        );
+    }
+    // Leftovers of an interrupted install go.
+    host.plant_file(
+        Path::new(ROOT).join(GUARD_DIR).join(".tmp-left"),
+        b"x",
+        0o600,
+        0,
+    );
+    writer.install_guard(b"binary v2", None).unwrap();
+    assert_eq!(host.names(Path::new(ROOT).join(GUARD_DIR)), [GUARD_FILE]);
+}
+
+#[test]
+fn a_symlink_in_place_of_the_guard_is_refused() {
+    let (host, writer) = fake_writer();
+    writer.install_guard(b"g", None).unwrap();
+    host.plant_symlink(guard_path(), "/usr/bin/evil");
+    assert!(matches!(
+        writer.install_guard(b"g", None),
+        Err(ArtifactError::Guard {
+            source: HostError::NotARegularFile { .. },
+            ..
+        })
+    ));
+}
+
+#[test]
+fn the_writers_own_names_are_never_a_pods_and_never_swept() {
+    let (host, writer) = fake_writer();
+    writer.install_guard(b"guard", None).unwrap();
+    let err = writer.create_dir(GUARD_DIR, CTR, None).unwrap_err();
+    assert!(err.to_string().contains(".guard"), "{err}");
+    assert!(
+        std::error::Error::source(&err)
+            .unwrap()
+            .to_string()
+            .contains("keeps for its own files")
+    );
+    writer.remove_pod(GUARD_DIR).unwrap();
+    writer.remove_container(GUARD_DIR, GUARD_FILE).unwrap();
+    assert!(host.node(guard_path()).is_some());
+    writer.create_dir(POD, CTR, None).unwrap();
+    let removed = writer.sweep(&LiveContainers::default()).unwrap();
+    assert_eq!(removed, vec![(POD.to_owned(), None)]);
+    assert_eq!(host.contents(guard_path()).as_deref(), Some(&b"guard"[..]));
+}
+
+#[test]
+fn the_guard_is_installed_on_a_real_file_system() {
+    let dir = std::env::temp_dir().join(format!(
+        "nii-guard-install-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    let root = dir.join("artifacts");
+    let writer = ArtifactWriter::new(Arc::new(RealHost::new()), &root);
+    let path = writer.install_guard(b"#!/bin/true\n", None).unwrap();
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o755);
+    let inode = meta.ino();
+    writer.install_guard(b"#!/bin/true\n", None).unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().ino(), inode, "kept");
+    writer.install_guard(b"#!/bin/false\n", None).unwrap();
+    assert_ne!(std::fs::metadata(&path).unwrap().ino(), inode, "replaced");
+    assert_eq!(std::fs::read(&path).unwrap(), b"#!/bin/false\n");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

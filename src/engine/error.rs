@@ -65,6 +65,10 @@ pub enum EngineError {
     Naming(#[from] NamingError),
     #[error(transparent)]
     Limit(#[from] LimitError),
+    #[error(
+        "the start guard is on but its binary is not installed under the artifact root (see the daemon's start-up log)"
+    )]
+    GuardNotInstalled,
 }
 
 impl EngineError {
@@ -89,6 +93,7 @@ impl EngineError {
             EngineError::Naming(NamingError::Selectors(_)) => "selectors",
             EngineError::Naming(NamingError::EphemeralContainer) => "ephemeral_container",
             EngineError::Limit(_) => "limit",
+            EngineError::GuardNotInstalled => "guard_not_installed",
         }
     }
 }

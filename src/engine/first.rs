@@ -16,16 +16,17 @@ use crate::annotation::IdentityRequest;
 use crate::artifacts::Material;
 use crate::host::Owner;
 use crate::k8s;
-use crate::spire::{self, BundleSet, IdentitySource, SourceError, SvidUpdate, Workload, X509Svid};
+use crate::spire::{BundleSet, IdentitySource, SourceError, SvidUpdate, Workload, X509Svid};
 
 impl<S: IdentitySource> Engine<S> {
-    /// The `k8s` selectors SPIRE's k8s attestor would produce for this container.
+    /// The `k8s` selectors SPIRE's k8s attestor would produce for this container, and the
+    /// user its pod spec gives it.
     pub(super) async fn derive_selectors(
         &self,
         pod: &PodInfo,
         c: &ContainerInfo,
         until: Instant,
-    ) -> Result<Vec<spire::Selector>, EngineError> {
+    ) -> Result<k8s::Naming, EngineError> {
         let kubelet = self
             .inner
             .cfg
@@ -53,6 +54,7 @@ impl<S: IdentitySource> Engine<S> {
             );
         }
         let until = Instant::now() + budget;
+        let mut spec_user = None;
         let (workload, pidfd) = match plan.attestation {
             Attestation::Pid => {
                 let pid = c.pid.filter(|p| *p > 0).ok_or(BackendError::NoPid)? as u32;
@@ -63,10 +65,11 @@ impl<S: IdentitySource> Engine<S> {
                     Some(Arc::new(inner.host.open_pidfd(pid)?)),
                 )
             }
-            Attestation::Selectors => (
-                Workload::Selectors(self.derive_selectors(pod, c, until).await?),
-                None,
-            ),
+            Attestation::Selectors => {
+                let naming = self.derive_selectors(pod, c, until).await?;
+                spec_user = naming.spec_user;
+                (Workload::Selectors(naming.selectors), None)
+            }
         };
         let agent = request.agent_address.clone();
         let bundles = self.bundles_for(&agent);
@@ -114,7 +117,7 @@ impl<S: IdentitySource> Engine<S> {
                     agent: agent.clone(),
                     budget,
                 })?;
-        let mut owner = c.user.map(Owner::from);
+        let mut owner = owner_of(c, spec_user);
         if let Some(pidfd) = &pidfd {
             let pid = pidfd.pid();
             if !pidfd.is_alive()? {
@@ -155,6 +158,13 @@ impl<S: IdentitySource> Engine<S> {
         self.spawn_maintenance(ctx, Some(stream), Some(delivered), tracing::Span::current());
         Ok(())
     }
+}
+
+/// Who owns a container's files: the user the runtime reports (it resolved the image's
+/// `USER`), else the one the pod spec sets; `None` leaves them the daemon's. PID mode adds the
+/// process's own owner as a last resort.
+pub(super) fn owner_of(c: &ContainerInfo, spec_user: Option<(u32, u32)>) -> Option<Owner> {
+    c.user.or(spec_user).map(Owner::from)
 }
 
 /// Chooses the SVID for a request from a complete update.

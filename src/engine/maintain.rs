@@ -12,7 +12,7 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::first::{material, pick};
+use super::first::{material, owner_of, pick};
 use super::{Engine, active_tasks, blocking, lock};
 use crate::annotation::IdentityRequest;
 use crate::artifacts::ArtifactDir;
@@ -56,7 +56,7 @@ impl<S: IdentitySource> Engine<S> {
                 return;
             }
         };
-        let mut owner = c.user.map(Owner::from);
+        let mut owner = owner_of(c, None);
         let (workload, pidfd) = match plan.attestation {
             Attestation::Pid => {
                 let Some(pid) = c.pid.filter(|p| *p > 0).map(|p| p as u32) else {
@@ -88,7 +88,10 @@ impl<S: IdentitySource> Engine<S> {
                     loop {
                         let until = Instant::now() + Duration::from_secs(5);
                         match engine.derive_selectors(&pod, &c, until).await {
-                            Ok(s) => break Workload::Selectors(s),
+                            Ok(naming) => {
+                                owner = owner_of(&c, naming.spec_user);
+                                break Workload::Selectors(naming.selectors);
+                            }
                             Err(error) => {
                                 warn!(%error, "cannot derive selectors; retrying");
                                 let delay = backoff(

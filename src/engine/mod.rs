@@ -17,13 +17,13 @@ mod first;
 mod maintain;
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use nri_identity_backends::{
-    AnyRuntime, Attestation, Backends, ContainerInfo, DeliveryPoint, MountSpec, Plan, PodInfo,
-    RuntimeKind, SandboxClasses,
+    AnyRuntime, Attestation, Backends, ContainerInfo, DeliveryPoint, Injection, MountSpec, Plan,
+    PodChoices, PodInfo, RuntimeKind, SandboxClasses,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -34,7 +34,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 pub use error::{ContainerError, EngineError, RuntimeError};
 
 use crate::annotation::{self, IdentityRequest, OnFailure, PodRef, Policy};
-use crate::artifacts::{ArtifactDir, ArtifactWriter, LiveContainers};
+use crate::artifacts::{ArtifactDir, ArtifactError, ArtifactWriter, LiveContainers};
+use crate::guard::{self, GuardSpec};
 use crate::host::{HostError, HostOps};
 use crate::k8s::{KubeletPods, LookupError};
 use crate::limits::{Admissions, IdentityLimits};
@@ -65,6 +66,10 @@ pub struct EngineConfig {
     pub kubelet: Option<Arc<KubeletPods>>,
     /// How many identities a pod, and the node, may hold at once.
     pub limits: IdentityLimits,
+    /// The start guard's timeout, where containers served at StartContainer get one
+    /// ([`crate::guard`]); `None`: no guard. Its binary must be installed
+    /// ([`Engine::install_guard`]) before the first container.
+    pub start_guard: Option<Duration>,
 }
 
 impl EngineConfig {
@@ -82,7 +87,12 @@ impl EngineConfig {
             retry_max: Duration::from_secs(30),
             kubelet: None,
             limits: IdentityLimits::DEFAULT,
+            start_guard: None,
         }
+    }
+
+    fn backends(&self, runtime: RuntimeKind) -> Backends {
+        Backends::new(runtime, self.sandboxes.clone()).with_start_guard(self.start_guard.is_some())
     }
 }
 
@@ -115,6 +125,8 @@ struct Inner<S> {
     writer: ArtifactWriter,
     /// Set again when the runtime connects (NRI Configure names it).
     backends: RwLock<Backends>,
+    /// Host path of the installed start-guard binary.
+    guard_binary: OnceLock<PathBuf>,
     tracked: Mutex<HashMap<String, Tracked>>,
     /// Counted at CreateContainer, before anything is written.
     admissions: Admissions,
@@ -142,10 +154,7 @@ impl<S: IdentitySource> Engine<S> {
     ) -> Self {
         // Until the runtime says who it is, the configured one (events never come before
         // NRI Configure; this only serves direct callers).
-        let backends = Backends::new(
-            cfg.runtime.unwrap_or(RuntimeKind::Containerd),
-            cfg.sandboxes.clone(),
-        );
+        let backends = cfg.backends(cfg.runtime.unwrap_or(RuntimeKind::Containerd));
         Engine {
             inner: Arc::new(Inner {
                 writer: ArtifactWriter::new(host.clone(), cfg.artifact_root.clone()),
@@ -154,6 +163,7 @@ impl<S: IdentitySource> Engine<S> {
                 source,
                 host,
                 backends: RwLock::new(backends),
+                guard_binary: OnceLock::new(),
                 tracked: Mutex::new(HashMap::new()),
                 bundles: Mutex::new(HashMap::new()),
                 metrics,
@@ -165,6 +175,14 @@ impl<S: IdentitySource> Engine<S> {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
+    }
+
+    /// Installs `executable` (the daemon's own binary) as the start guard under the artifact
+    /// root, unless an identical copy is there, and returns its host path.
+    pub fn install_guard(&self, executable: &[u8]) -> Result<PathBuf, ArtifactError> {
+        let path = self.inner.writer.install_guard(executable, self.label())?;
+        let _ = self.inner.guard_binary.set(path.clone());
+        Ok(path)
     }
 
     /// The runtime connected and said its name (NRI Configure). A configured runtime that
@@ -188,7 +206,7 @@ impl<S: IdentitySource> Engine<S> {
             .backends
             .write()
             .unwrap_or_else(|p| p.into_inner());
-        *backends = Backends::new(reported, self.inner.cfg.sandboxes.clone());
+        *backends = self.inner.cfg.backends(reported);
         Ok(reported)
     }
 
@@ -226,12 +244,12 @@ impl<S: IdentitySource> Engine<S> {
             .backends
             .read()
             .unwrap_or_else(|p| p.into_inner());
-        Ok(backends.plan(
-            pod,
-            request.attestation,
-            self.inner.cfg.default_attestation,
-            request.copy_once,
-        )?)
+        let choices = PodChoices {
+            attestation: request.attestation,
+            accepts_copy_once: request.copy_once,
+            fail_closed: request.on_failure == OnFailure::Fail,
+        };
+        Ok(backends.plan(pod, choices, self.inner.cfg.default_attestation)?)
     }
 
     fn label(&self) -> Option<&str> {
@@ -247,21 +265,37 @@ impl<S: IdentitySource> Engine<S> {
     }
 
     /// CreateContainer: validates the annotation, creates the container's directory and
-    /// returns the mount to add. `Ok(None)` for containers that ask for no identity. When
-    /// the plan says so (selectors), the identity is delivered here, before the container
-    /// exists.
+    /// returns what to add to the container: the directory's mount and, where the plan says
+    /// so, the start guard (its binary's mount and its hook). `Ok(None)` for containers that
+    /// ask for no identity. When the plan says so (selectors), the identity is delivered
+    /// here, before the container exists.
     pub async fn create_container(
         &self,
         pod: &PodInfo,
         c: &ContainerInfo,
         deadline: Option<Instant>,
-    ) -> Result<Option<MountSpec>, ContainerError> {
+    ) -> Result<Option<Injection>, ContainerError> {
         let started = Instant::now();
         let err = |e| self.fail(pod, c, e);
         let Some(request) = self.request_for(pod, c).map_err(err)? else {
             return Ok(None);
         };
         let plan = self.plan(pod, &request).map_err(err)?;
+        let guard = if plan.start_guard {
+            let binary = self
+                .inner
+                .guard_binary
+                .get()
+                .ok_or(EngineError::GuardNotInstalled)
+                .map_err(err)?;
+            let timeout = self.inner.cfg.start_guard.unwrap_or_default();
+            Some((
+                MountSpec::executable_file(binary, Path::new(guard::CONTAINER_PATH)),
+                GuardSpec::for_container(&request, pod, c, timeout).hook(),
+            ))
+        } else {
+            None
+        };
         let admissions = &self.inner.admissions;
         admissions
             .admit(pod.key(), &c.id)
@@ -274,17 +308,24 @@ impl<S: IdentitySource> Engine<S> {
                 admissions.release(pod.key(), &c.id);
                 err(e.into())
             })?;
-        let mount = MountSpec::identity_dir(dir.path(), &request.cert_dir);
+        let mut injection = Injection {
+            mounts: vec![MountSpec::identity_dir(dir.path(), &request.cert_dir)],
+            start_container_hooks: Vec::new(),
+        };
+        if let Some((mount, hook)) = guard {
+            injection.mounts.push(mount);
+            injection.start_container_hooks.push(hook);
+        }
         info!(pod = %pod.name, namespace = %pod.namespace, container = %c.name, container_id = %c.id,
             cert_dir = %request.cert_dir.display(), attestation = %plan.attestation, sandbox = %plan.sandbox,
-            "identity directory prepared");
+            start_guard = plan.start_guard, "identity directory prepared");
         let request = Arc::new(request);
         self.track(pod, c, plan, request.clone(), Some(dir));
         if plan.delivery == DeliveryPoint::CreateContainer {
             self.deliver_or_fail(pod, c, request, plan, deadline, started, true)
                 .await?;
         }
-        Ok(Some(mount))
+        Ok(Some(injection))
     }
 
     fn fail(&self, pod: &PodInfo, c: &ContainerInfo, e: EngineError) -> ContainerError {
@@ -381,7 +422,9 @@ impl<S: IdentitySource> Engine<S> {
     /// Delivers the first identity, applying the pod's failure policy. At CreateContainer a
     /// failure removes the directory (the container will not exist); at StartContainer it
     /// empties it in place (it is the mount source of a container that exists, and a VM
-    /// guest's share pins its inode).
+    /// guest's share pins its inode). Where the runtime starts the container despite a failed
+    /// StartContainer, the start guard holds the workload and delivery goes on in the
+    /// background; the error is still answered, for the runtime's log.
     #[allow(clippy::too_many_arguments)]
     async fn deliver_or_fail(
         &self,
@@ -405,6 +448,11 @@ impl<S: IdentitySource> Engine<S> {
                 self.inner.metrics.failure(e.kind());
                 self.spawn_background(pod, c, request, plan, span);
                 Ok(())
+            }
+            Err(e) if !at_create && plan.start_guard && !plan.start_error_stops_container => {
+                span.in_scope(|| warn!(error = %e, "no identity yet; the runtime starts the container anyway and its start guard holds the workload: retrying in the background"));
+                self.spawn_background(pod, c, request, plan, span);
+                Err(self.fail(pod, c, e))
             }
             Err(e) => {
                 // Nothing half-delivered stays behind; the runtime retries.

@@ -436,6 +436,23 @@ impl HostOps for RecordingHost {
         Ok(name)
     }
 
+    fn file_matches(
+        &self,
+        dir: &DirHandle,
+        name: &str,
+        contents: &[u8],
+    ) -> Result<bool, HostError> {
+        validate_component(name)?;
+        let path = dir.path().join(name);
+        let st = self.lock();
+        st.require_dir(dir.path())?;
+        match st.tree.get(&path) {
+            None => Ok(false),
+            Some(FakeNode::File { contents: c, .. }) => Ok(c.as_slice() == contents),
+            Some(_) => Err(HostError::NotARegularFile { path }),
+        }
+    }
+
     fn rename(&self, dir: &DirHandle, from: &str, to: &str) -> Result<(), HostError> {
         validate_component(from)?;
         validate_component(to)?;
@@ -619,6 +636,14 @@ impl HostOps for SplitHost {
         attrs: FileAttrs<'_>,
     ) -> Result<String, HostError> {
         self.files.create_temp(dir, contents, attrs)
+    }
+    fn file_matches(
+        &self,
+        dir: &DirHandle,
+        name: &str,
+        contents: &[u8],
+    ) -> Result<bool, HostError> {
+        self.files.file_matches(dir, name, contents)
     }
     fn rename(&self, dir: &DirHandle, from: &str, to: &str) -> Result<(), HostError> {
         self.files.rename(dir, from, to)

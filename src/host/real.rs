@@ -2,7 +2,7 @@
 
 use std::ffi::{CStr, CString};
 use std::fs::{DirBuilder, File};
-use std::io::{self, Write as _};
+use std::io::{self, Read as _, Write as _};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
@@ -26,6 +26,8 @@ const MAX_REMOVE_DEPTH: usize = 16;
 /// Random characters in a temporary file name; with `O_EXCL` a collision only costs a retry.
 const TEMP_RANDOM_CHARS: usize = 12;
 const TEMP_ATTEMPTS: usize = 16;
+/// Block size of [`RealHost::file_matches`].
+const COMPARE_BLOCK: usize = 64 * 1024;
 
 /// The host itself. Stateless; every directory is held as an fd in a [`DirHandle`].
 #[derive(Debug, Default, Clone, Copy)]
@@ -368,6 +370,49 @@ impl HostOps for RealHost {
             dir.path(),
             Errno::EXIST,
         ))
+    }
+
+    fn file_matches(
+        &self,
+        dir: &DirHandle,
+        name: &str,
+        contents: &[u8],
+    ) -> Result<bool, HostError> {
+        validate_component(name)?;
+        let path = dir.path().join(name);
+        let fd = match openat(
+            dir_fd(dir)?,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => return Ok(false),
+            Err(Errno::LOOP) => return Err(HostError::NotARegularFile { path }),
+            Err(e) => return Err(HostError::io("opening", path, e)),
+        };
+        let st = fstat(&fd).map_err(|e| HostError::io("stat", &path, e))?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+            return Err(HostError::NotARegularFile { path });
+        }
+        if u64::try_from(st.st_size).ok() != u64::try_from(contents.len()).ok() {
+            return Ok(false);
+        }
+        let mut file = File::from(fd);
+        let mut block = vec![0u8; COMPARE_BLOCK];
+        let mut expected = contents;
+        loop {
+            let n = file
+                .read(&mut block)
+                .map_err(|e| HostError::io("reading", &path, e))?;
+            if n == 0 {
+                return Ok(expected.is_empty());
+            }
+            match expected.split_at_checked(n) {
+                Some((head, rest)) if head == &block[..n] => expected = rest,
+                _ => return Ok(false),
+            }
+        }
     }
 
     fn rename(&self, dir: &DirHandle, from: &str, to: &str) -> Result<(), HostError> {

@@ -564,6 +564,39 @@ fn real_atomic_write_chowns() {
 }
 
 #[test]
+fn real_file_matches_compares_contents_and_refuses_what_is_not_a_regular_file() {
+    let tmp = TempRoot::new();
+    let host = RealHost::new();
+    let root = host.open_root(&tmp.root()).unwrap();
+    // Over one compare block, differing only in the last byte.
+    let big: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+    host.write_file_atomic(&root, "f", &big, FileAttrs::mode(0o600))
+        .unwrap();
+    assert!(host.file_matches(&root, "f", &big).unwrap());
+    let mut other = big.clone();
+    *other.last_mut().unwrap() ^= 1;
+    assert!(!host.file_matches(&root, "f", &other).unwrap());
+    assert!(
+        !host
+            .file_matches(&root, "f", &big[..big.len() - 1])
+            .unwrap()
+    );
+    assert!(!host.file_matches(&root, "missing", b"").unwrap());
+    let secret = tmp.base.join("secret");
+    std::fs::write(&secret, "s").unwrap();
+    symlink(&secret, tmp.root().join("link")).unwrap();
+    assert!(matches!(
+        host.file_matches(&root, "link", b"s"),
+        Err(HostError::NotARegularFile { .. })
+    ));
+    host.ensure_dir(&root, "d", 0o700).unwrap();
+    assert!(matches!(
+        host.file_matches(&root, "d", b""),
+        Err(HostError::NotARegularFile { .. })
+    ));
+}
+
+#[test]
 fn real_rename_replaces_a_symlink_without_following_it() {
     let tmp = TempRoot::new();
     let host = RealHost::new();

@@ -97,6 +97,57 @@ struct Spec {
     node_name: String,
     #[serde(default, deserialize_with = "nullable")]
     ephemeral_containers: Vec<Named>,
+    #[serde(default, deserialize_with = "nullable")]
+    security_context: RunAs,
+    #[serde(default, deserialize_with = "nullable")]
+    containers: Vec<SpecContainer>,
+    #[serde(default, deserialize_with = "nullable")]
+    init_containers: Vec<SpecContainer>,
+}
+
+/// The user and group of a pod's or a container's `securityContext`.
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RunAs {
+    #[serde(default)]
+    run_as_user: Option<i64>,
+    #[serde(default)]
+    run_as_group: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SpecContainer {
+    #[serde(default, deserialize_with = "nullable")]
+    name: String,
+    #[serde(default, deserialize_with = "nullable")]
+    security_context: RunAs,
+}
+
+impl Spec {
+    /// Each container's uid and gid as the spec sets them, the container's `securityContext`
+    /// over the pod's; only containers whose uid the spec sets. Without `runAsGroup` the
+    /// runtime takes the group from the image, which the kubelet does not know: the group
+    /// stays 0 then (the files are still the uid's).
+    fn users(&self) -> BTreeMap<String, (u32, u32)> {
+        let id = |v: Option<i64>| v.and_then(|v| u32::try_from(v).ok());
+        self.containers
+            .iter()
+            .chain(&self.init_containers)
+            .filter_map(|c| {
+                let uid = id(c
+                    .security_context
+                    .run_as_user
+                    .or(self.security_context.run_as_user))?;
+                let gid = id(c
+                    .security_context
+                    .run_as_group
+                    .or(self.security_context.run_as_group))
+                .unwrap_or(0);
+                Some((c.name.clone(), (uid, gid)))
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,6 +178,9 @@ pub struct PodFacts {
     pub owners: Vec<OwnerReference>,
     /// Debug containers: the attestor never gives them selectors, so neither do we.
     pub ephemeral_containers: Vec<String>,
+    /// Container name to the uid and gid its spec sets (`runAsUser`, `runAsGroup`), for
+    /// runtimes that do not report a container's user through NRI.
+    pub users: BTreeMap<String, (u32, u32)>,
 }
 
 struct Cache {
@@ -309,6 +363,7 @@ fn parse_pod_list(body: &[u8]) -> Result<HashMap<String, PodFacts>, serde_json::
         .into_iter()
         .filter(|p| !p.metadata.uid.is_empty())
         .map(|p| {
+            let users = p.spec.users();
             let facts = PodFacts {
                 service_account: p.spec.service_account_name,
                 node_name: p.spec.node_name,
@@ -329,6 +384,7 @@ fn parse_pod_list(body: &[u8]) -> Result<HashMap<String, PodFacts>, serde_json::
                     .into_iter()
                     .map(|c| c.name)
                     .collect(),
+                users,
             };
             (p.metadata.uid, facts)
         })

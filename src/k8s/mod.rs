@@ -35,6 +35,16 @@ pub enum NamingError {
     EphemeralContainer,
 }
 
+/// A container named by selectors, and what the kubelet knows of its user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Naming {
+    pub selectors: Vec<Selector>,
+    /// The uid and gid the pod spec gives the container (`runAsUser`, `runAsGroup`), if it
+    /// sets the uid: the files' owner where the runtime does not report the container's user
+    /// (containerd before 2.3 does not).
+    pub spec_user: Option<(u32, u32)>,
+}
+
 /// The `k8s` selectors SPIRE's k8s attestor would produce for container `c` of `pod`, from the
 /// runtime's metadata and the kubelet's pod list; `until` bounds the kubelet lookup.
 pub async fn derive_selectors(
@@ -43,7 +53,7 @@ pub async fn derive_selectors(
     pod: &PodInfo,
     c: &ContainerInfo,
     until: Instant,
-) -> Result<Vec<Selector>, NamingError> {
+) -> Result<Naming, NamingError> {
     let asked = Instant::now();
     let facts = tokio::time::timeout_at(until, kubelet.pod(&pod.uid))
         .await
@@ -54,6 +64,7 @@ pub async fn derive_selectors(
     if facts.ephemeral_containers.contains(&c.name) {
         return Err(NamingError::EphemeralContainer);
     }
+    let spec_user = facts.users.get(&c.name).copied();
     let mut w = K8sWorkload::from_runtime(pod, c, runtime);
     w.service_account = Some(facts.service_account);
     w.node_name = Some(facts.node_name).filter(|n| !n.is_empty());
@@ -63,5 +74,23 @@ pub async fn derive_selectors(
     w.pod_labels = facts.labels;
     let derived = attestor::selectors(&w)?;
     debug!(selectors = ?derived.selectors.iter().map(ToString::to_string).collect::<Vec<_>>(), "derived selectors");
-    Ok(derived.selectors)
+    Ok(Naming {
+        selectors: derived.selectors,
+        spec_user,
+    })
+}
+
+/// The container annotation in which the kubelet records the container's
+/// `terminationMessagePath`: the file whose contents `kubectl describe pod` shows as the
+/// message of a terminated container.
+pub const TERMINATION_MESSAGE_PATH_ANNOTATION: &str =
+    "io.kubernetes.container.terminationMessagePath";
+
+/// Where a container's termination message goes, if the kubelet created it (an absolute path
+/// inside the container).
+pub fn termination_message_path(c: &ContainerInfo) -> Option<&str> {
+    c.annotations
+        .get(TERMINATION_MESSAGE_PATH_ANNOTATION)
+        .map(String::as_str)
+        .filter(|p| p.starts_with('/'))
 }

@@ -27,6 +27,9 @@ pub type MixedHost = nri_identity_injector::host::SplitHost;
 
 pub const TD: &str = "example.org";
 
+/// What the test beds install as the start guard's binary.
+pub const GUARD_STAND_IN: &[u8] = b"start guard stand-in";
+
 pub struct Daemon {
     pub engine: Engine<DelegatedIdentityApi>,
     pub plugin: Arc<IdentityPlugin<DelegatedIdentityApi>>,
@@ -62,8 +65,8 @@ pub fn unique_dir(tag: &str) -> PathBuf {
     dir
 }
 
-/// A pod the fake kubelet knows: uid, service account, labels.
-pub type KubeletPod = (String, String, Vec<(String, String)>);
+/// A pod the fake kubelet knows: uid, service account, labels, and further `spec` fields.
+pub type KubeletPod = (String, String, Vec<(String, String)>, serde_json::Value);
 
 /// A fake kubelet `/pods` on the read-only port.
 pub struct FakeKubelet {
@@ -91,14 +94,21 @@ impl FakeKubelet {
                         .lock()
                         .unwrap()
                         .iter()
-                        .map(|(uid, sa, labels)| {
+                        .map(|(uid, sa, labels, extra)| {
                             let labels: serde_json::Map<String, serde_json::Value> = labels
                                 .iter()
                                 .map(|(k, v)| (k.clone(), serde_json::Value::from(v.clone())))
                                 .collect();
+                            let mut spec =
+                                serde_json::json!({"serviceAccountName": sa, "nodeName": "node-1"});
+                            if let (Some(spec), Some(extra)) =
+                                (spec.as_object_mut(), extra.as_object())
+                            {
+                                spec.extend(extra.clone());
+                            }
                             serde_json::json!({
                                 "metadata": {"uid": uid, "labels": labels},
-                                "spec": {"serviceAccountName": sa, "nodeName": "node-1"}
+                                "spec": spec
                             })
                         })
                         .collect();
@@ -115,6 +125,17 @@ impl FakeKubelet {
     }
 
     pub fn add_pod(&self, uid: &str, service_account: &str, labels: &[(&str, &str)]) {
+        self.add_pod_with_spec(uid, service_account, labels, serde_json::Value::Null);
+    }
+
+    /// A pod whose `spec` also carries `extra` (an object, e.g. a `securityContext`).
+    pub fn add_pod_with_spec(
+        &self,
+        uid: &str,
+        service_account: &str,
+        labels: &[(&str, &str)],
+        extra: serde_json::Value,
+    ) {
         let labels = labels
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -122,7 +143,7 @@ impl FakeKubelet {
         self.pods
             .lock()
             .unwrap()
-            .push((uid.into(), service_account.into(), labels));
+            .push((uid.into(), service_account.into(), labels, extra));
     }
 }
 
@@ -143,6 +164,11 @@ impl Bed {
 
     pub async fn with_timeout(first_svid_timeout: Duration) -> Bed {
         Bed::build(first_svid_timeout, None, Arc::new(|_| {})).await
+    }
+
+    /// Like [`Bed::with_timeout`], with the daemon's settings adjusted by `tweak`.
+    pub async fn with_timeout_and(first_svid_timeout: Duration, tweak: Tweak) -> Bed {
+        Bed::build(first_svid_timeout, None, tweak).await
     }
 
     /// A bed whose daemon's settings are adjusted by `tweak` (and which uses `kubelet` when
@@ -366,12 +392,17 @@ fn spawn_daemon(
     cfg.retry_initial = Duration::from_millis(20);
     cfg.retry_max = Duration::from_millis(200);
     tweak(&mut cfg);
+    let guarded = cfg.start_guard.is_some();
     let engine = Engine::new(
         cfg,
         DelegatedIdentityApi::new(ApiConfig::default()),
         host,
         metrics.clone(),
     );
+    if guarded {
+        // Its contents never run here: the runtime is fake.
+        engine.install_guard(GUARD_STAND_IN).unwrap();
+    }
     let mut options = Options::new("identity", "10").socket_path(nri_path);
     options.backoff = Backoff {
         initial: Duration::from_millis(10),

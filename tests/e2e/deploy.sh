@@ -19,6 +19,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$here/lib/kubelet.sh"
 # shellcheck source=tests/e2e/lib/nii.sh
 . "$here/lib/nii.sh"
+bed_runtime_only containerd "required plugins come from containerd's NRI default validator in config.toml and the daemon image is imported with ctr"
 
 DAEMON_POD=nri-identity-injector
 DAEMON_CTR=nri-identity-injector
@@ -208,7 +209,7 @@ cat >>"$E2E/containerd/config.toml" <<'EOF'
 [plugins.'io.containerd.nri.v1.nri'.default_validator]
   enable = true
 EOF
-bed_restart_containerd
+bed_restart_runtime
 if grep -E 'Ignoring unknown key in TOML|default validator is disabled' "$E2E/logs/containerd.log" >&2; then
 	echo "deploy: containerd did not take the default validator" >&2
 	exit 1

@@ -13,6 +13,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$here/lib/kubelet.sh"
 # shellcheck source=tests/e2e/lib/nii.sh
 . "$here/lib/nii.sh"
+bed_runtime_only containerd "not run on CRI-O yet (kubelet_smoke.sh is)"
 
 CHECK='if [ -f /var/certs/svid.pem ]; then echo "svid exists!"; else echo "svid does NOT exist."; fi; sleep 3600'
 

@@ -18,6 +18,7 @@ repo=$(cd "$here/../.." && pwd)
 . "$here/lib/apiserver.sh"
 # shellcheck source=tests/e2e/lib/nii.sh
 . "$here/lib/nii.sh"
+bed_runtime_only containerd "not run on CRI-O yet (kubelet_smoke.sh is)"
 
 CHECK='if [ -f /var/certs/svid.pem ]; then echo "svid exists!"; else echo "svid does NOT exist."; fi; exec sleep 3600'
 DAEMON_NS=nri-identity-injector

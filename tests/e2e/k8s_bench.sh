@@ -14,6 +14,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$here/lib/kubelet.sh"
 # shellcheck source=tests/e2e/lib/nii.sh
 . "$here/lib/nii.sh"
+bed_runtime_only containerd "not run on CRI-O yet (kubelet_smoke.sh is)"
 
 n=${1:-20}
 trap 'nii_stop 2>/dev/null || true; bed_down $?' EXIT

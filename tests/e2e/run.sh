@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# End-to-end scenarios: the daemon on real containerd + runc + crictl + SPIRE. Each scenario
-# asserts and prints its timings; the last line is "N passed, M failed".
+# End-to-end scenarios: the daemon on a real runtime (containerd, or CRI-O with
+# E2E_RUNTIME=cri-o) + runc + crictl + SPIRE. Each scenario asserts and prints its timings;
+# the last line is "N passed, M failed". Every scenario runs on both runtimes.
 #
 #   tests/e2e/run.sh [SCENARIO...]     (default: all; names as in the list below)
 #
@@ -26,6 +27,12 @@ start_ctr() {
 }
 
 logs_of() { "$CRICTL" logs "$1" 2>&1; }
+
+# refused_start POD CONTAINER : the daemon's reason if it failed the container's NRI
+# StartContainer (CRI-O only logs that and starts the container anyway).
+refused_start() {
+	grep -F "failing the start" "$E2E/logs/nii.log" | grep -F "pod e2e/$1 container $2:" | tail -1 | sed 's/.*error=//'
+}
 
 # --- 1. the design proposal's pod --------------------------------------------
 scenario_proposal() {
@@ -84,11 +91,15 @@ scenario_selectors() {
 	pid=$("$CRICTL" runp "$pod")
 	cid=$("$CRICTL" create "$pid" "$(E2E_CTR_UID=1003 bed_ctr_json bypath sh -c "$CHECK")" "$pod")
 	if err=$("$CRICTL" start "$cid" 2>&1); then
+		bed_wait_exited "$cid" 10 || true
+		note "it ran and printed: $(logs_of "$cid")"
+		err=$(refused_start bypath bypath)
+		[[ -z $err ]] || fail "$E2E_RUNTIME started it although the daemon failed the start: $err"
 		fail "a unix:path entry matched at StartContainer"
 	fi
 	[[ $err == *"no registration entry"* ]] || fail "unexpected error: $err"
 	note "unix:path:/bin/busybox does not match at StartContainer (the process is runc init): start refused"
-	"$CRICTL" rmp -f "$pid" >/dev/null
+	bed_rmp "$pid"
 }
 
 # --- 2. rotation, 4. daemon restart, 6. agent restart -------------------------
@@ -137,18 +148,18 @@ scenario_rotation() {
 	[[ ! -e $dir ]] || fail "$dir still exists after removal"
 	bed_wait 5 "no active identities" bash -c "[[ \$(curl -fsS http://$NII_HTTP/metrics | awk '\$1==\"nri_identity_active_identities\"{print \$2}') == 0 ]]"
 	note "removed: directory gone, active identities 0"
-	"$CRICTL" rmp -f "$pid" >/dev/null
+	bed_rmp "$pid"
 	[[ ! -e $NII_ARTIFACTS/$pod_uid ]] || fail "pod directory left behind"
 }
 
-# --- 5. containerd restart ----------------------------------------------------
-scenario_containerd_restart() {
+# --- 5. runtime restart -------------------------------------------------------
+scenario_runtime_restart() {
 	local e pod_uid pod pid cid t
-	bed_restart_containerd
+	bed_restart_runtime
 	t=$(nii_ms)
-	bed_wait 30 "re-registration" grep -q 'registered as.*10-identity-injector' "$E2E/logs/containerd.log"
+	bed_wait 30 "re-registration" grep -q 'registered as.*10-identity-injector' "$E2E_RUNTIME_LOG"
 	bed_wait 30 "daemon ready again" curl -fsS -o /dev/null "http://$NII_HTTP/readyz"
-	note "daemon re-registered $(($(nii_ms) - t)) ms after containerd came back"
+	note "daemon re-registered $(($(nii_ms) - t)) ms after $E2E_RUNTIME came back"
 	e=$(bed_entry /after-restart unix:uid:1005)
 	bed_wait_entry "$e"
 	pod_uid=$(bed_uuid)
@@ -157,9 +168,9 @@ scenario_containerd_restart() {
 	start_ctr "$pid" "$(E2E_CTR_UID=1005 bed_ctr_json ar sh -c "$CHECK")" "$pod"
 	cid=$CID
 	bed_wait_exited "$cid" 30
-	[[ $(logs_of "$cid") == *"svid exists!"* ]] || fail "new pod after containerd restart: $(logs_of "$cid")"
+	[[ $(logs_of "$cid") == *"svid exists!"* ]] || fail "new pod after the $E2E_RUNTIME restart: $(logs_of "$cid")"
 	note "a new pod got its identity (crictl start ${START_MS} ms)"
-	"$CRICTL" rmp -f "$pid" >/dev/null
+	bed_rmp "$pid"
 }
 
 # --- 7. hostile annotations ---------------------------------------------------
@@ -175,7 +186,7 @@ scenario_hostile() {
 		[[ $err == *"$field"* && $err == *"e2e/evil"* && $err == *"c0"* ]] || fail "error does not name pod, container and $field: $err"
 		[[ ! -e $NII_ARTIFACTS/$pod_uid ]] || fail "something was written for '$value'"
 		note "refused ($field): ${err##*nri-identity-injector: }"
-		"$CRICTL" rmp -f "$pid" >/dev/null
+		bed_rmp "$pid"
 	done <<-EOF
 		cert_dir: /|cert_dir
 		cert_dir: /var/certs\nsvid_file_name: ../x|svid_file_name
@@ -197,7 +208,13 @@ scenario_agent_down() {
 	pid=$("$CRICTL" runp "$pod")
 	cid=$("$CRICTL" create "$pid" "$(E2E_CTR_UID=1006 bed_ctr_json strict sh -c "$CHECK")" "$pod")
 	t=$(nii_ms)
-	if err=$("$CRICTL" start "$cid" 2>&1); then fail "started without an agent"; fi
+	if err=$("$CRICTL" start "$cid" 2>&1); then
+		bed_wait_exited "$cid" 10 || true
+		note "it ran and printed: $(logs_of "$cid")"
+		err=$(refused_start down strict)
+		[[ -z $err ]] || fail "started without an agent: $E2E_RUNTIME ignored the daemon's refusal: $err"
+		fail "started without an agent"
+	fi
 	note "default policy: start refused after $(($(nii_ms) - t)) ms: ${err##*nri-identity-injector: }"
 	[[ $err == *"SPIRE agent"* ]] || fail "unclear error: $err"
 	start_ctr "$pid" "$(E2E_CTR_UID=1006 bed_ctr_json lenient sh -c 'while [ ! -f /var/certs/svid.pem ]; do sleep 0.2; done; echo "identity arrived"; sleep 3600')" "$pod"
@@ -209,10 +226,167 @@ scenario_agent_down() {
 	bed_wait 40 "identity after the agent is back" test -s "$dir/svid.pem"
 	bed_wait 10 "workload saw it" bash -c "$CRICTL logs $cid 2>&1 | grep -q 'identity arrived'"
 	note "identity delivered once the agent was back"
-	"$CRICTL" rmp -f "$pid" >/dev/null
+	bed_rmp "$pid"
 }
 
-ALL=(proposal selectors rotation containerd_restart hostile agent_down)
+# --- 9. the start guard: the daemon away between CreateContainer and StartContainer -----
+# guarded_pod NAME : a pod whose containers are all annotated; sets POD, POD_UID, PID.
+guarded_pod() {
+	POD_UID=$(bed_uuid)
+	POD=$(bed_pod_json "$1" "$POD_UID" "$(nii_annotations identity.noderesource.dev/pod "$(nii_identity /var/certs)")")
+	PID=$("$CRICTL" runp "$POD")
+}
+
+# held CID : the container runs (its start succeeded) but its workload has written nothing.
+held() { [[ $(bed_ctr_state "$1") == CONTAINER_RUNNING && -z $(logs_of "$1") ]]; }
+
+scenario_guard_restart() {
+	local e cid t
+	e=$(bed_entry /guarded unix:uid:1007)
+	bed_wait_entry "$e"
+	guarded_pod guarded
+	cid=$("$CRICTL" create "$PID" "$(E2E_CTR_UID=1007 bed_ctr_json g sh -c "echo first-instruction; $CHECK")" "$POD")
+	[[ $("$CRICTL" inspect "$cid") == *'"startContainer"'* ]] || fail "no startContainer hook in the OCI spec"
+	# CreateContainer returned; the daemon goes away before StartContainer.
+	nii_stop
+	t=$(nii_ms)
+	"$CRICTL" start "$cid" >/dev/null || fail "crictl start failed without the daemon"
+	note "daemon stopped after CreateContainer; crictl start succeeded in $(($(nii_ms) - t)) ms"
+	sleep 3
+	held "$cid" || fail "the workload ran without the daemon: $(bed_ctr_state "$cid") $(logs_of "$cid")"
+	note "3 s later the container runs, held by its guard; the workload has printed nothing"
+	t=$(nii_ms)
+	nii_start
+	bed_wait_exited "$cid" 30 || fail "not released after the daemon came back"
+	note "daemon back; workload released $(($(nii_ms) - t)) ms after the daemon was started"
+	[[ $(logs_of "$cid") == $'first-instruction\nsvid exists!' ]] || fail "workload printed: $(logs_of "$cid")"
+	[[ $(bed_ctr_exit_code "$cid") == 0 ]] || fail "exit code $(bed_ctr_exit_code "$cid")"
+	[[ $(grep "container_id=$cid" "$E2E/logs/nii.log") == *'resuming identity maintenance'* ]] || fail "not resumed from Synchronize"
+	note "its first instruction saw the files: $(logs_of "$cid" | tr '\n' ' ')"
+	bed_rmp "$PID"
+}
+
+scenario_guard_timeout() {
+	local e cid log message
+	e=$(bed_entry /guarded-timeout unix:uid:1007)
+	bed_wait_entry "$e"
+	nii_restart NRI_IDENTITY_START_GUARD_TIMEOUT_MS=3000
+	guarded_pod guardtimeout
+	# Kubernetes' termination message file, as the kubelet would mount it and name it.
+	log=$E2E/termination-log-$POD_UID
+	: >"$log"
+	chmod 0666 "$log"
+	cid=$("$CRICTL" create "$PID" "$(E2E_CTR_UID=1007 E2E_CTR_EXTRA="$(printf '{"annotations": {"io.kubernetes.container.terminationMessagePath": "/dev/termination-log"}, "mounts": [{"container_path": "/dev/termination-log", "host_path": "%s"}]}' "$log")" \
+		bed_ctr_json g sh -c "echo first-instruction; $CHECK")" "$POD")
+	nii_stop
+	"$CRICTL" start "$cid" >/dev/null || fail "crictl start failed without the daemon"
+	bed_wait_exited "$cid" 30 || fail "the guard did not give up"
+	[[ $(bed_ctr_exit_code "$cid") != 0 ]] || fail "exit code 0"
+	[[ $(logs_of "$cid") != *first-instruction* ]] || fail "the workload ran: $(logs_of "$cid")"
+	message=$(logs_of "$cid")
+	for part in "pod e2e/guardtimeout container g" "/var/certs" "missing svid.pem, svid_key.pem, svid_bundle.pem"; do
+		[[ $message == *"$part"* ]] || fail "the log does not say $part: $message"
+	done
+	[[ $(cat "$log") == *"missing svid.pem"* ]] || fail "termination message: $(cat "$log")"
+	note "daemon away past the guard's 3 s: exit code $(bed_ctr_exit_code "$cid"), workload never ran"
+	note "container log: ${message:0:400}"
+	note "termination message: $(head -c 200 "$log")"
+	bed_rmp "$PID"
+	nii_restart
+}
+
+scenario_scratch() {
+	local e c1 c2
+	e=$(bed_entry /scratch unix:uid:1008)
+	bed_wait_entry "$e"
+	guarded_pod scratch
+	# FROM scratch, read-only root file system: nothing of the guard comes from the image.
+	ctr() { E2E_CTR_UID=1008 E2E_CTR_IMAGE=$E2E_SCRATCH_IMAGE E2E_CTR_READONLY=1 bed_ctr_json "$1" /idcheck /var/certs; }
+	start_ctr "$PID" "$(ctr g)" "$POD"
+	c1=$CID
+	bed_wait_exited "$c1" 30
+	[[ $(logs_of "$c1") == *"svid exists!"*"key-readable-by-1008"* ]] || fail "scratch workload printed: $(logs_of "$c1")"
+	note "daemon up: crictl start ${START_MS} ms; $(logs_of "$c1" | tail -n +2 | tr '\n' ' ')"
+	c2=$("$CRICTL" create "$PID" "$(ctr g2)" "$POD")
+	nii_stop
+	"$CRICTL" start "$c2" >/dev/null || fail "crictl start failed without the daemon"
+	sleep 2
+	held "$c2" || fail "the scratch workload ran without the daemon: $(logs_of "$c2")"
+	nii_start
+	bed_wait_exited "$c2" 30
+	[[ $(logs_of "$c2") == *"svid exists!"*"key-readable-by-1008"* ]] || fail "after the daemon came back: $(logs_of "$c2")"
+	note "daemon away at start: held, then released with its files: $(logs_of "$c2" | tail -n +2 | tr '\n' ' ')"
+	bed_rmp "$PID"
+}
+
+# --- 10. churn: pods created and started one after another while the daemon is SIGKILLed
+# and restarted and the agent restarted; no workload may ever run without its files --------
+scenario_churn() {
+	local n=${NII_CHURN_PODS:-50} e i pod pid cid kills=0 uid=1009 bg ok=0 without=0 refused=0 guarded=0 t0 t restarts=0
+	local -a cids=() pids=()
+	e=$(bed_entry /churn unix:uid:$uid)
+	bed_wait_entry "$e"
+	t0=$(nii_ms)
+	for ((i = 0; i < n; i++)); do
+		pod=$(bed_pod_json "churn$i" "$(bed_uuid)" "$(nii_annotations identity.noderesource.dev/pod "$(nii_identity /var/certs)")")
+		pid=$("$CRICTL" runp "$pod")
+		pids+=("$pid")
+		cid=$("$CRICTL" create "$pid" "$(E2E_CTR_UID=$uid bed_ctr_json "w$i" sh -c "$CHECK")" "$pod")
+		cids+=("$cid")
+		case $((i % 8)) in
+		3)
+			# Between CreateContainer and StartContainer.
+			nii_kill
+			kills=$((kills + 1))
+			"$CRICTL" start "$cid" >/dev/null 2>&1 || true
+			t=$(nii_ms)
+			nii_start
+			restarts=$((restarts + $(nii_ms) - t))
+			;;
+		6)
+			# During StartContainer.
+			"$CRICTL" start "$cid" >/dev/null 2>&1 &
+			bg=$!
+			sleep "0.0$((RANDOM % 3))"
+			nii_kill
+			kills=$((kills + 1))
+			wait "$bg" 2>/dev/null || true
+			t=$(nii_ms)
+			nii_start
+			restarts=$((restarts + $(nii_ms) - t))
+			;;
+		*)
+			"$CRICTL" start "$cid" >/dev/null 2>&1 || true
+			;;
+		esac
+		if ((i == n / 2)); then
+			# The agent restarts while pods keep coming.
+			bed_restart_agent >/dev/null 2>&1 &
+			bg=$!
+		fi
+	done
+	wait "$bg" || fail "agent restart"
+	for cid in "${cids[@]}"; do
+		if [[ $(bed_ctr_state "$cid") == CONTAINER_CREATED ]]; then
+			refused=$((refused + 1)) # the start was refused: fail-closed
+			continue
+		fi
+		bed_wait_exited "$cid" 90 || fail "$cid did not finish"
+		case $(logs_of "$cid") in
+		*"svid does NOT exist."*) without=$((without + 1)) ;;
+		*"svid exists!"*) ok=$((ok + 1)) ;;
+		*"nri-identity-injector guard:"*) guarded=$((guarded + 1)) ;;
+		*) refused=$((refused + 1)) ;;
+		esac
+	done
+	note "$n pods in $(($(nii_ms) - t0)) ms (of which $restarts ms restarting the daemon), daemon SIGKILLed $kills times (before and during StartContainer), agent restarted once"
+	note "ran with their files: $ok; ran WITHOUT: $without; start refused: $refused; stopped by the guard: $guarded"
+	((without == 0)) || fail "$without workloads ran without their files"
+	((ok + refused + guarded == n)) || fail "unaccounted containers"
+	for pid in "${pids[@]}"; do bed_rmp "$pid" 2>/dev/null || true; done
+}
+
+ALL=(proposal selectors rotation runtime_restart hostile agent_down guard_restart guard_timeout scratch churn)
 (($#)) || set -- "${ALL[@]}"
 
 trap 'nii_finish e2e' EXIT
@@ -222,5 +396,5 @@ t0=$(nii_ms)
 nii_build
 bed_up
 nii_start
-echo "e2e: bed and daemon up in $(($(nii_ms) - t0)) ms"
+echo "e2e: bed ($E2E_RUNTIME) and daemon up in $(($(nii_ms) - t0)) ms"
 nii_scenarios "$@"

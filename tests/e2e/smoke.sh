@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Smoke test of the end-to-end bed itself, with no NRI plugin attached:
-# containerd runs a host-network pod and a uid-1001 busybox container from the
-# locally imported images, SPIRE issues an identity for uid 1001, and the
-# teardown leaves nothing behind. Exits non-zero on any failure.
+# Smoke test of the end-to-end bed itself, with no NRI plugin attached: the
+# runtime (containerd, or CRI-O with E2E_RUNTIME=cri-o) runs a host-network pod
+# and a uid-1001 busybox container from the locally imported images, SPIRE
+# issues an identity for uid 1001, and the teardown leaves nothing behind.
+# Exits non-zero on any failure.
 #
 # NII_SMOKE_FAIL=1 fails on purpose with a pod and a container still running,
 # to prove that teardown after a failure is complete too.
@@ -40,20 +41,22 @@ trap 'exit 130' INT TERM
 
 t=$(_bed_ms)
 bed_up
-step "bed_up (build check, containerd, images, SPIRE)" "$t"
+step "bed_up (build check, $E2E_RUNTIME, images, SPIRE)" "$t"
 
-# --- containerd: pod + container as uid 1001 --------------------------------
+# --- the runtime: pod + container as uid 1001 -------------------------------
 t=$(_bed_ms)
 pod_json=$(bed_pod_json smoke "$(bed_uuid)" '{"e2e.example/smoke": "true"}')
 pod_id=$("$CRICTL" runp "$pod_json")
 step "runp (host network, pinned pause image)" "$t"
 
-t=$(_bed_ms)
 ctr_json=$(bed_ctr_json idu sh -c 'id -u')
+t=$(_bed_ms)
 cid=$("$CRICTL" create "$pod_id" "$ctr_json" "$pod_json")
+step "create of 'id -u' container" "$t"
+t=$(_bed_ms)
 "$CRICTL" start "$cid" >/dev/null
+step "start" "$t"
 bed_wait_exited "$cid" 30 || fail "container idu did not exit"
-step "create+start+exit of 'id -u' container" "$t"
 
 code=$("$CRICTL" inspect -o go-template --template '{{.status.exitCode}}' "$cid")
 out=$("$CRICTL" logs "$cid" 2>&1)
@@ -78,8 +81,10 @@ step "entry unix:uid:1001 created and synced to agent" "$t"
 
 "$SPIRE_AGENT" healthcheck -socketPath "$AGENT_SOCK" >/dev/null || fail "agent unhealthy"
 echo "smoke: spire-agent healthy"
-"$SPIRE_SERVER" entry show -spiffeID "spiffe://$E2E_TD/smoke" | grep -q "^Entry ID *: *$eid\$" ||
-	fail "entry $eid not listed by spire-server entry show"
+# Captured first: `| grep -q` would stop reading at the match, and the
+# server's SIGPIPE on its next line would fail the pipeline (pipefail).
+out=$("$SPIRE_SERVER" entry show -spiffeID "spiffe://$E2E_TD/smoke")
+grep -q "^Entry ID *: *$eid\$" <<<"$out" || fail "entry $eid not listed by spire-server entry show: $out"
 echo "smoke: spire-server lists entry $eid"
 
 # The Workload API hands that identity to a uid-1001 process on the host.
@@ -90,13 +95,13 @@ svid=$(setpriv --reuid=1001 --regid=1001 --clear-groups \
 grep -q "spiffe://$E2E_TD/smoke" <<<"$svid" || fail "unexpected SVID: $svid"
 step "uid 1001 fetched spiffe://$E2E_TD/smoke" "$t"
 
-# --- restarts: containers outlive containerd; the agent keeps its identity --
+# --- restarts: containers outlive the runtime; the agent keeps its identity -
 t=$(_bed_ms)
-bed_restart_containerd
-[[ $(bed_ctr_state "$sleeper") == CONTAINER_RUNNING ]] || fail "sleeper did not survive the containerd restart"
+bed_restart_runtime
+[[ $(bed_ctr_state "$sleeper") == CONTAINER_RUNNING ]] || fail "sleeper did not survive the $E2E_RUNTIME restart"
 out=$("$CRICTL" exec -s "$sleeper" id -u)
 [[ $out == 1001 ]] || fail "exec in sleeper printed '$out', expected 1001"
-step "containerd restarted, sleeper still running" "$t"
+step "$E2E_RUNTIME restarted, sleeper still running" "$t"
 
 t=$(_bed_ms)
 bed_restart_agent

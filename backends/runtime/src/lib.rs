@@ -243,6 +243,37 @@ impl MountSpec {
             options: vec!["rbind", "ro", "nosuid", "nodev", "noexec"],
         }
     }
+
+    /// One executable file mounted read-only at `destination`: runnable (no `noexec`), but
+    /// never setuid and never a device.
+    pub fn executable_file(host_file: &Path, destination: &Path) -> MountSpec {
+        MountSpec {
+            destination: destination.to_owned(),
+            source: host_file.to_owned(),
+            kind: "bind",
+            options: vec!["bind", "ro", "nosuid", "nodev"],
+        }
+    }
+}
+
+/// An OCI hook (`path`, `args` with `args[0]` the program name, as `execv` takes them, `env`,
+/// and a `timeout` after which the runtime kills it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookSpec {
+    pub path: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub timeout_s: u32,
+}
+
+/// What CreateContainer adds to a container's OCI configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Injection {
+    pub mounts: Vec<MountSpec>,
+    /// OCI `startContainer` hooks: run by the runtime in the container's namespaces, as the
+    /// container's user, after the start call and before the workload is executed; when one
+    /// fails, the workload never runs.
+    pub start_container_hooks: Vec<HookSpec>,
 }
 
 /// When the identity must be on disk.
@@ -261,6 +292,15 @@ pub struct Plan {
     pub sandbox: SandboxKind,
     pub attestation: Attestation,
     pub delivery: DeliveryPoint,
+    /// The container gets a start guard: an OCI `startContainer` hook that keeps the
+    /// workload from running until its files are in place, whether or not the daemon is
+    /// alive when the container starts. Only for delivery at StartContainer to pods that must
+    /// not run without their identity.
+    pub start_guard: bool,
+    /// Whether an error answered to StartContainer keeps the container from running. Where
+    /// it does not, the start guard holds the workload and the first delivery goes on in the
+    /// background after a failed start.
+    pub start_error_stops_container: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -281,6 +321,9 @@ pub enum BackendError {
         why: &'static str,
     },
 }
+
+/// Why PID mode needs the start guard on a runtime that ignores StartContainer errors.
+const START_ERRORS_IGNORED: &str = "it starts containers even when the plugin fails StartContainer, and the start guard that would hold them is off (start_guard = false); turn it on, or use selectors mode (set kubelet_url)";
 
 /// The policy of one runtime. Every method is one every new runtime must decide, so none has
 /// a default body.
@@ -413,25 +456,50 @@ impl RuntimeBackend for AnyRuntime {
 pub struct Backends {
     pub runtime: AnyRuntime,
     pub sandboxes: SandboxClasses,
+    /// Whether containers served at StartContainer get a start guard (the daemon's
+    /// `start_guard` setting).
+    pub start_guard: bool,
+}
+
+/// What a pod's annotation asks of the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PodChoices {
+    /// The pod's `attestation`, if it chose one.
+    pub attestation: Option<Attestation>,
+    /// The pod's consent to files that never rotate (`copy_once`).
+    pub accepts_copy_once: bool,
+    /// The pod must not run without its identity (`on_failure: fail`).
+    pub fail_closed: bool,
 }
 
 impl Backends {
+    /// Backends without the start guard.
     pub fn new(runtime: RuntimeKind, sandboxes: SandboxClasses) -> Backends {
         Backends {
             runtime: AnyRuntime::for_kind(runtime),
             sandboxes,
+            start_guard: false,
         }
     }
 
-    /// How to serve a container of `pod`: `requested` is the pod's choice, `default` the
-    /// daemon's. `accepts_copy_once` is the pod's consent to files that never rotate.
+    pub fn with_start_guard(mut self, on: bool) -> Backends {
+        self.start_guard = on;
+        self
+    }
+
+    /// How to serve a container of `pod`: `pod_choices` come from its annotation, `default`
+    /// is the daemon's naming mode.
     pub fn plan(
         &self,
         pod: &PodInfo,
-        requested: Option<Attestation>,
+        pod_choices: PodChoices,
         default: Attestation,
-        accepts_copy_once: bool,
     ) -> Result<Plan, BackendError> {
+        let PodChoices {
+            attestation: requested,
+            accepts_copy_once,
+            fail_closed,
+        } = pod_choices;
         let sandbox = self.sandboxes.classify(&pod.runtime_handler);
         let attestation = match sandbox {
             SandboxKind::Process => requested.unwrap_or(default),
@@ -453,18 +521,22 @@ impl Backends {
             Attestation::Pid => DeliveryPoint::StartContainer,
             Attestation::Selectors => DeliveryPoint::CreateContainer,
         };
-        if delivery == DeliveryPoint::StartContainer
-            && !self.runtime.start_failure_stops_container()
-        {
+        let at_start = delivery == DeliveryPoint::StartContainer;
+        let start_error_stops_container = self.runtime.start_failure_stops_container();
+        // With `on_failure: continue` the pod accepts running without its files, which is
+        // all a runtime that ignores start errors can give without the guard.
+        if at_start && fail_closed && !start_error_stops_container && !self.start_guard {
             return Err(BackendError::PidModeUnsupported {
                 runtime: self.runtime.kind(),
-                why: "it starts containers even when the plugin fails StartContainer; use selectors mode (set kubelet_url)",
+                why: START_ERRORS_IGNORED,
             });
         }
         Ok(Plan {
             sandbox,
             attestation,
             delivery,
+            start_guard: at_start && fail_closed && self.start_guard,
+            start_error_stops_container,
         })
     }
 }
@@ -477,6 +549,15 @@ mod tests {
         PodInfo {
             runtime_handler: handler.into(),
             ..Default::default()
+        }
+    }
+
+    /// A pod that must not run without its identity, with these choices.
+    fn choose(attestation: Option<Attestation>, accepts_copy_once: bool) -> PodChoices {
+        PodChoices {
+            attestation,
+            accepts_copy_once,
+            fail_closed: true,
         }
     }
 
@@ -524,7 +605,9 @@ mod tests {
     #[test]
     fn process_pods_take_the_pods_choice_then_the_default() {
         let b = Backends::new(RuntimeKind::Containerd, classes());
-        let p = b.plan(&pod("runc"), None, Attestation::Pid, false).unwrap();
+        let p = b
+            .plan(&pod("runc"), choose(None, false), Attestation::Pid)
+            .unwrap();
         assert_eq!(
             (p.sandbox, p.attestation, p.delivery),
             (
@@ -536,9 +619,8 @@ mod tests {
         let p = b
             .plan(
                 &pod(""),
-                Some(Attestation::Selectors),
+                choose(Some(Attestation::Selectors), false),
                 Attestation::Pid,
-                false,
             )
             .unwrap();
         assert_eq!(p.delivery, DeliveryPoint::CreateContainer);
@@ -548,16 +630,15 @@ mod tests {
     fn vm_pods_are_named_by_selectors_and_refuse_pid_mode() {
         let b = Backends::new(RuntimeKind::Containerd, classes());
         let p = b
-            .plan(&pod("kata-qemu"), None, Attestation::Pid, false)
+            .plan(&pod("kata-qemu"), choose(None, false), Attestation::Pid)
             .unwrap();
         assert_eq!(p.attestation, Attestation::Selectors);
         assert_eq!(p.delivery, DeliveryPoint::CreateContainer);
         let e = b
             .plan(
                 &pod("kata-qemu"),
-                Some(Attestation::Pid),
+                choose(Some(Attestation::Pid), false),
                 Attestation::Selectors,
-                false,
             )
             .unwrap_err();
         assert!(matches!(e, BackendError::PidInVm { .. }));
@@ -568,24 +649,86 @@ mod tests {
     fn copy_once_vms_need_the_pods_consent() {
         let b = Backends::new(RuntimeKind::Containerd, classes());
         let e = b
-            .plan(&pod("kata-fc"), None, Attestation::Selectors, false)
+            .plan(&pod("kata-fc"), choose(None, false), Attestation::Selectors)
             .unwrap_err();
         assert!(e.to_string().contains("copy_once: true"), "{e}");
         let p = b
-            .plan(&pod("kata-fc"), None, Attestation::Selectors, true)
+            .plan(&pod("kata-fc"), choose(None, true), Attestation::Selectors)
             .unwrap();
         assert_eq!(p.sandbox, SandboxKind::Vm(VmShare::CopyOnce));
     }
 
     #[test]
-    fn cri_o_refuses_start_time_delivery_it_would_not_enforce() {
+    fn cri_o_refuses_start_time_delivery_it_would_not_enforce_without_the_guard() {
         let b = Backends::new(RuntimeKind::CriO, classes());
-        let e = b.plan(&pod(""), None, Attestation::Pid, false).unwrap_err();
+        let e = b
+            .plan(&pod(""), choose(None, false), Attestation::Pid)
+            .unwrap_err();
         assert!(e.to_string().contains("selectors"), "{e}");
+        assert!(e.to_string().contains("start_guard"), "{e}");
         assert!(
-            b.plan(&pod(""), None, Attestation::Selectors, false)
+            b.plan(&pod(""), choose(None, false), Attestation::Selectors)
                 .is_ok()
         );
+        // A pod that accepts running without its files needs no enforcement.
+        let lenient = PodChoices {
+            fail_closed: false,
+            ..choose(None, false)
+        };
+        let p = b.plan(&pod(""), lenient, Attestation::Pid).unwrap();
+        assert!(!p.start_guard);
+    }
+
+    #[test]
+    fn cri_o_serves_pid_mode_behind_the_start_guard_and_keeps_trying_after_a_failed_start() {
+        let b = Backends::new(RuntimeKind::CriO, classes()).with_start_guard(true);
+        let p = b
+            .plan(&pod(""), choose(None, false), Attestation::Pid)
+            .unwrap();
+        assert_eq!(p.delivery, DeliveryPoint::StartContainer);
+        assert!(p.start_guard);
+        assert!(!p.start_error_stops_container);
+    }
+
+    #[test]
+    fn the_start_guard_is_for_start_time_delivery_to_pods_that_fail_closed_only() {
+        let b = Backends::new(RuntimeKind::Containerd, classes()).with_start_guard(true);
+        let pid = b
+            .plan(&pod("runc"), choose(None, false), Attestation::Pid)
+            .unwrap();
+        assert!(pid.start_guard && pid.start_error_stops_container);
+        let lenient = PodChoices {
+            fail_closed: false,
+            ..choose(None, false)
+        };
+        assert!(
+            !b.plan(&pod("runc"), lenient, Attestation::Pid)
+                .unwrap()
+                .start_guard
+        );
+        let selectors = b
+            .plan(&pod("runc"), choose(None, false), Attestation::Selectors)
+            .unwrap();
+        assert!(!selectors.start_guard, "served inside CreateContainer");
+        let vm = b
+            .plan(&pod("kata-qemu"), choose(None, false), Attestation::Pid)
+            .unwrap();
+        assert!(!vm.start_guard, "VM pods are served inside CreateContainer");
+        let off = Backends::new(RuntimeKind::Containerd, classes());
+        assert!(
+            !off.plan(&pod("runc"), choose(None, false), Attestation::Pid)
+                .unwrap()
+                .start_guard
+        );
+    }
+
+    #[test]
+    fn an_executable_mount_runs_but_is_read_only_without_suid_or_devices() {
+        let m = MountSpec::executable_file(Path::new("/run/nii/.guard/g"), Path::new("/.g"));
+        for opt in ["ro", "nosuid", "nodev"] {
+            assert!(m.options.contains(&opt), "{opt}");
+        }
+        assert!(!m.options.contains(&"noexec"));
     }
 
     #[test]

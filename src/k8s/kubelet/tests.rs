@@ -186,6 +186,43 @@ async fn nulls_where_go_writes_empty_lists_read_as_empty() {
 }
 
 #[tokio::test]
+async fn each_containers_user_is_its_own_security_context_over_the_pods() {
+    let fake = FakeKubelet::start(
+        Answer::ok(
+            r#"{"items":[{"metadata":{"uid":"u1"},"spec":{
+                "securityContext":{"runAsUser":1000,"runAsGroup":2000},
+                "containers":[
+                    {"name":"inherits"},
+                    {"name":"own","securityContext":{"runAsUser":1001,"runAsGroup":2001}},
+                    {"name":"group-only","securityContext":{"runAsGroup":3000}},
+                    {"name":"bogus","securityContext":{"runAsUser":-1}}],
+                "initContainers":[{"name":"init","securityContext":{"runAsUser":1002}}]}},
+              {"metadata":{"uid":"u2"},"spec":{"containers":[
+                    {"name":"image-user","securityContext":null},
+                    {"name":"uid-only","securityContext":{"runAsUser":1003}}]}}]}"#
+                .into(),
+        ),
+        Duration::ZERO,
+        None,
+    )
+    .await;
+    let k = fake.read_only();
+    let users = k.pod("u1").await.unwrap().users;
+    assert_eq!(users.get("inherits"), Some(&(1000, 2000)));
+    assert_eq!(users.get("own"), Some(&(1001, 2001)));
+    assert_eq!(users.get("group-only"), Some(&(1000, 3000)));
+    assert_eq!(users.get("init"), Some(&(1002, 2000)));
+    assert_eq!(users.get("bogus"), None, "not a uid");
+    let users = k.pod("u2").await.unwrap().users;
+    assert_eq!(
+        users.get("image-user"),
+        None,
+        "the image's USER is the runtime's to know"
+    );
+    assert_eq!(users.get("uid-only"), Some(&(1003, 0)));
+}
+
+#[tokio::test]
 async fn a_pod_the_kubelet_does_not_know_is_a_clear_error() {
     let fake = FakeKubelet::start(Answer::ok(pods(&[("u1", "web")])), Duration::ZERO, None).await;
     let err = fake.read_only().pod("nope").await.unwrap_err();

@@ -1,8 +1,9 @@
 # shellcheck shell=bash
 # A Kubernetes control plane for the bed: etcd, kube-apiserver and a minimal
-# kube-controller-manager (service accounts and kube-root-ca.crt only; no
-# scheduler: pods name spec.nodeName) on 127.0.0.1, all under $E2E and started
-# with bed_spawn, so bed_down stops them and removes their files.
+# kube-controller-manager (service accounts, kube-root-ca.crt and namespace
+# deletion only; no scheduler: pods name spec.nodeName) on 127.0.0.1, all
+# under $E2E and started with bed_spawn, so bed_down stops them and removes
+# their files.
 #
 #   . lib/bed.sh; . lib/kubelet.sh; . lib/apiserver.sh
 #   bed_up; apiserver_up; kubelet_up      # the kubelet registers as a node
@@ -98,10 +99,12 @@ apiserver_up() {
 		_as_kubeconfig "$APISERVER_NODE_KUBECONFIG" node &&
 		_as_kubeconfig "$d/kcm.kubeconfig" kcm || return 1
 	# Only what pods with service accounts need: a `default` account per
-	# namespace and the kube-root-ca.crt ConfigMap their token volumes mount.
+	# namespace and the kube-root-ca.crt ConfigMap their token volumes mount;
+	# and the namespace controller, so that a deleted namespace goes (helm
+	# uninstall of a chart that owns its namespace, tests/e2e/openshift.sh).
 	bed_spawn kube-controller-manager "$NII_CONTROL_PLANE_DIR/kube-controller-manager" \
 		--kubeconfig="$d/kcm.kubeconfig" --leader-elect=false --secure-port=0 \
-		--use-service-account-credentials=true --controllers=serviceaccount,root-ca-cert-publisher \
+		--use-service-account-credentials=true --controllers=serviceaccount,root-ca-cert-publisher,namespace \
 		--root-ca-file="$p/ca.pem" --v=1 >/dev/null
 	bed_wait 60 "kube-root-ca.crt" kubectl_e2e -n default get configmap kube-root-ca.crt || return 1
 	# The kubelet now asks RBAC about every client: the bed's own kubelet client

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the real programs the end-to-end bed runs (containerd, its runc shim,
-# ctr, crictl, spire-server, spire-agent) from the Go module proxy, and
-# installs the Debian packages the bed needs (runc, busybox-static, gcc).
+# ctr, crictl, runc, spire-server, spire-agent; CRI-O and pinns on demand) from
+# the Go module proxy, and installs the Debian packages the bed needs
+# (busybox-static, gcc, libseccomp-dev; conmon for CRI-O).
 #
 # Executed: builds everything that is missing, then prints the binary dirs.
 # Sourced:  defines nii_build_all and the NII_*_DIR variables (bed.sh does
@@ -20,6 +21,13 @@ NII_CRICTL_VERSION=${NII_CRICTL_VERSION:-v1.34.0}
 NII_SPIRE_VERSION=${NII_SPIRE_VERSION:-v1.13.3}
 NII_KUBELET_VERSION=${NII_KUBELET_VERSION:-v1.34.4}
 NII_ETCD_VERSION=${NII_ETCD_VERSION:-v3.6.16}
+NII_CRIO_VERSION=${NII_CRIO_VERSION:-v1.36.3}
+NII_HELM_VERSION=${NII_HELM_VERSION:-v3.22.0}
+# runc from 1.2.8, 1.3.3 and 1.4.0 on closes its exec FIFO before the OCI startContainer
+# hooks run, so `runc start` returns without waiting for them (older ones wait, holding
+# containerd's StartContainer, and NRI plugin synchronisation with it, until the hooks end);
+# the same releases fix the November 2025 container-escape CVEs.
+NII_RUNC_VERSION=${NII_RUNC_VERSION:-v1.4.0}
 
 NII_CONTAINERD_DIR=$NII_CACHE/bin/containerd-$NII_CONTAINERD_VERSION
 NII_CRICTL_DIR=$NII_CACHE/bin/crictl-$NII_CRICTL_VERSION
@@ -28,7 +36,14 @@ NII_KUBELET_DIR=$NII_CACHE/bin/kubelet-$NII_KUBELET_VERSION
 # kube-apiserver, kube-controller-manager and kubectl of the kubelet's release.
 NII_CONTROL_PLANE_DIR=$NII_CACHE/bin/kube-control-plane-$NII_KUBELET_VERSION
 NII_ETCD_DIR=$NII_CACHE/bin/etcd-$NII_ETCD_VERSION
-export NII_CACHE NII_CONTAINERD_DIR NII_CRICTL_DIR NII_SPIRE_DIR NII_KUBELET_DIR NII_CONTROL_PLANE_DIR NII_ETCD_DIR
+# crio, pinns (its namespace pinner) and copyimg (its test suite's image loader).
+NII_CRIO_DIR=$NII_CACHE/bin/crio-$NII_CRIO_VERSION
+NII_HELM_DIR=$NII_CACHE/bin/helm-$NII_HELM_VERSION
+NII_RUNC_DIR=$NII_CACHE/bin/runc-$NII_RUNC_VERSION
+# The OCI runtime the bed's shim calls; NII_RUNC=/usr/sbin/runc picks the distribution's.
+NII_RUNC=${NII_RUNC:-$NII_RUNC_DIR/runc}
+export NII_CACHE NII_CONTAINERD_DIR NII_CRICTL_DIR NII_SPIRE_DIR NII_KUBELET_DIR NII_CONTROL_PLANE_DIR NII_ETCD_DIR \
+	NII_CRIO_DIR NII_HELM_DIR NII_RUNC_DIR NII_RUNC
 
 # The toolchain must be the installed one: the module proxy is reachable but
 # toolchain downloads are not, and a silent toolchain switch would hide a
@@ -93,6 +108,12 @@ _nii_build_containerd() {
 		"$m/ctr@$NII_CONTAINERD_VERSION"
 }
 
+_nii_build_runc() {
+	# cgo: runc's nsexec is C, and seccomp profiles need libseccomp.
+	GOBIN=$1 CGO_ENABLED=1 _nii_go install -trimpath -tags seccomp -ldflags='-s -w' \
+		"github.com/opencontainers/runc@$NII_RUNC_VERSION"
+}
+
 _nii_build_crictl() {
 	GOBIN=$1 CGO_ENABLED=0 _nii_go install -trimpath -ldflags='-s -w' \
 		"sigs.k8s.io/cri-tools/cmd/crictl@$NII_CRICTL_VERSION"
@@ -114,6 +135,36 @@ _nii_in_module() {
 	) || rc=$?
 	rm -rf "$mod"
 	return "$rc"
+}
+
+_nii_build_crio() { _nii_in_module crio-tools _nii_crio "$1"; }
+
+# CRI-O's build tags: seccomp (libseccomp through cgo, as CRI-O ships it, so
+# RuntimeDefault means what it means on containerd); OpenPGP in Go instead of
+# gpgme; no ostree and no btrfs (neither has headers here, neither is used).
+NII_CRIO_TAGS='seccomp containers_image_openpgp containers_image_ostree_stub exclude_graphdriver_btrfs'
+
+_nii_crio() {
+	# `go install github.com/cri-o/cri-o/cmd/crio@version` is refused by the
+	# proxy (it will not list the module's versions), but the exact version
+	# resolves as a tool of a throwaway module.
+	local gobin=$1 m=github.com/cri-o/cri-o v=$NII_CRIO_VERSION src
+	_nii_go get -tool "$m/cmd/crio@$v" "$m/test/copyimg@$v"
+	CGO_ENABLED=1 _nii_go build -trimpath -tags "$NII_CRIO_TAGS" \
+		-ldflags "-s -w -X $m/internal/version.buildCommit=$v" -o "$gobin/crio" "$m/cmd/crio"
+	# copyimg loads an OCI archive into CRI-O's storage with the same
+	# containers/image and storage code CRI-O runs: no skopeo, whose Debian
+	# dependencies would write /etc/containers.
+	CGO_ENABLED=1 _nii_go build -trimpath -tags "$NII_CRIO_TAGS" -ldflags '-s -w' \
+		-o "$gobin/copyimg" "$m/test/copyimg"
+	# pinns is C in the module's pinns/ (no Debian package ships it); its
+	# Makefile writes ../bin, so build in a copy (the module cache is read-only).
+	src=$(_nii_go list -m -f '{{.Dir}}' "$m")
+	cp -r "$src/pinns" "$gobin/pinns-src"
+	chmod -R u+w "$gobin/pinns-src"
+	make -s -C "$gobin/pinns-src" ../bin/pinns
+	mv "$gobin/bin/pinns" "$gobin/pinns"
+	rm -rf "${gobin:?}/pinns-src" "${gobin:?}/bin"
 }
 
 _nii_build_spire() { _nii_in_module spire-tools _nii_spire "$1"; }
@@ -201,6 +252,30 @@ nii_build_control_plane() {
 	return "$rc"
 }
 
+_nii_build_helm() { _nii_in_module helm-tools _nii_helm "$1"; }
+
+_nii_helm() {
+	# The proxy refuses helm's version list, so `go install ...@version` may be
+	# refused too: resolve the exact version as a tool of a throwaway module.
+	local gobin=$1 h=helm.sh/helm/${NII_HELM_VERSION%%.*}/cmd/helm
+	_nii_go get -tool "$h@$NII_HELM_VERSION"
+	GOBIN=$gobin CGO_ENABLED=0 _nii_go install -trimpath \
+		-ldflags="-s -w -X helm.sh/helm/${NII_HELM_VERSION%%.*}/internal/version.version=$NII_HELM_VERSION" "$h"
+}
+
+# nii_build_helm: the helm CLI (charts/), built only on demand; sets NII_HELM.
+nii_build_helm() {
+	local lock rc=0
+	mkdir -p "$NII_CACHE/bin"
+	exec {lock}>"$NII_CACHE/.build.lock"
+	flock "$lock"
+	_nii_build "helm $NII_HELM_VERSION" "$NII_HELM_DIR" helm _nii_build_helm || rc=1
+	exec {lock}>&-
+	NII_HELM=$NII_HELM_DIR/helm
+	export NII_HELM
+	return "$rc"
+}
+
 # nii_build_kubelet: the standalone kubelet (lib/kubelet.sh), built only on
 # demand: about 3 minutes and 1.5 GB of RAM cold, so not part of nii_build_all.
 nii_build_kubelet() {
@@ -237,12 +312,65 @@ _nii_build_delegated_fetch() {
 		-ldflags='-s -w' -o "$1/delegated-fetch" .)
 }
 
-# nii_install_packages: runc (the OCI runtime the shim calls), a static busybox
-# (the only content of the test images) and gcc (spire-server's cgo). Debian's
-# containerd is deliberately not installed: its shim would shadow ours.
+# nii_build_crio: CRI-O (crio, pinns, copyimg) and the Debian packages it
+# needs, built only on demand (E2E_RUNTIME=cri-o): about N minutes cold.
+nii_build_crio() {
+	local lock rc=0
+	_nii_apt conmon libseccomp-dev || return 1
+	mkdir -p "$NII_CACHE/bin"
+	exec {lock}>"$NII_CACHE/.build.lock"
+	flock "$lock"
+	_nii_build "cri-o $NII_CRIO_VERSION" "$NII_CRIO_DIR" "crio pinns copyimg" _nii_build_crio || rc=1
+	exec {lock}>&-
+	return "$rc"
+}
+
+# _nii_apt PACKAGE... : install the packages that are not installed yet.
+_nii_apt() {
+	local missing=() p start=$SECONDS
+	for p in "$@"; do
+		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+	done
+	((${#missing[@]})) || return 0
+	# Refresh the lists only when the cached ones cannot satisfy the install.
+	if ! DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"; then
+		apt-get update
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+	fi
+	_nii_log "packages ${missing[*]} installed in $((SECONDS - start))s"
+}
+
+# nii_build_e2e_tool NAME : tests/e2e/tools/NAME, a Go program of the tests with its own
+# module (committed go.mod and go.sum), cached under a hash of its sources; prints the
+# binary's path. The OpenShift checkers (ignition-check, scc-admission) are built this way.
+nii_build_e2e_tool() {
+	local name=$1 src hash dir lock rc=0
+	src=$(cd "$(dirname "${BASH_SOURCE[0]}")/../tools/$name" && pwd)
+	hash=$(cat "$src/go.mod" "$src/go.sum" "$src"/*.go | sha256sum | cut -c1-12)
+	dir=$NII_CACHE/bin/$name-$hash
+	mkdir -p "$NII_CACHE/bin"
+	exec {lock}>"$NII_CACHE/.build.lock"
+	flock "$lock"
+	_NII_TOOL_SRC=$src _NII_TOOL_NAME=$name _nii_build "$name $hash" "$dir" "$name" _nii_build_e2e_tool >&2 || rc=1
+	exec {lock}>&-
+	((rc == 0)) || return 1
+	echo "$dir/$name"
+}
+
+_nii_build_e2e_tool() {
+	# -mod=readonly: the committed go.sum must be complete.
+	(cd "$_NII_TOOL_SRC" && CGO_ENABLED=0 _nii_go build -mod=readonly -trimpath \
+		-ldflags='-s -w' -o "$1/$_NII_TOOL_NAME" .)
+}
+
+# nii_install_packages: runc (the distribution's, for NII_RUNC=/usr/sbin/runc), a
+# static busybox (the only content of the test images), gcc (spire-server's and
+# runc's cgo, the scratch image's binary) and libseccomp-dev (runc's seccomp).
+# Debian's containerd is deliberately not installed: its shim would shadow ours.
 nii_install_packages() {
-	local missing=() start=$SECONDS
+	local missing=()
 	[[ -x /usr/sbin/runc ]] || missing+=(runc)
+	dpkg-query -W -f='${Status}' libseccomp-dev 2>/dev/null | grep -q 'ok installed' || missing+=(libseccomp-dev)
 	# The images need the *static* busybox; the dynamic one would not run
 	# inside a rootfs that holds nothing else.
 	dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' || missing+=(busybox-static)
@@ -251,12 +379,7 @@ nii_install_packages() {
 		_nii_log "packages present (0s)"
 		return 0
 	fi
-	# Refresh the lists only when the cached ones cannot satisfy the install.
-	if ! DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"; then
-		apt-get update
-		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
-	fi
-	_nii_log "packages ${missing[*]} installed in $((SECONDS - start))s"
+	_nii_apt "${missing[@]}"
 }
 
 nii_build_all() {
@@ -271,6 +394,7 @@ nii_build_all() {
 	_nii_build "containerd $NII_CONTAINERD_VERSION" "$NII_CONTAINERD_DIR" \
 		"containerd containerd-shim-runc-v2 ctr" _nii_build_containerd || rc=1
 	((rc)) || _nii_build "crictl $NII_CRICTL_VERSION" "$NII_CRICTL_DIR" "crictl" _nii_build_crictl || rc=1
+	((rc)) || _nii_build "runc $NII_RUNC_VERSION" "$NII_RUNC_DIR" "runc" _nii_build_runc || rc=1
 	((rc)) || _nii_build "spire $NII_SPIRE_VERSION" "$NII_SPIRE_DIR" \
 		"spire-server spire-agent" _nii_build_spire || rc=1
 	exec {lock}>&-
@@ -280,13 +404,36 @@ nii_build_all() {
 	fi
 }
 
+# The VM bed's programs (qemu, a guest kernel, virtiofsd): lib/vm.sh.
+# shellcheck source=tests/e2e/lib/build_vm.sh
+. "$(dirname "${BASH_SOURCE[0]}")/build_vm.sh"
+
 if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
-	nii_build_all
-	printf 'NII_CONTAINERD_DIR=%s\nNII_CRICTL_DIR=%s\nNII_SPIRE_DIR=%s\n' \
-		"$NII_CONTAINERD_DIR" "$NII_CRICTL_DIR" "$NII_SPIRE_DIR"
-	# `build.sh kubelet`: also the standalone kubelet.
-	if [[ ${1:-} == kubelet ]]; then
-		nii_build_kubelet
-		printf 'NII_KUBELET_DIR=%s\n' "$NII_KUBELET_DIR"
+	# `build.sh vm`: only what the VM bed needs.
+	if [[ ${1:-} == vm ]]; then
+		nii_build_vm
+		printf 'NII_VM_QEMU=%s\nNII_VIRTIOFSD=%s\nNII_VM_KERNEL_DIR=%s\n' \
+			"$NII_VM_QEMU" "$NII_VIRTIOFSD" "$NII_VM_KERNEL_DIR"
+		exit 0
 	fi
+	nii_build_all
+	printf 'NII_CONTAINERD_DIR=%s\nNII_CRICTL_DIR=%s\nNII_SPIRE_DIR=%s\nNII_RUNC=%s\n' \
+		"$NII_CONTAINERD_DIR" "$NII_CRICTL_DIR" "$NII_SPIRE_DIR" "$NII_RUNC"
+	# `build.sh kubelet cri-o`: also the standalone kubelet, CRI-O.
+	for extra in "$@"; do
+		case $extra in
+		kubelet)
+			nii_build_kubelet
+			printf 'NII_KUBELET_DIR=%s\n' "$NII_KUBELET_DIR"
+			;;
+		cri-o)
+			nii_build_crio
+			printf 'NII_CRIO_DIR=%s\n' "$NII_CRIO_DIR"
+			;;
+		*)
+			_nii_log "unknown extra '$extra' (kubelet, cri-o)"
+			exit 2
+			;;
+		esac
+	done
 fi

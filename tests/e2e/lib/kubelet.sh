@@ -1,7 +1,8 @@
 # shellcheck shell=bash
 # A real standalone kubelet on the bed (no API server, no kubeconfig): static
-# pods from $E2E/manifests, run by the bed's containerd, with the read-only
-# port on 127.0.0.1 for SPIRE's k8s workload attestor. Source after bed.sh:
+# pods from $E2E/manifests, run by the bed's runtime (containerd, or CRI-O with
+# E2E_RUNTIME=cri-o), with the read-only port on 127.0.0.1 for SPIRE's k8s
+# workload attestor. Source after bed.sh:
 #
 #   E2E_K8S_ATTESTOR=1          # before bed_up: the agent gets the k8s attestor
 #   trap 'bed_down $?' EXIT     # bed_down calls kubelet_down (BED_DOWN_HOOKS)
@@ -29,9 +30,10 @@
 #   flock /run/lock/nii-e2e.lock env E2E=/tmp/nii-e2e.XXXXXX bash -c \
 #     '. tests/e2e/lib/bed.sh; . tests/e2e/lib/kubelet.sh; bed_down'
 #
-# While the kubelet runs it owns every pod in containerd's k8s.io namespace:
-# it kills the bed's crictl-made pods within about 2 s ("Clean up containers
-# for orphaned pod we had not seen before"). Use static pods only.
+# While the kubelet runs it owns every pod of the runtime (on containerd, of
+# its k8s.io namespace): it kills the bed's crictl-made pods within about 2 s
+# ("Clean up containers for orphaned pod we had not seen before"). Use static
+# pods only.
 
 _KUBELET_LIB=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
@@ -156,8 +158,9 @@ kind: KubeletConfiguration
 cgroupDriver: cgroupfs
 # v1.34 still runs on cgroup v1; say so explicitly (1.35 refuses by default).
 failCgroupV1: false
-containerRuntimeEndpoint: unix://$CONTAINERD_SOCK
-imageServiceEndpoint: unix://$CONTAINERD_SOCK
+# The bed's runtime (bed_up: containerd or CRI-O), both with cgroupfs.
+containerRuntimeEndpoint: unix://$CRI_SOCK
+imageServiceEndpoint: unix://$CRI_SOCK
 staticPodPath: $KUBELET_MANIFESTS
 # The directory is watched with inotify too; this is only the resync.
 fileCheckFrequency: 2s
@@ -214,7 +217,7 @@ _kubelet_pki() {
 # /healthz and the read-only port. Needs bed_up first.
 kubelet_up() {
 	local t
-	[[ -n ${E2E:-} && -S ${CONTAINERD_SOCK:-} ]] || _bed_die "kubelet_up needs bed_up first" || return 1
+	[[ -n ${E2E:-} && -S ${CRI_SOCK:-} ]] || _bed_die "kubelet_up needs bed_up first" || return 1
 	if bed_pid kubelet >/dev/null; then
 		_bed_die "the kubelet already runs"
 		return 1
@@ -280,11 +283,11 @@ kubelet_down() {
 	t=$(_bed_ms)
 	# First: a running kubelet recreates whatever is removed under it.
 	bed_stop kubelet 30
-	if [[ -x $E2E/bin/crictl ]] && bed_pid containerd >/dev/null; then
+	if [[ -x $E2E/bin/crictl ]] && bed_pid "$(_bed_runtime_proc)" >/dev/null; then
 		ids=$(_kubelet_pod_ids)
 		if [[ -n $ids ]]; then
 			# shellcheck disable=SC2086 # one ID per word
-			timeout 120 "$E2E/bin/crictl" rmp -f $ids >/dev/null 2>&1 || _kubelet_log "crictl rmp of the kubelet's pods failed"
+			bed_rmp $ids 2>/dev/null || _kubelet_log "crictl rmp of the kubelet's pods failed"
 		fi
 	fi
 	# Processes left in the kubelet's pod cgroups (a pod CRI failed to remove).

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Build registry-free OCI image tarballs for the end-to-end bed.
 
-The bed has no registry and no internet, so its two images are made here from
-the host's static busybox:
+The bed has no registry and no internet, so its images are made here from the
+host's static busybox:
 
 * docker.io/library/e2e-busybox:1  - workload image, Cmd /bin/sh
 * registry.k8s.io/pause:3.10.2     - sandbox image, Entrypoint /bin/sleep inf
@@ -11,13 +11,20 @@ Both share one uncompressed layer: bin/busybox, one symlink per applet, an
 /etc/passwd and /etc/group with root, nobody and the unprivileged user 1001
 'app' the test containers run as, and a sticky world-writable /tmp.
 
+With --scratch-binary, a third image as a FROM scratch Containerfile would make
+it: one layer holding only that static binary, as /idcheck, and nothing else
+(no shell, no /etc, no directories):
+
+* docker.io/library/e2e-scratch:1  - Entrypoint /idcheck
+
 Every timestamp and owner is fixed, so the same busybox gives byte-identical
 tarballs (and digests) on every run. index.json carries the full normalized
 name in io.containerd.image.name: without it `ctr images import` invents an
 `import-<date>:<tag>` name that CRI will not resolve.
 
-Usage: mkimage.py [--busybox PATH] [--only busybox|pause] OUTDIR
-Writes OUTDIR/e2e-busybox.tar and OUTDIR/pause.tar (python3 stdlib only).
+Usage: mkimage.py [--busybox PATH] [--scratch-binary PATH] [--only busybox|pause|scratch] OUTDIR
+Writes OUTDIR/e2e-busybox.tar, OUTDIR/pause.tar and, given --scratch-binary,
+OUTDIR/e2e-scratch.tar (python3 stdlib only).
 """
 
 import argparse
@@ -47,6 +54,11 @@ IMAGES = {
         "name": "registry.k8s.io/pause:3.10.2",
         # The sandbox only has to stay alive until CRI SIGKILLs it.
         "config": {"Entrypoint": ["/bin/sleep", "inf"]},
+    },
+    "scratch": {
+        "file": "e2e-scratch.tar",
+        "name": "docker.io/library/e2e-scratch:1",
+        "config": {"Entrypoint": ["/idcheck"]},
     },
 }
 
@@ -153,6 +165,14 @@ def build_layer(busybox):
     return t.close()
 
 
+def build_scratch_layer(binary):
+    with open(binary, "rb") as f:
+        data = f.read()
+    t = DeterministicTar()
+    t.file("idcheck", data, 0o755)
+    return t.close()
+
+
 def digest(data):
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
@@ -221,6 +241,7 @@ def build_image(spec, layer, arch):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--busybox", default="/bin/busybox", help="a static busybox binary")
+    ap.add_argument("--scratch-binary", help="a static binary: the only content of the scratch image")
     ap.add_argument("--only", choices=sorted(IMAGES), action="append", help="build only this image")
     ap.add_argument("outdir")
     args = ap.parse_args()
@@ -228,14 +249,18 @@ def main():
     if not is_static_elf(args.busybox):
         # A dynamic busybox would fail inside an image that has no libc.
         sys.exit(f"mkimage: {args.busybox} is not a static ELF binary (install busybox-static)")
+    wanted = args.only or [k for k in sorted(IMAGES) if k != "scratch" or args.scratch_binary]
+    if "scratch" in wanted and not (args.scratch_binary and is_static_elf(args.scratch_binary)):
+        sys.exit("mkimage: the scratch image needs --scratch-binary, a static ELF binary")
 
     os.makedirs(args.outdir, exist_ok=True)
     layer = build_layer(args.busybox)
     arch = oci_arch()
-    for key in args.only or sorted(IMAGES):
+    for key in wanted:
         spec = IMAGES[key]
         path = os.path.join(args.outdir, spec["file"])
-        data = build_image(spec, layer, arch)
+        image_layer = build_scratch_layer(args.scratch_binary) if key == "scratch" else layer
+        data = build_image(spec, image_layer, arch)
         tmp = path + ".tmp"
         with open(tmp, "wb") as f:
             f.write(data)

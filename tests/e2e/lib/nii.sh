@@ -20,6 +20,15 @@ nii_build() {
 	export NII_BIN
 }
 
+# nii_build_identity_check : the workload-side checker (tools/identity-check), static like the
+# shipped binary so it runs in any container or VM guest; sets NII_IDENTITY_CHECK.
+nii_build_identity_check() {
+	(cd "$NII_ROOT" && RUSTFLAGS="-C target-feature=+crt-static" cargo build -q --release \
+		--target x86_64-unknown-linux-gnu -p nii-identity-check --bin identity-check) || return 1
+	NII_IDENTITY_CHECK=${CARGO_TARGET_DIR:-$NII_ROOT/target}/x86_64-unknown-linux-gnu/release/identity-check
+	export NII_IDENTITY_CHECK
+}
+
 # nii_places : choose (once per bed) the artifact root and the HTTP address, so that a
 # daemon started in a subshell leaves its caller with the right ones.
 nii_places() {
@@ -52,6 +61,16 @@ nii_start() {
 }
 
 nii_stop() { bed_stop nii 15; }
+
+# nii_kill : SIGKILL the daemon (no draining, no goodbye to the runtime) and forget it.
+nii_kill() {
+	local pid
+	if pid=$(bed_pid nii); then
+		kill -KILL "$pid" 2>/dev/null || true
+		wait "$pid" 2>/dev/null || true
+	fi
+	bed_stop nii
+}
 
 # nii_restart [VAR=VALUE...] [-- EXTRA-ARGS...] : stop the daemon if it runs, then start it
 # with those environment variables (NRI_IDENTITY_*, NII_WAIT) and arguments.
@@ -168,10 +187,12 @@ nii_scenarios() {
 	done
 }
 
-# nii_finish LABEL : the EXIT trap of a scenario script: stops the daemon, tears the bed down,
-# checks the host is clean, and prints the closing "N passed, M failed" line.
+# nii_finish LABEL [STATUS] : the EXIT trap of a scenario script: stops the daemon, tears the
+# bed down, checks the host is clean, and prints the closing "N passed, M failed" line. STATUS
+# (default: the status the script is exiting with) is for traps that do more first.
 nii_finish() {
 	local rc=$? label=$1
+	rc=${2:-$rc}
 	trap - EXIT
 	nii_stop 2>/dev/null || true
 	bed_down "$rc" || true

@@ -1,19 +1,31 @@
-//! Splitting the agent's bundle values into certificates.
+//! Reading DER: splitting the agent's bundle values into certificates, and walking the few
+//! structures the start guard looks into (certificates, PKCS#8 keys).
 //!
 //! `SubscribeToX509Bundles` sends each trust domain's CA certificates as raw DER certificates
 //! written back to back (not PEM, no count, no separators), so the only way to find where one
-//! ends is to read the outer DER header: a SEQUENCE tag and its definite length. Nothing here
-//! parses certificate contents; that is left to whoever consumes them.
+//! ends is to read the outer DER header: a SEQUENCE tag and its definite length. [`Reader`]
+//! reads elements one after the other, each as its tag and contents; what the contents mean is
+//! left to the caller.
 
-/// Why a byte string is not a sequence of DER certificates. Offsets count from the start of
-/// the whole value.
+/// Why a byte string is not the DER expected. Offsets count from the start of the value the
+/// reader was given.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DerError {
     #[error("at byte {offset}: expected a SEQUENCE (tag 0x30), found tag {tag:#04x}")]
     NotASequence { offset: usize, tag: u8 },
-    #[error("at byte {offset}: the input ends inside a certificate header")]
+    #[error("at byte {offset}: expected tag {expected:#04x}, found tag {found:#04x}")]
+    UnexpectedTag {
+        offset: usize,
+        expected: u8,
+        found: u8,
+    },
+    #[error("at byte {offset}: expected tag {expected:#04x}, found the end of the input")]
+    MissingElement { offset: usize, expected: u8 },
+    #[error("at byte {offset}: multi-byte tags are not used by the structures read here")]
+    HighTagNumber { offset: usize },
+    #[error("at byte {offset}: the input ends inside an element header")]
     TruncatedHeader { offset: usize },
-    #[error("at byte {offset}: a certificate of {len} bytes overruns the input ({remaining} left)")]
+    #[error("at byte {offset}: an element of {len} bytes overruns the input ({remaining} left)")]
     Truncated {
         offset: usize,
         len: usize,
@@ -28,33 +40,139 @@ pub enum DerError {
 }
 
 /// DER tag of a constructed SEQUENCE, the outer type of an X.509 certificate.
-const SEQUENCE: u8 = 0x30;
+pub const SEQUENCE: u8 = 0x30;
+pub const INTEGER: u8 = 0x02;
+pub const BIT_STRING: u8 = 0x03;
+pub const OCTET_STRING: u8 = 0x04;
+pub const OBJECT_IDENTIFIER: u8 = 0x06;
 /// A 4-byte length already allows 4 GiB; anything longer is garbage, not a certificate.
 const MAX_LENGTH_BYTES: usize = 4;
+/// The low five bits of a tag all set announce a multi-byte tag number.
+const HIGH_TAG_NUMBER: u8 = 0x1f;
 
 /// Splits concatenated DER certificates into one `Vec` per certificate, in order.
 ///
 /// Empty input gives no certificates. Each element is checked to be a SEQUENCE with a
 /// minimally encoded definite length that fits the input; the contents are not inspected.
-pub fn split_der_certificates(mut input: &[u8]) -> Result<Vec<Vec<u8>>, DerError> {
+pub fn split_der_certificates(input: &[u8]) -> Result<Vec<Vec<u8>>, DerError> {
+    let mut reader = Reader::new(input);
     let mut certs = Vec::new();
-    let mut offset = 0;
-    while !input.is_empty() {
-        let total = element_len(input, offset)?;
-        let (cert, rest) = input.split_at(total);
-        certs.push(cert.to_vec());
-        input = rest;
-        offset += total;
+    while !reader.is_empty() {
+        let offset = reader.offset;
+        let tag = input[offset];
+        if tag != SEQUENCE {
+            return Err(DerError::NotASequence { offset, tag });
+        }
+        let element = reader.next_raw()?;
+        certs.push(element.to_vec());
     }
     Ok(certs)
 }
 
-/// Length of the whole element (header and contents) at the start of `input`, which is not
+/// One element: its tag byte and its contents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Element<'a> {
+    pub tag: u8,
+    pub contents: &'a [u8],
+    /// Where the contents start, counted from the start of the outermost value.
+    pub offset: usize,
+}
+
+impl<'a> Element<'a> {
+    /// A reader over the contents of this (constructed) element.
+    pub fn reader(&self) -> Reader<'a> {
+        Reader {
+            input: self.contents,
+            offset: 0,
+            base: self.offset,
+        }
+    }
+}
+
+/// Reads DER elements one after the other.
+#[derive(Debug, Clone)]
+pub struct Reader<'a> {
+    input: &'a [u8],
+    offset: usize,
+    /// Offset of `input` in the outermost value, for messages.
+    base: usize,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(input: &'a [u8]) -> Reader<'a> {
+        Reader {
+            input,
+            offset: 0,
+            base: 0,
+        }
+    }
+
+    /// Whether every element has been read.
+    pub fn is_empty(&self) -> bool {
+        self.offset >= self.input.len()
+    }
+
+    /// The tag of the next element, if any.
+    pub fn peek_tag(&self) -> Option<u8> {
+        self.input.get(self.offset).copied()
+    }
+
+    /// The next element.
+    pub fn next_element(&mut self) -> Result<Option<Element<'a>>, DerError> {
+        if self.is_empty() {
+            return Ok(None);
+        }
+        let start = self.offset;
+        let (header, len) = header(&self.input[start..], self.base + start)?;
+        let tag = self.input[start];
+        let contents = &self.input[start + header..start + header + len];
+        self.offset = start + header + len;
+        Ok(Some(Element {
+            tag,
+            contents,
+            offset: self.base + start + header,
+        }))
+    }
+
+    /// The next element, which must have `tag`.
+    pub fn expect(&mut self, tag: u8) -> Result<Element<'a>, DerError> {
+        let offset = self.base + self.offset;
+        match self.next_element()? {
+            Some(e) if e.tag == tag => Ok(e),
+            Some(e) => Err(DerError::UnexpectedTag {
+                offset,
+                expected: tag,
+                found: e.tag,
+            }),
+            None => Err(DerError::MissingElement {
+                offset,
+                expected: tag,
+            }),
+        }
+    }
+
+    /// The next element if it has `tag` (an OPTIONAL field); nothing is consumed otherwise.
+    pub fn optional(&mut self, tag: u8) -> Result<Option<Element<'a>>, DerError> {
+        if self.peek_tag() == Some(tag) {
+            self.next_element()
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// The next element with its header, as bytes.
+    fn next_raw(&mut self) -> Result<&'a [u8], DerError> {
+        let start = self.offset;
+        self.next_element()?;
+        Ok(&self.input[start..self.offset])
+    }
+}
+
+/// Header length and contents length of the element at the start of `input`, which is not
 /// empty and begins `offset` bytes into the original value.
-fn element_len(input: &[u8], offset: usize) -> Result<usize, DerError> {
-    let tag = input[0];
-    if tag != SEQUENCE {
-        return Err(DerError::NotASequence { offset, tag });
+fn header(input: &[u8], offset: usize) -> Result<(usize, usize), DerError> {
+    if input[0] & HIGH_TAG_NUMBER == HIGH_TAG_NUMBER {
+        return Err(DerError::HighTagNumber { offset });
     }
     let first = *input.get(1).ok_or(DerError::TruncatedHeader { offset })?;
     let (header, len) = if first < 0x80 {
@@ -91,7 +209,7 @@ fn element_len(input: &[u8], offset: usize) -> Result<usize, DerError> {
             remaining: input.len(),
         });
     }
-    Ok(header + len)
+    Ok((header, len))
 }
 
 #[cfg(test)]
@@ -214,6 +332,48 @@ mod tests {
     }
 
     #[test]
+    fn the_reader_walks_nested_elements_and_optional_fields() {
+        // SEQUENCE { INTEGER 5, [0] { OCTET STRING "ab" }, BIT STRING 00 ff }
+        let value = [
+            0x30, 0x0d, 0x02, 0x01, 0x05, 0xa0, 0x04, 0x04, 0x02, b'a', b'b', 0x03, 0x02, 0x00,
+            0xff,
+        ];
+        let mut outer = Reader::new(&value);
+        let seq = outer.expect(SEQUENCE).unwrap();
+        assert!(outer.is_empty());
+        let mut r = seq.reader();
+        assert_eq!(r.expect(INTEGER).unwrap().contents, [5]);
+        assert_eq!(r.optional(0xa1).unwrap(), None, "absent optional field");
+        let tagged = r.optional(0xa0).unwrap().unwrap();
+        assert_eq!(
+            tagged.reader().expect(OCTET_STRING).unwrap().contents,
+            b"ab"
+        );
+        let bits = r.expect(BIT_STRING).unwrap();
+        assert_eq!((bits.contents, bits.offset), (&[0x00, 0xff][..], 13));
+        assert_eq!(
+            r.expect(INTEGER),
+            Err(DerError::MissingElement {
+                offset: 15,
+                expected: INTEGER
+            })
+        );
+        let mut r = seq.reader();
+        assert_eq!(
+            r.expect(OCTET_STRING),
+            Err(DerError::UnexpectedTag {
+                offset: 2,
+                expected: OCTET_STRING,
+                found: INTEGER
+            })
+        );
+        assert_eq!(
+            Reader::new(&[0x1f, 0x81, 0x00]).next_element(),
+            Err(DerError::HighTagNumber { offset: 0 })
+        );
+    }
+
+    #[test]
     fn never_panics_on_arbitrary_bytes() {
         // A cheap deterministic fuzz: every prefix and single-byte corruption of a valid input.
         let valid = [seq(3), seq(200), seq(0)].concat();
@@ -227,11 +387,24 @@ mod tests {
                 let _ = split_der_certificates(&bad);
             }
         }
+        fn walk(r: &mut Reader<'_>, depth: usize) {
+            while let Ok(Some(e)) = r.next_element() {
+                if depth < 8 && e.tag & 0x20 != 0 {
+                    walk(&mut e.reader(), depth + 1);
+                }
+            }
+        }
+        for i in 0..valid.len() {
+            let mut bad = valid.clone();
+            bad[i] ^= 0x5a;
+            walk(&mut Reader::new(&bad), 0);
+        }
         let mut rng = fastrand::Rng::with_seed(7);
         for _ in 0..2000 {
             let n = rng.usize(0..64);
             let bytes: Vec<u8> = (0..n).map(|_| rng.u8(..)).collect();
             let _ = split_der_certificates(&bytes);
+            walk(&mut Reader::new(&bytes), 0);
         }
     }
 }
