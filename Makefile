@@ -39,7 +39,7 @@ unit:
 
 # Every fuzz target (fuzz/, cargo-fuzz on nightly) for FUZZ_SMOKE_SECONDS each; `make fuzz`
 # runs them for FUZZ_SECONDS each, FUZZ_JOBS at a time. Limits, corpora: fuzz/README.md.
-FUZZ_SMOKE_SECONDS ?= 20
+FUZZ_SMOKE_SECONDS ?= 15
 FUZZ_SECONDS ?= 1800
 FUZZ_JOBS ?= 1
 fuzz-smoke:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every fuzz target for SECONDS each (default 20: the smoke `make test` runs) and prints
+# Runs every fuzz target for SECONDS each (default 15: the smoke `make test` runs) and prints
 # per target: executions, coverage (edges "cov", features "ft"), corpus size, and whether it
 # found anything. JOBS targets run at a time (default 1), niced.
 #
@@ -12,9 +12,9 @@
 set -euo pipefail
 
 cd "$(dirname "$0")"
-SECONDS_EACH=${1:-20}
+SECONDS_EACH=${1:-15}
 shift || true
-ALL=(annotation annotation_structured nri_frames nri_session kubelet_http kubelet_pods spire_response spire_der config)
+ALL=(annotation annotation_structured nri_frames nri_session kubelet_http kubelet_pods spire_response spire_der guard_files config)
 TARGETS=("$@")
 [[ ${#TARGETS[@]} -gt 0 ]] || TARGETS=("${ALL[@]}")
 JOBS=${JOBS:-1}
@@ -30,7 +30,7 @@ dict_of() {
 	nri_frames | nri_session) echo dict/nri.dict ;;
 	kubelet_http) echo dict/http.dict ;;
 	kubelet_pods) echo dict/json.dict ;;
-	spire_response | spire_der) echo dict/der.dict ;;
+	spire_response | spire_der | guard_files) echo dict/der.dict ;;
 	config) echo dict/config.dict ;;
 	*) return 1 ;;
 	esac

@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use base64::Engine as _;
 use nri_identity_injector::spire::fake::TestCa;
 use nri_identity_injector::spire::proto::api::agent::delegatedidentity::v1::{
     SubscribeToX509BundlesResponse, SubscribeToX509sviDsResponse, X509svidWithKey,
@@ -230,11 +231,56 @@ fn http(dir: &Path, pod_list: &[u8]) {
     write(dir, "forbidden", &refused);
 }
 
+/// The guard's files: the test certificates and keys of `src/guard/testdata` in every layout.
+fn guard(dir: &Path) {
+    let testdata = Path::new(env!("CARGO_MANIFEST_DIR")).join("../src/guard/testdata");
+    let read = |name: &str| std::fs::read(testdata.join(name)).unwrap();
+    let der = |pem: &[u8]| {
+        let text = std::str::from_utf8(pem).unwrap();
+        let body: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
+        base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .unwrap()
+    };
+    let seed = |flags: u8, cert: &[u8], key: Option<&[u8]>, id: &str| {
+        let mut out = vec![flags];
+        for part in std::iter::once(cert).chain(key) {
+            out.extend_from_slice(&(part.len() as u16).to_be_bytes());
+            out.extend_from_slice(part);
+        }
+        out.extend_from_slice(id.as_bytes());
+        out
+    };
+    for (name, cert, key) in [
+        ("rsa", "rsa_cert.pem", "rsa_key.pem"),
+        ("ed", "ed_cert.pem", "ed_key.pem"),
+        ("rsa-other-key", "rsa_cert.pem", "rsa_other_key.pem"),
+    ] {
+        let (cert, key) = (read(cert), read(key));
+        write(
+            dir,
+            name,
+            &seed(2, &cert, Some(&key), "spiffe://example.org/ed"),
+        );
+        write(
+            dir,
+            &format!("{name}-der"),
+            &seed(6, &der(&cert), Some(&der(&key)), "spiffe://example.org/ed"),
+        );
+        write(
+            dir,
+            &format!("{name}-combined"),
+            &seed(1, &[key, cert].concat(), None, ""),
+        );
+    }
+}
+
 fn main() {
     let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds");
     nri(&seeds.join("nri_frames"));
     spire(&seeds.join("spire_response"), &seeds.join("spire_der"));
     let pod_list = std::fs::read(seeds.join("kubelet_pods/deployment-and-static")).unwrap();
     http(&seeds.join("kubelet_http"), &pod_list);
+    guard(&seeds.join("guard_files"));
     println!("seeds written under {}", seeds.display());
 }
