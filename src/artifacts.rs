@@ -95,6 +95,7 @@ use crate::host::{
     DirHandle, FileAttrs, HostError, HostOps, Owner, PRIVATE_DIR_MODE, SELINUX_XATTR, TEMP_PREFIX,
     validate_component,
 };
+use crate::spiffe::TrustDomain;
 
 /// The directory under the root holding the start guard's binary.
 pub const GUARD_DIR: &str = ".guard";
@@ -124,8 +125,8 @@ pub struct Material {
     pub key: Zeroizing<Vec<u8>>,
     /// DER CA certificates of the SVID's own trust domain.
     pub own_bundle: Vec<Vec<u8>>,
-    /// DER CA certificates per federated trust domain (the name without `spiffe://`).
-    pub federated: BTreeMap<String, Vec<Vec<u8>>>,
+    /// DER CA certificates per federated trust domain.
+    pub federated: BTreeMap<TrustDomain, Vec<Vec<u8>>>,
 }
 
 impl fmt::Debug for Material {
@@ -149,105 +150,70 @@ pub enum ArtifactError {
     #[error("the trust bundle of the svid's trust domain is empty")]
     EmptyBundle,
     #[error(
-        "federated trust domain {name:?} cannot name a file (expected a-z, 0-9, '.', '-', '_', not starting with '.')"
+        "federated trust domain {name:?} cannot name a file (it starts with '.' or is too long)"
     )]
     InvalidTrustDomain { name: String },
-    #[error("output file name {name:?} is not a single path component")]
-    InvalidFileName {
-        name: String,
-        #[source]
-        source: HostError,
-    },
+    #[error("output file name {name:?} is not a single path component: {error}")]
+    InvalidFileName { name: String, error: HostError },
     #[error("output file name {name:?} is used twice")]
     DuplicateFileName { name: String },
     #[error("pem encoding of {name} overflowed its buffer")]
     PemEncoding { name: String },
-    #[error("creating the artifact directory for pod {pod_uid} container {container_id}")]
+    #[error("creating the artifact directory for pod {pod_uid} container {container_id}: {error}")]
     CreateDir {
         pod_uid: String,
         container_id: String,
-        #[source]
-        source: HostError,
+        error: HostError,
     },
-    #[error("labelling the artifact directory {dir}")]
-    LabelDir {
-        dir: PathBuf,
-        #[source]
-        source: HostError,
-    },
-    #[error("listing {dir}")]
-    List {
-        dir: PathBuf,
-        #[source]
-        source: HostError,
-    },
-    #[error("removing leftover temporary file {name} in {dir}")]
+    #[error("labelling the artifact directory {dir}: {error}")]
+    LabelDir { dir: PathBuf, error: HostError },
+    #[error("listing {dir}: {error}")]
+    List { dir: PathBuf, error: HostError },
+    #[error("removing leftover temporary file {name} in {dir}: {error}")]
     Sweep {
         dir: PathBuf,
         name: String,
-        #[source]
-        source: HostError,
+        error: HostError,
     },
-    #[error("staging {name} in {dir}; previous files are untouched")]
+    #[error("staging {name} in {dir} (previous files are untouched): {error}")]
     Stage {
         dir: PathBuf,
         name: String,
-        #[source]
-        source: HostError,
+        error: HostError,
     },
-    #[error("replacing {name} in {dir} after {committed} file(s) were replaced")]
+    #[error("replacing {name} in {dir} after {committed} file(s) were replaced: {error}")]
     Commit {
         dir: PathBuf,
         name: String,
         committed: usize,
-        #[source]
-        source: HostError,
+        error: HostError,
     },
-    #[error("removing stale federated bundle {name} in {dir}")]
+    #[error("removing stale federated bundle {name} in {dir}: {error}")]
     RemoveStale {
         dir: PathBuf,
         name: String,
-        #[source]
-        source: HostError,
+        error: HostError,
     },
-    #[error("syncing {dir}")]
-    Sync {
-        dir: PathBuf,
-        #[source]
-        source: HostError,
-    },
-    #[error("removing the artifact directory for pod {pod_uid} container {container_id}")]
+    #[error("syncing {dir}: {error}")]
+    Sync { dir: PathBuf, error: HostError },
+    #[error("removing the artifact directory for pod {pod_uid} container {container_id}: {error}")]
     Remove {
         pod_uid: String,
         container_id: String,
-        #[source]
-        source: HostError,
+        error: HostError,
     },
-    #[error("emptying {dir}")]
+    #[error("emptying {dir}: {error}")]
     Empty {
         dir: PathBuf,
         name: String,
-        #[source]
-        source: HostError,
+        error: HostError,
     },
-    #[error("removing the artifact directory of pod {pod_uid}")]
-    RemovePod {
-        pod_uid: String,
-        #[source]
-        source: HostError,
-    },
-    #[error("opening the artifact root {root}")]
-    Root {
-        root: PathBuf,
-        #[source]
-        source: HostError,
-    },
-    #[error("installing the start guard at {path}")]
-    Guard {
-        path: PathBuf,
-        #[source]
-        source: HostError,
-    },
+    #[error("removing the artifact directory of pod {pod_uid}: {error}")]
+    RemovePod { pod_uid: String, error: HostError },
+    #[error("opening the artifact root {root}: {error}")]
+    Root { root: PathBuf, error: HostError },
+    #[error("installing the start guard at {path}: {error}")]
+    Guard { path: PathBuf, error: HostError },
 }
 
 // === rendering ===
@@ -259,7 +225,7 @@ pub enum RenderedKind {
     KeyAndChain,
     SvidChain,
     TrustBundle,
-    FederatedBundle { trust_domain: String },
+    FederatedBundle { trust_domain: TrustDomain },
 }
 
 impl RenderedKind {
@@ -445,30 +411,25 @@ fn render_output(
     })
 }
 
-/// `<trust-domain>.x509.pem`, refusing anything that is not a plain trust domain name: the
-/// names come from the agent, and a `/` or a leading `.` (our temp prefix) must never reach
-/// the file system.
-fn federated_file_name(trust_domain: &str) -> Result<String, ArtifactError> {
-    let valid = !trust_domain.is_empty()
-        && !trust_domain.starts_with('.')
-        && trust_domain.len() + FEDERATED_BUNDLE_SUFFIX.len() <= MAX_FILE_NAME_BYTES
-        && trust_domain
-            .bytes()
-            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_'));
-    if !valid {
+/// `<trust-domain>.x509.pem`. The type guarantees a plain name (no `/`); the file system
+/// adds its own limits: a leading `.` is our temp prefix and must never name a bundle, and the
+/// whole name must fit `NAME_MAX`.
+fn federated_file_name(trust_domain: &TrustDomain) -> Result<String, ArtifactError> {
+    let name = trust_domain.name();
+    if name.starts_with('.') || name.len() + FEDERATED_BUNDLE_SUFFIX.len() > MAX_FILE_NAME_BYTES {
         return Err(ArtifactError::InvalidTrustDomain {
-            name: trust_domain.chars().take(MAX_FILE_NAME_BYTES).collect(),
+            name: name.to_owned(),
         });
     }
-    Ok(format!("{trust_domain}{FEDERATED_BUNDLE_SUFFIX}"))
+    Ok(format!("{name}{FEDERATED_BUNDLE_SUFFIX}"))
 }
 
 /// The annotation module validated the names; this is the writer's own guard that nothing
 /// lands outside the directory.
 fn check_file_name(name: &str) -> Result<(), ArtifactError> {
-    validate_component(name).map_err(|source| ArtifactError::InvalidFileName {
+    validate_component(name).map_err(|error| ArtifactError::InvalidFileName {
         name: name.to_owned(),
-        source,
+        error,
     })
 }
 
@@ -611,7 +572,7 @@ impl ArtifactWriter {
             return Err(ArtifactError::CreateDir {
                 pod_uid: pod_uid.to_owned(),
                 container_id: container_id.to_owned(),
-                source: HostError::InvalidComponent {
+                error: HostError::InvalidComponent {
                     component: pod_uid.to_owned(),
                     reason: "starts with '.', which the daemon keeps for its own files",
                 },
@@ -620,17 +581,17 @@ impl ArtifactWriter {
         let handle = self
             .host
             .create_container_dir(&self.root, pod_uid, container_id)
-            .map_err(|source| ArtifactError::CreateDir {
+            .map_err(|error| ArtifactError::CreateDir {
                 pod_uid: pod_uid.to_owned(),
                 container_id: container_id.to_owned(),
-                source,
+                error,
             })?;
         if let Some(label) = label {
             self.host
                 .set_xattr(&handle, None, SELINUX_XATTR, label.as_bytes())
-                .map_err(|source| ArtifactError::LabelDir {
+                .map_err(|error| ArtifactError::LabelDir {
                     dir: handle.path().to_path_buf(),
-                    source,
+                    error,
                 })?;
         }
         Ok(ArtifactDir {
@@ -665,10 +626,10 @@ impl ArtifactWriter {
         {
             self.host
                 .unlink(handle, name)
-                .map_err(|source| ArtifactError::Sweep {
+                .map_err(|error| ArtifactError::Sweep {
                     dir: dir_path(),
                     name: name.clone(),
-                    source,
+                    error,
                 })?;
         }
 
@@ -681,19 +642,19 @@ impl ArtifactWriter {
             };
             match self.host.create_temp(handle, &file.contents, attrs) {
                 Ok(temp) => staged.push((temp, file)),
-                Err(source) => {
+                Err(error) => {
                     self.discard(handle, &staged);
                     return Err(ArtifactError::Stage {
                         dir: dir_path(),
                         name: file.name.clone(),
-                        source,
+                        error,
                     });
                 }
             }
         }
 
         for (committed, (temp, file)) in staged.iter().enumerate() {
-            if let Err(source) = self.host.rename(handle, temp, &file.name) {
+            if let Err(error) = self.host.rename(handle, temp, &file.name) {
                 self.discard(handle, staged.get(committed..).unwrap_or_default());
                 // Make the renames that did happen durable; the rename error is the news.
                 let _ = self.host.fsync_dir(handle);
@@ -701,7 +662,7 @@ impl ArtifactWriter {
                     dir: dir_path(),
                     name: file.name.clone(),
                     committed,
-                    source,
+                    error,
                 });
             }
         }
@@ -715,19 +676,19 @@ impl ArtifactWriter {
             for name in stale {
                 self.host
                     .unlink(handle, &name)
-                    .map_err(|source| ArtifactError::RemoveStale {
+                    .map_err(|error| ArtifactError::RemoveStale {
                         dir: dir_path(),
                         name: name.clone(),
-                        source,
+                        error,
                     })?;
             }
         }
 
         self.host
             .fsync_dir(handle)
-            .map_err(|source| ArtifactError::Sync {
+            .map_err(|error| ArtifactError::Sync {
                 dir: dir_path(),
-                source,
+                error,
             })
     }
 
@@ -761,10 +722,10 @@ impl ArtifactWriter {
         }
         self.host
             .remove_container_dir(&self.root, pod_uid, container_id)
-            .map_err(|source| ArtifactError::Remove {
+            .map_err(|error| ArtifactError::Remove {
                 pod_uid: pod_uid.to_owned(),
                 container_id: container_id.to_owned(),
-                source,
+                error,
             })
     }
 
@@ -776,17 +737,17 @@ impl ArtifactWriter {
         for name in self.list(handle)? {
             self.host
                 .unlink(handle, &name)
-                .map_err(|source| ArtifactError::Empty {
+                .map_err(|error| ArtifactError::Empty {
                     dir: handle.path().to_path_buf(),
                     name: name.clone(),
-                    source,
+                    error,
                 })?;
         }
         self.host
             .fsync_dir(handle)
-            .map_err(|source| ArtifactError::Sync {
+            .map_err(|error| ArtifactError::Sync {
                 dir: handle.path().to_path_buf(),
-                source,
+                error,
             })
     }
 
@@ -796,9 +757,9 @@ impl ArtifactWriter {
         if validate_component(pod_uid).is_err() || is_reserved(pod_uid) {
             return Ok(());
         }
-        let remove_pod = |source| ArtifactError::RemovePod {
+        let remove_pod = |error| ArtifactError::RemovePod {
             pod_uid: pod_uid.to_owned(),
-            source,
+            error,
         };
         let root = self.host.open_root(&self.root).map_err(remove_pod)?;
         self.host.remove_all(&root, pod_uid).map_err(remove_pod)
@@ -814,9 +775,9 @@ impl ArtifactWriter {
         let root = self
             .host
             .open_root(&self.root)
-            .map_err(|source| ArtifactError::Root {
+            .map_err(|error| ArtifactError::Root {
                 root: self.root.clone(),
-                source,
+                error,
             })?;
         let mut removed = Vec::new();
         for pod in self.list(&root)? {
@@ -853,9 +814,9 @@ impl ArtifactWriter {
         label: Option<&str>,
     ) -> Result<PathBuf, ArtifactError> {
         let path = self.root.join(GUARD_DIR).join(GUARD_FILE);
-        let failed = |source| ArtifactError::Guard {
+        let failed = |error| ArtifactError::Guard {
             path: path.clone(),
-            source,
+            error,
         };
         let root = self.host.open_root(&self.root).map_err(failed)?;
         let dir = self
@@ -892,12 +853,10 @@ impl ArtifactWriter {
     }
 
     fn list(&self, handle: &DirHandle) -> Result<Vec<String>, ArtifactError> {
-        self.host
-            .list(handle)
-            .map_err(|source| ArtifactError::List {
-                dir: handle.path().to_path_buf(),
-                source,
-            })
+        self.host.list(handle).map_err(|error| ArtifactError::List {
+            dir: handle.path().to_path_buf(),
+            error,
+        })
     }
 
     /// Removes staged temp files after a failure. Best effort: the failure that got us here is

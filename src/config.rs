@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Format, Serialized, Toml};
 pub use nri_identity_backends::Attestation;
 use nri_identity_backends::{RuntimeKind, SandboxClasses};
 use serde::{Deserialize, Serialize};
@@ -23,11 +23,13 @@ pub const ENV_PREFIX: &str = "NRI_IDENTITY_";
 /// spelling, not `/run`: a `FROM scratch` image has no `/var/run -> /run` link.
 const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// Human-readable lines.
     #[default]
     Text,
+    /// One JSON object per line, span fields included.
     Json,
 }
 
@@ -152,7 +154,7 @@ impl Default for Config {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{0}")]
+    #[error(transparent)]
     Load(#[from] Box<figment::Error>),
     #[error("{field}: {problem}")]
     Invalid {
@@ -378,6 +380,16 @@ impl Config {
         )
     }
 
+    /// Every field's name (the file key; upper-cased with [`ENV_PREFIX`], the environment
+    /// variable), sorted, as serde sees the struct.
+    pub fn fields() -> Vec<String> {
+        figment::value::Value::serialize(Config::default())
+            .ok()
+            .and_then(|v| v.into_dict())
+            .map(|dict| dict.into_keys().collect())
+            .unwrap_or_default()
+    }
+
     /// The configuration as a TOML document, e.g. for `config` output.
     pub fn to_toml(&self) -> String {
         let mut out = String::new();
@@ -432,52 +444,71 @@ fn toml_string(s: &str) -> String {
     out
 }
 
-/// Flag values; unset flags leave lower sources alone.
-#[derive(Debug, Clone, Default, Serialize)]
+/// The command-line flags of `run` and `config`. Each overrides the configuration field of its
+/// name (the flag's spelling with `_` for `-`); an unset flag leaves lower sources alone.
+#[derive(Debug, Clone, Default, Serialize, clap::Args)]
 pub struct Overrides {
+    /// The runtime to serve; any other is refused [default: whichever connects]
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<RuntimeKind>,
+    /// The runtime's NRI socket [default: /var/run/nri/nri.sock]
+    #[arg(long, value_name = "PATH")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nri_socket: Option<PathBuf>,
+    /// The SPIRE agent's admin socket (Delegated Identity API) [default: /run/spire/admin/admin.sock]
+    #[arg(long, value_name = "PATH")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_socket: Option<PathBuf>,
+    /// Host directory of the per-container identity directories [default: /run/nri-identity-injector]
+    #[arg(long, value_name = "PATH")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub artifact_root: Option<PathBuf>,
+    /// The NRI plugin index, two digits [default: 10]
+    #[arg(long, value_name = "NN")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub plugin_index: Option<String>,
+    /// Where /healthz, /readyz and /metrics are served [default: 127.0.0.1:9464]
+    #[arg(long, value_name = "IP:PORT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http_address: Option<SocketAddr>,
+    /// Log line format [default: text]
+    #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<LogFormat>,
+    /// A tracing filter such as `info` or `nri_identity_injector=debug,info` [default: info]
+    #[arg(long, value_name = "FILTER")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_level: Option<String>,
+    /// How workloads are named when the pod does not say [default: selectors with a kubelet, else pid]
+    #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attestation: Option<Attestation>,
+    /// The kubelet for selectors mode: https://<node-ip>:10250 or http://127.0.0.1:10255
+    #[arg(long, value_name = "URL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kubelet_url: Option<KubeletUrl>,
+    /// SELinux label of the identity files [default: auto]
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selinux_label: Option<SelinuxLabel>,
 }
-
-const STRING_FIELDS: &[&str] = &[
-    "runtime",
-    "selinux_label",
-    "nri_socket",
-    "plugin_name",
-    "plugin_index",
-    "agent_socket",
-    "artifact_root",
-    "attestation",
-    "log_format",
-    "log_level",
-    "http_address",
-    "kubelet_url",
-    "kubelet_ca_path",
-    "kubelet_server_name",
-    "kubelet_token_path",
-    "kubelet_certificate_path",
-    "kubelet_private_key_path",
-];
 
 /// Environment pairs as a figment provider, parsed like figment's own `Env` (so lists and
 /// numbers work) but from a given set rather than the process environment.
 struct EnvPairs(Vec<(String, String)>);
+
+impl EnvPairs {
+    /// Whether `field` takes `value` as a string as it is (a path, a name, "09" as a plugin
+    /// index), decided by the field's own type rather than a list kept by hand: the value is
+    /// tried as a string on the defaults.
+    fn takes_string(field: &str, value: &str) -> bool {
+        Figment::from(Serialized::defaults(Config::default()))
+            .merge(Serialized::default(field, value))
+            .extract::<Config>()
+            .is_ok()
+    }
+}
 
 impl figment::Provider for EnvPairs {
     fn metadata(&self) -> figment::Metadata {
@@ -492,7 +523,7 @@ impl figment::Provider for EnvPairs {
         for (k, v) in &self.0 {
             // String fields stay strings ("09" is an index, not the number 9); the rest
             // parse as figment's own Env provider would (numbers, lists).
-            let value = if STRING_FIELDS.contains(&k.as_str()) {
+            let value = if Self::takes_string(k, v) {
                 figment::value::Value::from(v.clone())
             } else if v.contains('\\') && !v.is_ascii() {
                 // figment 0.10's value parser slices a quoted string at a character index
@@ -512,11 +543,6 @@ impl figment::Provider for EnvPairs {
         Ok(figment::Profile::Default.collect(dict))
     }
 }
-
-// Keeps figment's Env type referenced for readers looking for the env provider: ours differs
-// only in taking the variables as an argument.
-#[allow(dead_code)]
-type _FigmentEnv = Env;
 
 #[cfg(test)]
 mod tests {
@@ -810,6 +836,53 @@ kubelet_private_key_path = "/etc/nii/client-key.pem"
             .unwrap();
             assert_eq!(c.allowed_agent_sockets, [PathBuf::from(expected)]);
         }
+    }
+
+    #[test]
+    fn environment_values_take_each_fields_own_type() {
+        let e = env(&[
+            ("NRI_IDENTITY_PLUGIN_INDEX", "09"),
+            ("NRI_IDENTITY_PLUGIN_NAME", "42"),
+            ("NRI_IDENTITY_RUNTIME", "crio"),
+            ("NRI_IDENTITY_KUBELET_SKIP_VERIFICATION", "true"),
+            ("NRI_IDENTITY_HTTP_ADDRESS", "0.0.0.0:9000"),
+            ("NRI_IDENTITY_DRAIN_TIMEOUT_MS", "250"),
+            ("NRI_IDENTITY_VM_RUNTIME_HANDLERS", "[\"kata-qemu\"]"),
+        ]);
+        let c = Config::load(None, e, &Overrides::default()).unwrap();
+        assert_eq!(c.plugin_index, "09", "a string stays a string");
+        assert_eq!(
+            c.plugin_name, "42",
+            "digits in a string field stay a string"
+        );
+        assert_eq!(c.runtime, Some(RuntimeKind::CriO));
+        assert!(c.kubelet_skip_verification);
+        assert_eq!(c.http_address, Some(SocketAddr::from(([0, 0, 0, 0], 9000))));
+        assert_eq!(c.drain_timeout(), Duration::from_millis(250));
+        assert_eq!(c.vm_runtime_handlers, vec!["kata-qemu".to_owned()]);
+    }
+
+    #[test]
+    fn the_readme_configuration_table_lists_exactly_the_fields() {
+        let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"));
+        let section = readme
+            .split("\n## Configuration\n")
+            .nth(1)
+            .expect("README has a Configuration section");
+        let section = section.split("\n## ").next().unwrap_or(section);
+        let mut listed: Vec<String> = section
+            .lines()
+            .filter_map(|line| line.strip_prefix("| `"))
+            .filter_map(|row| row.split(" |").next())
+            .flat_map(|cell| {
+                cell.split('`')
+                    .filter(|s| !s.is_empty() && !s.starts_with(','))
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        listed.sort();
+        assert_eq!(listed, Config::fields());
     }
 
     #[test]

@@ -21,22 +21,20 @@ use crate::spire::{ApiConfig, DelegatedIdentityApi};
 pub enum DaemonError {
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
-    #[error("cannot listen on {addr} for health and metrics: {source}")]
+    #[error("cannot listen on {addr} for health and metrics: {error}")]
     Http {
         addr: std::net::SocketAddr,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(transparent)]
     Nri(#[from] nri_plugin::Error),
-    #[error("unsafe artifact_root {}", root.display())]
+    #[error("unsafe artifact_root {}: {error}", root.display())]
     ArtifactRoot {
         root: std::path::PathBuf,
-        #[source]
-        source: crate::host::HostError,
+        error: crate::host::HostError,
     },
-    #[error("cannot read the daemon's own executable for the start guard")]
-    GuardExecutable(#[source] std::io::Error),
+    #[error("cannot read the daemon's own executable for the start guard: {0}")]
+    GuardExecutable(std::io::Error),
     #[error(transparent)]
     Guard(#[from] crate::artifacts::ArtifactError),
 }
@@ -44,10 +42,10 @@ pub enum DaemonError {
 /// Runs until SIGTERM/SIGINT (or `shutdown` is cancelled).
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
     warn_unless_tmpfs(&config.artifact_root);
-    RealHost::check_root_ancestors(&config.artifact_root).map_err(|source| {
+    RealHost::check_root_ancestors(&config.artifact_root).map_err(|error| {
         DaemonError::ArtifactRoot {
             root: config.artifact_root.clone(),
-            source,
+            error,
         }
     })?;
     let metrics = Arc::new(Metrics::default());
@@ -96,7 +94,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     if let Some(addr) = config.http_address {
         let listener = crate::http::bind(addr)
             .await
-            .map_err(|source| DaemonError::Http { addr, source })?;
+            .map_err(|error| DaemonError::Http { addr, error })?;
         info!(%addr, "serving /healthz, /readyz and /metrics");
         tokio::spawn(crate::http::serve(
             listener,

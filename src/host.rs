@@ -227,19 +227,17 @@ pub enum HostError {
     InvalidPid { pid: u32 },
     #[error("no process with pid {pid}")]
     NoSuchProcess { pid: u32 },
-    #[error("{op} {path}")]
+    #[error("{op} {}: {error}", path.display())]
     Io {
         op: &'static str,
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
-    #[error("{op} for pid {pid}")]
+    #[error("{op} for pid {pid}: {error}")]
     Process {
         op: &'static str,
         pid: u32,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     /// A failure injected with [`RecordingHost::fail_when`].
     #[error("injected failure of {op:?}")]
@@ -251,14 +249,14 @@ impl HostError {
         Self::Io {
             op,
             path: path.into(),
-            source: source.into(),
+            error: source.into(),
         }
     }
 
     /// The OS error kind, when the failure was a syscall error.
     pub fn io_kind(&self) -> Option<io::ErrorKind> {
         match self {
-            Self::Io { source, .. } | Self::Process { source, .. } => Some(source.kind()),
+            Self::Io { error, .. } | Self::Process { error, .. } => Some(error.kind()),
             _ => None,
         }
     }
@@ -531,23 +529,23 @@ impl Pidfd {
                 // AsyncFd registers the fd with the reactor, which refuses the same open file
                 // twice under one fd number; a duplicate per call keeps concurrent waiters and
                 // repeated calls independent.
-                let fd = fd.try_clone().map_err(|source| HostError::Process {
+                let fd = fd.try_clone().map_err(|error| HostError::Process {
                     op: "duplicating pidfd",
                     pid: self.pid,
-                    source,
+                    error,
                 })?;
-                let async_fd = register_readable(fd).map_err(|source| HostError::Process {
+                let async_fd = register_readable(fd).map_err(|error| HostError::Process {
                     op: "registering pidfd",
                     pid: self.pid,
-                    source,
+                    error,
                 })?;
                 let _ready = async_fd
                     .readable()
                     .await
-                    .map_err(|source| HostError::Process {
+                    .map_err(|error| HostError::Process {
                         op: "waiting on pidfd",
                         pid: self.pid,
-                        source,
+                        error,
                     })?;
                 Ok(())
             }

@@ -87,6 +87,7 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
     fn ready_only_when_registered_and_the_agent_answers() {
@@ -109,5 +110,43 @@ mod tests {
                 .contains("nri_identity_served_total")
         );
         assert_eq!(respond("/nope", &m).0, "404 Not Found");
+    }
+
+    async fn get(addr: SocketAddr, request: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn answers_over_tcp_and_closes_each_connection() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(listener, Arc::new(Metrics::default()), stop.clone()));
+
+        // HTTP/1.0 and HTTP/1.1 clients (curl, kubelet probes, Prometheus) alike.
+        let health = get(addr, "GET /healthz HTTP/1.0\r\n\r\n").await;
+        assert!(health.starts_with("HTTP/1.1 200 OK\r\n"), "{health}");
+        assert!(health.ends_with("\r\n\r\nok\n"), "{health}");
+        let ready = get(addr, "GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(ready.starts_with("HTTP/1.1 503 "), "{ready}");
+        assert!(ready.contains("nri: not ready\n"), "{ready}");
+        let scrape = get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(
+            scrape
+                .to_ascii_lowercase()
+                .contains("content-type: text/plain; version=0.0.4"),
+            "{scrape}"
+        );
+        assert!(
+            scrape.contains("\nnri_identity_served_total 0\n"),
+            "{scrape}"
+        );
+        let missing = get(addr, "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(missing.starts_with("HTTP/1.1 404 "), "{missing}");
+        stop.cancel();
     }
 }

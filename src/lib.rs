@@ -2,6 +2,11 @@
 //!
 //! Data path: runtime event ([`nri`], the containerd NRI backend) → [`engine`] → identity
 //! source ([`spire`]) → artifact writer ([`artifacts`], through [`host`]) → container.
+//!
+//! Errors are typed (`thiserror`) and each message is complete: an error that wraps another
+//! prints it and does not also return it from `source()`, so a log line or the status the
+//! runtime sees ([`nri::status`], the one place errors become wire codes) never repeats a
+//! cause nor loses one.
 
 pub mod annotation;
 pub mod artifacts;
@@ -17,4 +22,5 @@ pub mod limits;
 pub mod metrics;
 pub mod nri;
 pub mod selinux;
+pub mod spiffe;
 pub mod spire;

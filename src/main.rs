@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use nri_identity_injector::annotation;
-use nri_identity_injector::config::{Attestation, Config, LogFormat, Overrides};
+use nri_identity_injector::config::{Config, LogFormat, Overrides};
 use tokio_util::sync::CancellationToken;
 
 /// sysexits EX_USAGE / EX_CONFIG.
@@ -33,7 +33,7 @@ enum Command {
         /// A file with the annotation value, or `-` for standard input.
         file: PathBuf,
         /// The agent socket the daemon would allow (its `agent_socket`).
-        #[arg(long, default_value = "/run/spire/admin/admin.sock")]
+        #[arg(long, default_value_os_t = Config::default().agent_socket)]
         agent_socket: PathBuf,
         /// Further allowed agent sockets.
         #[arg(long = "allow-agent-socket")]
@@ -47,59 +47,19 @@ enum Command {
     Guard(nri_identity_injector::guard::GuardSpec),
 }
 
+/// Sources merge as defaults < file < environment (`NRI_IDENTITY_<FIELD>`) < flags.
 #[derive(clap::Args)]
 struct RunArgs {
-    /// TOML configuration file.
-    #[arg(long, short)]
+    /// TOML configuration file (every field; see `config` for the effective values)
+    #[arg(long, short, value_name = "FILE")]
     config: Option<PathBuf>,
-    #[arg(long)]
-    nri_socket: Option<PathBuf>,
-    #[arg(long)]
-    agent_socket: Option<PathBuf>,
-    #[arg(long)]
-    artifact_root: Option<PathBuf>,
-    #[arg(long)]
-    plugin_index: Option<String>,
-    #[arg(long)]
-    http_address: Option<std::net::SocketAddr>,
-    #[arg(long, value_parser = ["text", "json"])]
-    log_format: Option<String>,
-    #[arg(long)]
-    log_level: Option<String>,
-    #[arg(long, value_parser = ["pid", "selectors"])]
-    attestation: Option<String>,
-    /// The kubelet, for selectors mode: https://<node-ip>:10250 (secure port; see the
-    /// kubelet_* settings for its credentials) or http://127.0.0.1:10255 (read-only port).
-    #[arg(long)]
-    kubelet_url: Option<nri_identity_injector::k8s::KubeletUrl>,
+    #[command(flatten)]
+    flags: Overrides,
 }
 
 impl RunArgs {
     fn load(&self) -> Result<Config, nri_identity_injector::config::ConfigError> {
-        let flags = Overrides {
-            nri_socket: self.nri_socket.clone(),
-            agent_socket: self.agent_socket.clone(),
-            artifact_root: self.artifact_root.clone(),
-            plugin_index: self.plugin_index.clone(),
-            http_address: self.http_address,
-            log_format: self.log_format.as_deref().map(|f| {
-                if f == "json" {
-                    LogFormat::Json
-                } else {
-                    LogFormat::Text
-                }
-            }),
-            log_level: self.log_level.clone(),
-            attestation: self.attestation.as_deref().map(|a| {
-                if a == "pid" {
-                    Attestation::Pid
-                } else {
-                    Attestation::Selectors
-                }
-            }),
-            kubelet_url: self.kubelet_url.clone(),
-        };
-        Config::load(self.config.as_deref(), std::env::vars(), &flags)
+        Config::load(self.config.as_deref(), std::env::vars(), &self.flags)
     }
 }
 
@@ -243,6 +203,106 @@ fn check(file: &PathBuf, agent_socket: PathBuf, allowed: Vec<PathBuf>) -> ExitCo
         Err(e) => {
             eprintln!("invalid annotation: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_run_and_config_flag_explains_itself_in_one_line() {
+        let cli = Cli::command();
+        for name in ["run", "config"] {
+            let command = cli.find_subcommand(name).unwrap();
+            for arg in command.get_arguments() {
+                if matches!(arg.get_id().as_str(), "help" | "version") {
+                    continue;
+                }
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                assert!(
+                    !help.is_empty() && !help.contains('\n'),
+                    "{name} --{}: {help:?}",
+                    arg.get_id()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_flag_overrides_the_field_of_its_name_and_states_its_default() {
+        let fields = Config::fields();
+        let defaults = Config::default().to_toml();
+        let cli = Cli::command();
+        let run = cli.find_subcommand("run").unwrap();
+        for arg in run.get_arguments() {
+            let id = arg.get_id().as_str();
+            if matches!(id, "help" | "version" | "config") {
+                continue;
+            }
+            assert!(fields.iter().any(|f| f == id), "--{id} is no field");
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            // A default that is a value (not prose like "whichever connects") is the one
+            // the configuration has.
+            let Some(stated) = help
+                .split_once("[default: ")
+                .and_then(|(_, d)| d.strip_suffix(']'))
+            else {
+                continue;
+            };
+            let rendered = defaults
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{id} = ")))
+                .map(|v| v.trim_matches('"'));
+            if let Some(rendered) = rendered {
+                assert_eq!(stated, rendered, "--{id}");
+            }
+        }
+    }
+
+    #[test]
+    fn typed_flags_reach_the_configuration() {
+        let cli = Cli::try_parse_from([
+            "nri-identity-injector",
+            "config",
+            "--runtime",
+            "cri-o",
+            "--log-format",
+            "json",
+            "--attestation",
+            "selectors",
+            "--selinux-label",
+            "shared",
+            "--plugin-index",
+            "09",
+        ])
+        .unwrap();
+        let Command::Config(args) = cli.command else {
+            panic!("not the config command");
+        };
+        let c = Config::load(None, Vec::new(), &args.flags).unwrap();
+        use nri_identity_backends::RuntimeKind;
+        use nri_identity_injector::config::{Attestation, SelinuxLabel};
+        assert_eq!(c.runtime, Some(RuntimeKind::CriO));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.attestation, Some(Attestation::Selectors));
+        assert_eq!(c.selinux_label, SelinuxLabel::Shared);
+        assert_eq!(c.plugin_index, "09");
+        for bad in [
+            ["--runtime", "docker"],
+            ["--selinux-label", "private"],
+            ["--log-format", "xml"],
+        ] {
+            let mut argv = vec!["nri-identity-injector", "config"];
+            argv.extend(bad);
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");
         }
     }
 }

@@ -233,4 +233,84 @@ mod tests {
         assert!(text.contains("nri_identity_time_to_first_svid_seconds_bucket{le=\"0.025\"} 0"));
         assert!(text.contains("nri_identity_time_to_first_svid_seconds_count 1"));
     }
+
+    /// The names, types and help texts dashboards, alerts and the documentation rely on.
+    #[test]
+    fn names_types_and_help_texts_are_stable() {
+        let m = Metrics::default();
+        m.set_kubelet_ready(true);
+        m.set_expiry("a", 1);
+        m.failure("connect");
+        let text = m.render(0);
+        for (name, kind, help) in [
+            (
+                "nri_identity_nri_registered",
+                "gauge",
+                "1 while registered and synchronized with the runtime.",
+            ),
+            (
+                "nri_identity_agent_reachable",
+                "gauge",
+                "1 while the SPIRE agent answers.",
+            ),
+            (
+                "nri_identity_kubelet_reachable",
+                "gauge",
+                "1 while the kubelet lists the node's pods for the daemon.",
+            ),
+            (
+                "nri_identity_active_identities",
+                "gauge",
+                "Containers whose identity is kept fresh.",
+            ),
+            (
+                "nri_identity_soonest_expiry_seconds",
+                "gauge",
+                "Seconds until the soonest-expiring delivered SVID expires.",
+            ),
+            (
+                "nri_identity_served_total",
+                "counter",
+                "Identities delivered for the first time.",
+            ),
+            (
+                "nri_identity_rotations_total",
+                "counter",
+                "Identity files rewritten after a rotation or bundle change.",
+            ),
+            (
+                "nri_identity_failures_total",
+                "counter",
+                "Failures by kind.",
+            ),
+            (
+                "nri_identity_time_to_first_svid_seconds",
+                "histogram",
+                "From the start event to the files on disk.",
+            ),
+        ] {
+            let help_line = format!("# HELP {name} {help}");
+            let type_line = format!("# TYPE {name} {kind}");
+            assert!(text.lines().any(|l| l == help_line), "{help_line}\n{text}");
+            assert!(text.lines().any(|l| l == type_line), "{type_line}\n{text}");
+        }
+        assert!(
+            text.lines()
+                .any(|l| l == "nri_identity_kubelet_reachable 1")
+        );
+        assert!(
+            text.lines()
+                .any(|l| l == "nri_identity_failures_total{kind=\"connect\"} 1")
+        );
+        m.set_kubelet_ready(false);
+        assert!(
+            m.render(0)
+                .lines()
+                .any(|l| l == "nri_identity_kubelet_reachable 0")
+        );
+        assert!(
+            !Metrics::default().render(0).contains("kubelet"),
+            "no kubelet gauge without a kubelet"
+        );
+    }
 }

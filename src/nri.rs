@@ -16,7 +16,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::engine::{ContainerError, Engine, EngineError, RuntimeError};
 use crate::k8s::NamingError;
-use crate::spire::IdentitySource;
+use crate::spire::{IdentitySource, SourceError};
 
 /// The daemon as an NRI plugin.
 pub struct IdentityPlugin<S> {
@@ -121,16 +121,28 @@ pub fn adjustment(injection: Injection) -> ContainerAdjustment {
     }
 }
 
-/// The single mapping from engine errors to the status the runtime sees. containerd fails
+/// The single mapping from errors to the status the runtime sees. containerd fails
 /// CreateContainer and StartContainer on any status; the code tells operators what kind of
-/// problem it is.
+/// problem it is. Messages are complete (every error prints its cause), so the status carries
+/// the message as is.
 pub fn status(e: &ContainerError) -> Status {
-    let code = match &*e.error {
+    Status::new(code(&e.error), format!("nri-identity-injector: {e}"))
+}
+
+/// A runtime the daemon will not serve (NRI Configure).
+pub fn runtime_status(e: &RuntimeError) -> Status {
+    Status::new(
+        Code::FailedPrecondition,
+        format!("nri-identity-injector: {e}"),
+    )
+}
+
+fn code(e: &EngineError) -> Code {
+    match e {
         EngineError::InvalidAnnotation(_) | EngineError::NoSuchHint { .. } => Code::InvalidArgument,
         EngineError::UnexpectedSpiffeId { .. } => Code::PermissionDenied,
-        EngineError::Agent { .. }
-        | EngineError::NoIdentity { .. }
-        | EngineError::NoBundle { .. } => Code::Unavailable,
+        EngineError::Agent { error, .. } => agent_code(error),
+        EngineError::NoIdentity { .. } | EngineError::NoBundle { .. } => Code::Unavailable,
         EngineError::MissingMount
         | EngineError::Backend(_)
         | EngineError::ProcessGone { .. }
@@ -145,21 +157,25 @@ pub fn status(e: &ContainerError) -> Status {
             Code::Internal
         }
         EngineError::Limit(_) => Code::ResourceExhausted,
-    };
-    // The whole cause chain: "cannot create the directory" alone does not say "too many open
-    // files".
-    let mut message = format!("nri-identity-injector: {e}");
-    let mut cause: Option<&(dyn std::error::Error + 'static)> =
-        std::error::Error::source(&*e.error);
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        cause = c.source();
     }
-    Status::new(code, message)
+}
+
+/// The agent's own answer reaches the runtime unchanged (gRPC and NRI share the codes): a
+/// `PermissionDenied` says the daemon is no authorized delegate, an `InvalidArgument` that the
+/// agent refused the selectors. Failures to reach the agent are `Unavailable`.
+fn agent_code(e: &SourceError) -> Code {
+    match e {
+        // An error never carries Ok; should one arrive, it must not read as success.
+        SourceError::Status { code, .. } => match Code::from_i32(i32::from(*code)) {
+            Code::Ok => Code::Unknown,
+            code => code,
+        },
+        SourceError::Connect { .. }
+        | SourceError::Disconnected(_)
+        | SourceError::StreamEnded
+        | SourceError::Decode(_) => Code::Unavailable,
+        SourceError::InvalidWorkload(_) => Code::FailedPrecondition,
+    }
 }
 
 #[nri_plugin::plugin]
@@ -173,10 +189,7 @@ impl<S: IdentitySource> Plugin for IdentityPlugin<S> {
             }
             Err(e) => {
                 error!(error = %e, "refusing the runtime");
-                let status = Status::new(
-                    Code::FailedPrecondition,
-                    format!("nri-identity-injector: {e}"),
-                );
+                let status = runtime_status(&e);
                 *self.wrong_runtime.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
                 if let Some(stop) = &self.stop {
                     stop.cancel();
@@ -275,3 +288,6 @@ impl<S: IdentitySource> Plugin for IdentityPlugin<S> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

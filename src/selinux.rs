@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 pub const SHARED_CONTAINER_FILE_LABEL: &str = "system_u:object_r:container_file_t:s0";
 
 /// Which label the identity files get (configuration).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum SelinuxLabel {
     /// `shared` where the host has SELinux enabled, else `off`.
@@ -23,9 +23,11 @@ pub enum SelinuxLabel {
     Auto,
     /// No label is set: the files inherit whatever the file system gives them.
     Off,
-    /// [`SHARED_CONTAINER_FILE_LABEL`].
+    /// `system_u:object_r:container_file_t:s0`, readable by every container.
     Shared,
     /// `container_file_t` at the pod's own MCS level, readable by that pod's containers only.
+    /// Not offered on the command line: this version refuses it.
+    #[value(skip)]
     Private,
 }
 

@@ -183,6 +183,27 @@ async fn agent_down_at_start_fails_the_start_within_budget_and_leaves_no_files()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_refusal_reaches_the_runtime_with_the_agents_code_and_words_once() {
+    let bed = Bed::new().await;
+    let pod = pod_for(&bed, "web", "pod-uid-denied");
+    let c = container(&pod, "c0", "ctr-denied", 4010);
+    bed.process(4010, "ctr-denied", 1001);
+    bed.serve_pid(4010, bed.svid("/web"));
+    bed.create(&pod, &c).await.unwrap();
+    let refusal = "caller not configured as an authorized delegate";
+    bed.agent
+        .set_deny_all(Some((tonic::Code::PermissionDenied, refusal)));
+    let err = bed.start(&pod, &c).await.unwrap_err();
+    assert_eq!(err.code, Code::PermissionDenied, "{err}");
+    assert_eq!(err.message.matches(refusal).count(), 1, "{err}");
+    assert!(
+        err.message.contains("default/web")
+            && err.message.contains(bed.agent.path().to_str().unwrap()),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_on_failure_continue_the_container_starts_and_gets_its_identity_later() {
     let bed = Bed::new().await;
     let value = format!(

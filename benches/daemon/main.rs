@@ -1,4 +1,4 @@
-//! Benchmarks of the daemon (issue "identity engine"). Not timed tests: they print figures.
+//! Benchmarks of the daemon. Not timed tests: they print figures.
 //!
 //! 1. `create`: CreateContainer through the real NRI wire path (fake runtime → unix socket →
 //!    nri_plugin::Runner → IdentityPlugin → Engine), timed from the runtime's side.
@@ -207,7 +207,11 @@ fn main() -> ExitCode {
                     "variant", "state", "VmRSS", "VmHWM", "RssAnon", "RssFile", "Pss", "thr", "fds"
                 );
                 for f in &figures {
-                    for (state, s) in [("idle", &f.idle), ("loaded", &f.loaded)] {
+                    for (state, s) in [
+                        ("idle", &f.idle),
+                        ("probed", &f.probed),
+                        ("loaded", &f.loaded),
+                    ] {
                         println!(
                             "{:<20} {:>7} {:>6} KiB {:>6} KiB {:>5} KiB {:>5} KiB {:>5} KiB {:>4} {:>5}",
                             f.variant, state, s.rss, s.hwm, s.anon, s.file, s.pss, s.threads, s.fds

@@ -43,6 +43,9 @@ pub struct Sample {
 pub struct MemFigures {
     pub variant: String,
     pub idle: Sample,
+    /// Idle again after one request to each of `/healthz`, `/readyz` and `/metrics`, as
+    /// probes and a scraper make in production.
+    pub probed: Sample,
     pub loaded: Sample,
     pub started: usize,
     pub failed: usize,
@@ -342,6 +345,13 @@ fn run_variant(
         // settle.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let idle = sample(pid);
+        for path in ["/healthz", "/readyz", "/metrics"] {
+            if let Err(e) = http_get(port, path).await {
+                eprintln!("  [{}] GET {path}: {e}", variant.name);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let probed = sample(pid);
 
         let annotation = identity_annotation(agent.path());
         let (mut started, mut failed, mut first_error) = (0, 0, None);
@@ -377,6 +387,7 @@ fn run_variant(
         MemFigures {
             variant: variant.name.to_owned(),
             idle,
+            probed,
             loaded,
             started,
             failed,
@@ -396,4 +407,21 @@ fn run_variant(
     }
     let _ = std::fs::remove_dir_all(&root);
     Ok(figures)
+}
+
+/// One HTTP/1.1 GET to the daemon's health and metrics server; the answer is read and dropped.
+async fn http_get(port: u16, path: &str) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).await?;
+    if !answer.starts_with(b"HTTP/1.1 200") && !answer.starts_with(b"HTTP/1.1 503") {
+        return Err(std::io::Error::other(format!(
+            "unexpected answer: {}",
+            String::from_utf8_lossy(&answer[..answer.len().min(40)])
+        )));
+    }
+    Ok(())
 }

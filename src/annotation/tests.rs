@@ -1,4 +1,5 @@
 use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 
 use super::*;
 
@@ -562,7 +563,7 @@ fn prescan_refuses_bombs_the_deserializer_would_stop_short_of() {
     // Streaming deserialization stops at the first type error, before the bomb is expanded;
     // without the pre-scan the refusal of hostile YAML would depend on where it sits.
     assert_eq!(
-        deserialize(&billion_laughs()).map(|_| ()),
+        yaml::deserialize(&billion_laughs()).map(|_| ()),
         Err(field(
             Field::Hint,
             FieldProblem::WrongType {

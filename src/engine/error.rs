@@ -10,6 +10,7 @@ use crate::artifacts::ArtifactError;
 use crate::host::HostError;
 use crate::k8s::NamingError;
 use crate::limits::LimitError;
+use crate::spiffe::TrustDomain;
 use crate::spire::SourceError;
 
 /// Why a container could not get its identity. Messages name what failed; the pod and
@@ -28,16 +29,12 @@ pub enum EngineError {
     ProcessGone { pid: u32 },
     #[error("the container's process {pid} is not in the container any more (cgroup {cgroup:?})")]
     ProcessMoved { pid: u32, cgroup: String },
-    #[error("{}", match source {
+    #[error("{}", match error {
         // Already names the agent.
-        SourceError::Connect { .. } => source.to_string(),
-        _ => format!("the SPIRE agent at {}: {source}", agent.display()),
+        SourceError::Connect { .. } => error.to_string(),
+        _ => format!("the SPIRE agent at {}: {error}", agent.display()),
     })]
-    Agent {
-        agent: PathBuf,
-        #[source]
-        source: SourceError,
-    },
+    Agent { agent: PathBuf, error: SourceError },
     #[error("no identity from the SPIRE agent at {agent} within {budget:?}{}", if *.empty_updates > 0 { " (the agent has no registration entry matching this workload)" } else { "" })]
     NoIdentity {
         agent: PathBuf,
@@ -53,8 +50,8 @@ pub enum EngineError {
     },
     #[error("the agent issued {got} but the annotation expects {expected}")]
     UnexpectedSpiffeId { expected: String, got: String },
-    #[error("the trust bundle of {trust_domain} is missing from the agent's bundles")]
-    MissingTrustDomain { trust_domain: String },
+    #[error("the trust bundle of {} is missing from the agent's bundles", trust_domain.id())]
+    MissingTrustDomain { trust_domain: TrustDomain },
     #[error(transparent)]
     Host(#[from] HostError),
     #[error(transparent)]
@@ -80,7 +77,7 @@ impl EngineError {
             EngineError::Backend(_) => "backend",
             EngineError::ProcessGone { .. } => "process_gone",
             EngineError::ProcessMoved { .. } => "process_moved",
-            EngineError::Agent { source, .. } => source.kind(),
+            EngineError::Agent { error, .. } => error.kind(),
             EngineError::NoIdentity { .. } => "no_identity",
             EngineError::NoBundle { .. } => "no_bundle",
             EngineError::NoSuchHint { .. } => "no_such_hint",
@@ -98,13 +95,13 @@ impl EngineError {
     }
 }
 
-/// An [`EngineError`] for one container: its message names the pod and container.
+/// An [`EngineError`] for one container: its message names the pod and container, and
+/// prints the error.
 #[derive(Debug, thiserror::Error)]
 pub struct ContainerError {
     pub namespace: String,
     pub pod: String,
     pub container: String,
-    #[source]
     pub error: Box<EngineError>,
 }
 

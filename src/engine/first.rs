@@ -16,6 +16,7 @@ use crate::annotation::IdentityRequest;
 use crate::artifacts::Material;
 use crate::host::Owner;
 use crate::k8s;
+use crate::spiffe::TrustDomain;
 use crate::spire::{BundleSet, IdentitySource, SourceError, SvidUpdate, Workload, X509Svid};
 
 impl<S: IdentitySource> Engine<S> {
@@ -73,9 +74,9 @@ impl<S: IdentitySource> Engine<S> {
         };
         let agent = request.agent_address.clone();
         let bundles = self.bundles_for(&agent);
-        let agent_err = |source| EngineError::Agent {
+        let agent_err = |error| EngineError::Agent {
             agent: agent.clone(),
-            source,
+            error,
         };
 
         let mut stream =
@@ -171,12 +172,12 @@ pub(super) fn owner_of(c: &ContainerInfo, spec_user: Option<(u32, u32)>) -> Opti
 pub(super) fn pick(
     request: &IdentityRequest,
     update: SvidUpdate,
-) -> Result<(X509Svid, Vec<String>), EngineError> {
+) -> Result<(X509Svid, Vec<TrustDomain>), EngineError> {
     let SvidUpdate {
         svids,
         federates_with,
     } = update;
-    let available: Vec<String> = svids.iter().map(|s| s.spiffe_id.clone()).collect();
+    let available: Vec<String> = svids.iter().map(|s| s.spiffe_id.to_string()).collect();
     let svid =
         match &request.hint {
             Some(hint) => svids.into_iter().find(|s| &s.hint == hint).ok_or_else(|| {
@@ -191,45 +192,34 @@ pub(super) fn pick(
             })?,
         };
     if let Some(expected) = &request.spiffe_id
-        && expected.as_str() != svid.spiffe_id
+        && *expected != svid.spiffe_id
     {
         return Err(EngineError::UnexpectedSpiffeId {
             expected: expected.to_string(),
-            got: svid.spiffe_id,
+            got: svid.spiffe_id.to_string(),
         });
     }
     Ok((svid, federates_with))
 }
 
-fn trust_domain_key(spiffe_id: &str) -> String {
-    let rest = spiffe_id.strip_prefix("spiffe://").unwrap_or(spiffe_id);
-    format!("spiffe://{}", rest.split('/').next().unwrap_or(rest))
-}
-
 pub(super) fn material(
     svid: &X509Svid,
-    federates_with: &[String],
+    federates_with: &[TrustDomain],
     bundles: &BundleSet,
 ) -> Result<Material, EngineError> {
-    let own = trust_domain_key(&svid.spiffe_id);
+    let own = svid.spiffe_id.trust_domain();
     let own_bundle =
         bundles
             .bundles
-            .get(&own)
+            .get(own)
             .cloned()
             .ok_or_else(|| EngineError::MissingTrustDomain {
                 trust_domain: own.clone(),
             })?;
     let federated = federates_with
         .iter()
-        .filter(|td| **td != own)
-        .filter_map(|td| {
-            let certs = bundles.bundles.get(td)?;
-            Some((
-                td.strip_prefix("spiffe://").unwrap_or(td).to_owned(),
-                certs.clone(),
-            ))
-        })
+        .filter(|td| *td != own)
+        .filter_map(|td| Some((td.clone(), bundles.bundles.get(td)?.clone())))
         .collect();
     Ok(Material {
         chain: svid.cert_chain.clone(),

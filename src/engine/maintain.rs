@@ -17,6 +17,7 @@ use super::{Engine, active_tasks, blocking, lock};
 use crate::annotation::IdentityRequest;
 use crate::artifacts::ArtifactDir;
 use crate::host::{Owner, Pidfd};
+use crate::spiffe::TrustDomain;
 use crate::spire::{BundleSet, IdentitySource, SvidStream, Workload, X509Svid};
 
 /// Everything one workload's maintenance task needs.
@@ -33,7 +34,7 @@ pub(super) struct WorkloadCtx {
 #[derive(Clone, PartialEq)]
 pub(super) struct Delivered {
     pub(super) chain: Vec<Vec<u8>>,
-    pub(super) federates_with: Vec<String>,
+    pub(super) federates_with: Vec<TrustDomain>,
     pub(super) bundles: Option<Arc<BundleSet>>,
 }
 
@@ -180,7 +181,7 @@ impl<S: IdentitySource> Engine<S> {
             }
         };
         tokio::pin!(exited);
-        let mut latest: Option<(X509Svid, Vec<String>)> = None;
+        let mut latest: Option<(X509Svid, Vec<TrustDomain>)> = None;
         loop {
             let Some(s) = stream.as_mut() else {
                 match inner.source.subscribe_svids(&agent, &ctx.workload).await {

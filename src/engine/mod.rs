@@ -15,6 +15,8 @@
 mod error;
 mod first;
 mod maintain;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -630,7 +632,7 @@ async fn blocking<T: Send + 'static>(
         Err(EngineError::Host(HostError::Io {
             op: "writing identity files",
             path: PathBuf::new(),
-            source: std::io::Error::other(e.to_string()),
+            error: std::io::Error::other(e.to_string()),
         }))
     })
 }

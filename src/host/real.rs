@@ -273,7 +273,7 @@ pub(super) fn pidfd_is_alive(fd: &OwnedFd, pid: u32) -> Result<bool, HostError> 
                 return Err(HostError::Process {
                     op: "polling pidfd",
                     pid,
-                    source: e.into(),
+                    error: e.into(),
                 });
             }
         }
@@ -512,7 +512,7 @@ impl HostOps for RealHost {
             Err(e) => Err(HostError::Process {
                 op: "pidfd_open",
                 pid,
-                source: e.into(),
+                error: e.into(),
             }),
         }
     }

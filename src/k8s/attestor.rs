@@ -280,7 +280,8 @@ pub fn selectors(input: &K8sWorkload) -> Result<Derived, K8sSelectorError> {
 /// A tagged reference is normalized the same way (`distribution/reference`
 /// `ParseDockerRef`): Docker Hub domain and `library/` added, `:latest` when untagged. The
 /// result equals the status image unless the image carries several tags and another one sorts
-/// first (spire#4287); it is always a tag the image has. Digest-pinned references and image IDs
+/// first (the status then names that one, so an entry on the image selector must name the tag
+/// the status shows); it is always a tag the image has. Digest-pinned references and image IDs
 /// are not derived: the status would show some tag of the image or its ID.
 fn status_image(reference: &str) -> Result<String, &'static str> {
     const DIGESTED: &str = "the image is pinned by digest, so the kubelet reports another tag \

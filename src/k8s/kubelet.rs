@@ -24,22 +24,14 @@ const MAX_BODY: usize = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LookupError {
-    #[error("cannot talk to the kubelet at {url}: {source}")]
-    Connect {
-        url: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot talk to the kubelet at {url}: {error}")]
+    Connect { url: String, error: std::io::Error },
     #[error(
-        "TLS with the kubelet at {url} failed (see kubelet_ca_path, kubelet_server_name): {source}"
+        "TLS with the kubelet at {url} failed (see kubelet_ca_path, kubelet_server_name): {error}"
     )]
-    Tls {
-        url: String,
-        #[source]
-        source: std::io::Error,
-    },
+    Tls { url: String, error: std::io::Error },
     #[error("kubelet credentials: {0}")]
-    Credentials(#[from] CredentialError),
+    Credentials(CredentialError),
     #[error("the kubelet at {url} did not answer within {timeout:?}")]
     Timeout { url: String, timeout: Duration },
     #[error("the kubelet at {url} answered {status}{hint}")]
@@ -52,6 +44,12 @@ pub enum LookupError {
     Malformed { url: String, reason: String },
     #[error("pod {uid} is not in the kubelet's pod list")]
     UnknownPod { uid: String },
+}
+
+impl From<CredentialError> for LookupError {
+    fn from(e: CredentialError) -> Self {
+        LookupError::Credentials(e)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -195,6 +193,8 @@ pub struct KubeletPods {
     /// A miss refreshes the list at most this often, so a pod the kubelet does not know
     /// cannot make every event hit the kubelet.
     min_refresh: Duration,
+    /// Largest pod list accepted.
+    max_body: usize,
     cache: Mutex<Cache>,
     refresh: tokio::sync::Mutex<()>,
 }
@@ -213,6 +213,7 @@ impl KubeletPods {
             endpoint,
             timeout: Duration::from_millis(500),
             min_refresh: Duration::from_millis(200),
+            max_body: MAX_BODY,
             cache: Mutex::new(Cache {
                 pods: HashMap::new(),
                 fetched: None,
@@ -293,9 +294,9 @@ impl KubeletPods {
     async fn fetch(&self) -> Result<HashMap<String, PodFacts>, LookupError> {
         let url = &self.endpoint.url;
         let authority = url.authority();
-        let connect = |source| LookupError::Connect {
+        let connect = |error| LookupError::Connect {
             url: url.to_string(),
-            source,
+            error,
         };
         // Loaded before connecting: a credential problem is reported as such, not as a
         // failed handshake.
@@ -312,17 +313,17 @@ impl KubeletPods {
         // for that flight's (delayed) acknowledgement.
         tcp.set_nodelay(true).map_err(connect)?;
         let response = match prepared {
-            None => transport::get(tcp, &authority, "/pods", None, MAX_BODY).await,
+            None => transport::get(tcp, &authority, "/pods", None, self.max_body).await,
             Some(p) => {
                 let tls = tokio_rustls::TlsConnector::from(p.config)
                     .connect(p.server_name, tcp)
                     .await
-                    .map_err(|source| LookupError::Tls {
+                    .map_err(|error| LookupError::Tls {
                         url: url.to_string(),
-                        source,
+                        error,
                     })?;
                 let bearer = p.bearer.as_ref().map(|t| t.as_str());
-                transport::get(tls, &authority, "/pods", bearer, MAX_BODY).await
+                transport::get(tls, &authority, "/pods", bearer, self.max_body).await
             }
         };
         let malformed = |reason: String| LookupError::Malformed {
@@ -330,7 +331,7 @@ impl KubeletPods {
             reason,
         };
         let response = response.map_err(|e| match e {
-            transport::HttpError::Io(source) => connect(source),
+            transport::HttpError::Io(error) => connect(error),
             transport::HttpError::Malformed(reason) => malformed(reason.to_owned()),
         })?;
         match response.status() {

@@ -30,9 +30,15 @@ pub enum NamingError {
     #[error(transparent)]
     Kubelet(#[from] LookupError),
     #[error("cannot name the workload by selectors: {0}")]
-    Selectors(#[from] K8sSelectorError),
+    Selectors(K8sSelectorError),
     #[error("ephemeral (debug) containers get no identity: SPIRE's k8s attestor never names them")]
     EphemeralContainer,
+}
+
+impl From<K8sSelectorError> for NamingError {
+    fn from(e: K8sSelectorError) -> Self {
+        NamingError::Selectors(e)
+    }
 }
 
 /// A container named by selectors, and what the kubelet knows of its user.

@@ -19,6 +19,8 @@ use super::proto::api::agent::delegatedidentity::v1::{
     SubscribeToX509sviDsResponse, delegated_identity_client::DelegatedIdentityClient,
 };
 use super::proto::api::types;
+use crate::spiffe::{SpiffeId, TrustDomain};
+
 use super::{
     BundleSet, BundleStream, DecodeError, IdentitySource, SourceError, SvidStream, SvidUpdate,
     Workload, X509Svid, split_der_certificates,
@@ -31,7 +33,8 @@ pub struct ApiConfig {
     /// not at all, so this only needs to cover a loaded node.
     pub connect_timeout: Duration,
     /// Largest message accepted from the agent. gRPC's (and tonic's) 4 MiB default is too small
-    /// for workloads with many identities (spire#3965).
+    /// for workloads with many identities: every message carries the complete set, each SVID
+    /// with its chain and key.
     pub max_decoding_message_size: usize,
 }
 
@@ -96,7 +99,7 @@ impl DelegatedIdentityApi {
             self.lock().remove(agent);
             return SourceError::Connect {
                 path: agent.to_owned(),
-                source: Box::new(status),
+                error: Box::new(status),
             };
         }
         status.into()
@@ -160,11 +163,11 @@ async fn connect(agent: &Path, timeout: Duration) -> Result<Channel, SourceError
 
 fn connect_error(
     agent: &Path,
-    source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    error: impl Into<Box<dyn std::error::Error + Send + Sync>>,
 ) -> SourceError {
     SourceError::Connect {
         path: agent.to_owned(),
-        source: source.into(),
+        error: error.into(),
     }
 }
 
@@ -213,11 +216,18 @@ fn svid_update(response: SubscribeToX509sviDsResponse) -> Result<SvidUpdate, Sou
             tracing::warn!("SPIRE agent sent an SVID entry without an SVID; ignored");
             continue;
         };
-        let Some(id) = svid.id.filter(|id| !id.trust_domain.is_empty()) else {
+        let Some(id) = svid.id else {
             tracing::warn!("SPIRE agent sent an SVID without a SPIFFE ID; ignored");
             continue;
         };
-        let spiffe_id = spiffe_id(&id.trust_domain, &id.path);
+        let spiffe_id = match SpiffeId::from_parts(&id.trust_domain, &id.path) {
+            Ok(id) => id,
+            Err(error) => {
+                tracing::warn!(trust_domain = %id.trust_domain, path = %id.path, %error,
+                    "SPIRE agent sent an SVID with an invalid SPIFFE ID; ignored");
+                continue;
+            }
+        };
         if svid.cert_chain.is_empty() || svid.cert_chain.iter().any(Vec::is_empty) {
             tracing::warn!(%spiffe_id, "SPIRE agent sent an SVID with an empty certificate chain; ignored");
             continue;
@@ -239,7 +249,7 @@ fn svid_update(response: SubscribeToX509sviDsResponse) -> Result<SvidUpdate, Sou
         federates_with: response
             .federates_with
             .iter()
-            .map(|td| trust_domain_id(td))
+            .filter_map(|td| trust_domain(td, "a federated trust domain"))
             .collect(),
     })
 }
@@ -247,33 +257,28 @@ fn svid_update(response: SubscribeToX509sviDsResponse) -> Result<SvidUpdate, Sou
 fn bundle_set(response: SubscribeToX509BundlesResponse) -> Result<BundleSet, SourceError> {
     let mut bundles = std::collections::BTreeMap::new();
     for (key, der) in response.ca_certificates {
-        let trust_domain = trust_domain_id(&key);
-        let certs = split_der_certificates(&der).map_err(|source| DecodeError::Bundle {
-            trust_domain: trust_domain.clone(),
-            source,
+        let Some(trust_domain) = trust_domain(&key, "a bundle") else {
+            continue;
+        };
+        let certs = split_der_certificates(&der).map_err(|error| DecodeError::Bundle {
+            trust_domain: key,
+            error,
         })?;
         bundles.insert(trust_domain, certs);
     }
     Ok(BundleSet { bundles })
 }
 
-/// `spiffe://<td><path>`; the agent sends paths with their leading `/`, but a bare one is
-/// accepted so that the result is always a well-formed ID.
-fn spiffe_id(trust_domain: &str, path: &str) -> String {
-    if path.is_empty() || path.starts_with('/') {
-        format!("spiffe://{trust_domain}{path}")
-    } else {
-        format!("spiffe://{trust_domain}/{path}")
-    }
-}
-
 /// The agent keys bundles and lists federated domains as `spiffe://<td>`, although the proto
-/// comments speak of trust domain names; accept both and always give the ID form.
-fn trust_domain_id(key: &str) -> String {
-    if key.starts_with("spiffe://") {
-        key.to_owned()
-    } else {
-        format!("spiffe://{key}")
+/// comments speak of trust domain names; both are accepted. A name that is neither is dropped
+/// (SPIRE never sends one): the other trust domains stay usable.
+fn trust_domain(key: &str, what: &str) -> Option<TrustDomain> {
+    match TrustDomain::parse(key) {
+        Ok(td) => Some(td),
+        Err(error) => {
+            tracing::warn!(trust_domain = %key, %error, "SPIRE agent named {what} by an invalid trust domain; ignored");
+            None
+        }
     }
 }
 
@@ -400,8 +405,14 @@ mod tests {
                     x509_svid_key: b"key".to_vec(),
                 },
                 wire_svid("example.org", "bare", vec![vec![0x30, 0]], b"key"),
+                wire_svid("Example.org", "/upper", vec![vec![0x30, 0]], b"key"),
+                wire_svid("example.org", "/a/../b", vec![vec![0x30, 0]], b"key"),
             ],
-            federates_with: vec!["spiffe://other.org".into(), "bare.org".into()],
+            federates_with: vec![
+                "spiffe://other.org".into(),
+                "bare.org".into(),
+                "spiffe://Bad.Org".into(),
+            ],
         };
         let update = svid_update(response).unwrap();
         let ids: Vec<_> = update.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
@@ -412,10 +423,12 @@ mod tests {
         assert_eq!(update.svids[0].hint, "h");
         assert_eq!(update.svids[0].expires_at, 1_700_000_000);
         assert_eq!(&update.svids[0].private_key[..], b"key");
-        assert_eq!(
-            update.federates_with,
-            ["spiffe://other.org", "spiffe://bare.org"]
-        );
+        let federated: Vec<_> = update
+            .federates_with
+            .iter()
+            .map(TrustDomain::name)
+            .collect();
+        assert_eq!(federated, ["other.org", "bare.org"]);
         assert!(!format!("{:?}", update.svids[0]).contains("107, 101, 121"));
     }
 
@@ -426,5 +439,16 @@ mod tests {
         let err = bundle_set(SubscribeToX509BundlesResponse { ca_certificates }).unwrap_err();
         assert_eq!(err.kind(), "decode");
         assert!(err.to_string().contains("spiffe://example.org"), "{err}");
+    }
+
+    #[test]
+    fn bundles_are_keyed_by_trust_domain_and_invalid_names_dropped() {
+        let mut ca_certificates = std::collections::BTreeMap::new();
+        ca_certificates.insert("spiffe://example.org".to_owned(), vec![0x30, 0]);
+        ca_certificates.insert("other.org".to_owned(), vec![0x30, 0]);
+        ca_certificates.insert("spiffe://../etc".to_owned(), vec![0x30, 0]);
+        let set = bundle_set(SubscribeToX509BundlesResponse { ca_certificates }).unwrap();
+        let names: Vec<_> = set.bundles.keys().map(TrustDomain::name).collect();
+        assert_eq!(names, ["example.org", "other.org"]);
     }
 }

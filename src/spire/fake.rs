@@ -2,7 +2,8 @@
 //! (compiled under `cfg(test)` or the `testing` feature).
 //!
 //! [`FakeAgent`] serves the generated gRPC server on a unix socket in a fresh temporary
-//! directory and reproduces the agent behaviour the engine depends on (notes §4-§6):
+//! directory and reproduces the agent behaviour the engine depends on, as the SPIRE agent
+//! implements the Delegated Identity API:
 //!
 //! - PID and selector subscriptions, with the agent's argument checks (`InvalidArgument` for
 //!   both or neither, PID 0, malformed selectors). Selector requests match every scripted
@@ -38,6 +39,7 @@ use super::proto::api::agent::delegatedidentity::v1::{
 };
 use super::proto::api::types;
 use super::{Selector, SvidUpdate, Workload, X509Svid};
+use crate::spiffe::{SpiffeId, TrustDomain};
 
 /// What scripted identities are keyed by: a PID, or a selector set (like a registration
 /// entry's selectors).
@@ -489,27 +491,23 @@ fn svid_response(state: &State, key: &WorkloadKey) -> SubscribeToX509sviDsRespon
             })
             .collect(),
     };
-    let federates_with: BTreeSet<&String> =
-        matching.iter().flat_map(|u| &u.federates_with).collect();
+    let federates_with: BTreeSet<String> = matching
+        .iter()
+        .flat_map(|u| &u.federates_with)
+        .map(TrustDomain::id)
+        .collect();
     SubscribeToX509sviDsResponse {
         x509_svids: matching
             .iter()
             .flat_map(|u| &u.svids)
             .map(wire_svid)
             .collect(),
-        federates_with: federates_with.into_iter().cloned().collect(),
+        federates_with: federates_with.into_iter().collect(),
     }
 }
 
 fn wire_svid(svid: &X509Svid) -> X509svidWithKey {
-    let rest = svid
-        .spiffe_id
-        .strip_prefix("spiffe://")
-        .unwrap_or(&svid.spiffe_id);
-    let (trust_domain, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
+    let (trust_domain, path) = (svid.spiffe_id.trust_domain().name(), svid.spiffe_id.path());
     X509svidWithKey {
         x509_svid: Some(types::X509svid {
             cert_chain: svid.cert_chain.clone(),
@@ -623,7 +621,7 @@ where
 
 /// A test certificate authority for one trust domain.
 pub struct TestCa {
-    trust_domain: String,
+    trust_domain: TrustDomain,
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
     cert: Vec<u8>,
     /// This CA's certificate and those of intermediate CAs above it, not the root: what an
@@ -632,13 +630,16 @@ pub struct TestCa {
 }
 
 impl TestCa {
-    /// A self-signed root CA for `trust_domain` (a bare name such as `example.org`).
+    /// A self-signed root CA for `trust_domain` (a bare name such as `example.org`). Panics
+    /// when it is no valid trust domain.
     pub fn new(trust_domain: &str) -> Result<Self, rcgen::Error> {
+        let trust_domain = TrustDomain::parse(trust_domain)
+            .unwrap_or_else(|e| panic!("TestCa::new: {trust_domain:?} {e}"));
         let key = rcgen::KeyPair::generate()?;
-        let params = ca_params(trust_domain)?;
+        let params = ca_params(&trust_domain)?;
         let cert = params.self_signed(&key)?.der().to_vec();
         Ok(Self {
-            trust_domain: trust_domain.to_owned(),
+            trust_domain,
             issuer: rcgen::Issuer::new(params, key),
             cert,
             chain: Vec::new(),
@@ -667,14 +668,15 @@ impl TestCa {
 
     /// `spiffe://<trust domain>`, the bundle key the agent uses.
     pub fn trust_domain_id(&self) -> String {
-        format!("spiffe://{}", self.trust_domain)
+        self.trust_domain.id()
     }
 
     /// Mints an SVID for `spiffe://<td><path>` valid for `ttl` from now: a leaf with the
     /// SPIFFE ID as its only URI SAN, the chain up to (not including) the root, and a fresh
-    /// P-256 key in PKCS#8 DER.
+    /// P-256 key in PKCS#8 DER. Panics when `path` makes no valid SPIFFE ID.
     pub fn mint(&self, path: &str, ttl: Duration) -> Result<X509Svid, rcgen::Error> {
-        let spiffe_id = format!("spiffe://{}{}", self.trust_domain, path);
+        let spiffe_id = SpiffeId::from_parts(self.trust_domain.name(), path)
+            .unwrap_or_else(|e| panic!("TestCa::mint: {path:?}: the SPIFFE ID {e}"));
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -682,7 +684,7 @@ impl TestCa {
         let expires_at = now + ttl.as_secs();
         let epoch = rcgen::date_time_ymd(1970, 1, 1);
         let mut params = rcgen::CertificateParams::default();
-        params.subject_alt_names = vec![rcgen::SanType::URI(spiffe_id.clone().try_into()?)];
+        params.subject_alt_names = vec![rcgen::SanType::URI(spiffe_id.to_string().try_into()?)];
         params.not_before = epoch + Duration::from_secs(now.saturating_sub(60));
         params.not_after = epoch + Duration::from_secs(expires_at);
         params.key_usages = vec![
@@ -708,7 +710,7 @@ impl TestCa {
     }
 }
 
-fn ca_params(trust_domain: &str) -> Result<rcgen::CertificateParams, rcgen::Error> {
+fn ca_params(trust_domain: &TrustDomain) -> Result<rcgen::CertificateParams, rcgen::Error> {
     let mut params = rcgen::CertificateParams::default();
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     params.key_usages = vec![
@@ -719,9 +721,7 @@ fn ca_params(trust_domain: &str) -> Result<rcgen::CertificateParams, rcgen::Erro
         rcgen::DnType::OrganizationName,
         "nri-identity-injector test CA",
     );
-    params.subject_alt_names = vec![rcgen::SanType::URI(
-        format!("spiffe://{trust_domain}").try_into()?,
-    )];
+    params.subject_alt_names = vec![rcgen::SanType::URI(trust_domain.id().try_into()?)];
     params.use_authority_key_identifier_extension = true;
     Ok(params)
 }

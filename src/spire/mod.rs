@@ -21,6 +21,8 @@ use std::str::FromStr;
 use tokio_stream::Stream;
 use zeroize::Zeroizing;
 
+use crate::spiffe::{SpiffeId, TrustDomain};
+
 mod client;
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
@@ -55,10 +57,12 @@ pub mod proto {
 
 /// Which workload to fetch identities for.
 ///
-/// The agent treats the two forms very differently (see the notes, §4): a PID is attested by
-/// the agent's own workload attestors once, when the subscription starts; selectors are taken
-/// as already attested and match every registration entry whose selectors are a subset of
-/// them, so send the workload's *complete* selector set.
+/// The agent treats the two forms very differently: a PID is attested by the agent's own
+/// workload attestors once, when the subscription starts, in the agent's PID namespace, and the
+/// stream then follows the selectors found then even after the process exits; selectors are
+/// taken as already attested and match every registration entry whose selectors are a subset
+/// of them (never any entry that needs one more), so send the workload's *complete* selector
+/// set.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Workload {
     /// A process ID in the agent's PID namespace (must be positive). SPIRE does not guard it
@@ -113,8 +117,7 @@ pub struct InvalidSelector(pub String);
 /// One X.509 SVID with its private key, as the agent issued it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct X509Svid {
-    /// `spiffe://<trust domain><path>`.
-    pub spiffe_id: String,
+    pub spiffe_id: SpiffeId,
     /// DER certificates, leaf first, then intermediates (never empty).
     pub cert_chain: Vec<Vec<u8>>,
     /// PKCS#8 DER private key of the leaf (never empty); wiped from memory on drop.
@@ -150,9 +153,9 @@ impl fmt::Debug for X509Svid {
 pub struct SvidUpdate {
     /// In the agent's order; choose by [`X509Svid::hint`] when configured, else the first.
     pub svids: Vec<X509Svid>,
-    /// Trust domains (`spiffe://<name>`) the workload's entries federate with: pick their
-    /// bundles from the [`BundleSet`] along with the SVID's own trust domain.
-    pub federates_with: Vec<String>,
+    /// Trust domains the workload's entries federate with: pick their bundles from the
+    /// [`BundleSet`] along with the SVID's own trust domain.
+    pub federates_with: Vec<TrustDomain>,
 }
 
 /// One message of a bundle subscription: every X.509 trust bundle the agent knows.
@@ -161,8 +164,8 @@ pub struct SvidUpdate {
 /// that was removed keeps appearing until the engine subscribes again.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BundleSet {
-    /// `spiffe://<name>` to its CA certificates (DER, one per element, in the agent's order).
-    pub bundles: BTreeMap<String, Vec<Vec<u8>>>,
+    /// Each trust domain's CA certificates (DER, one per element, in the agent's order).
+    pub bundles: BTreeMap<TrustDomain, Vec<Vec<u8>>>,
 }
 
 /// Updates of one SVID subscription. Every `Err` is the last item: the stream ends after it,
@@ -203,27 +206,32 @@ pub trait IdentitySource: Send + Sync + 'static {
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     /// The agent's socket could not be reached (missing, refused, or no answer in time).
-    #[error("cannot connect to the SPIRE agent at {}: {}", path.display(), root_cause(source.as_ref()))]
+    #[error("cannot connect to the SPIRE agent at {}: {}", path.display(), root_cause(error.as_ref()))]
     Connect {
         path: PathBuf,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        error: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The connection broke while a stream was open (typically the agent exited).
-    #[error("lost the connection to the SPIRE agent: {0}")]
-    Disconnected(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("lost the connection to the SPIRE agent: {}", root_cause(.0.as_ref()))]
+    Disconnected(Box<dyn std::error::Error + Send + Sync>),
     /// The agent (or the gRPC layer) ended the call with a status.
     #[error("SPIRE agent answered {code:?}: {message}")]
     Status { code: tonic::Code, message: String },
     /// The agent sent something we cannot use.
     #[error("malformed response from the SPIRE agent: {0}")]
-    Decode(#[from] DecodeError),
+    Decode(DecodeError),
     /// The agent closed the stream without an error (e.g. on shutdown).
     #[error("the SPIRE agent closed the stream")]
     StreamEnded,
     /// The request was refused before it was sent (see [`Workload`]).
     #[error("invalid workload reference: {0}")]
     InvalidWorkload(&'static str),
+}
+
+impl From<DecodeError> for SourceError {
+    fn from(e: DecodeError) -> Self {
+        SourceError::Decode(e)
+    }
 }
 
 /// The innermost error of a chain: transport layers wrap the one worth reading (e.g.
@@ -240,11 +248,10 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     /// A trust bundle is not a sequence of DER certificates.
-    #[error("bundle of {trust_domain}: {source}")]
+    #[error("bundle of {trust_domain}: {error}")]
     Bundle {
         trust_domain: String,
-        #[source]
-        source: DerError,
+        error: DerError,
     },
 }
 
@@ -259,8 +266,9 @@ impl SourceError {
     /// `Cancelled`, `Aborted` and `ResourceExhausted` (transient by gRPC convention); and
     /// `Decode` (a bad message from the agent; a new subscription gets a fresh complete set).
     ///
-    /// Terminal: the answer will not change until configuration, registration entries or our
-    /// code do (notes §3, §4, §6). `InvalidArgument` (bad pid/selector combination or
+    /// Terminal: the agent answers these from its configuration (authorized delegates, workload
+    /// attestors), its registration entries or the request itself, so asking again gets the
+    /// same answer until one of them or our code changes. `InvalidArgument` (bad pid/selector combination or
     /// selectors), `PermissionDenied` (we are not an authorized delegate, or have no entry on
     /// this agent), `Unauthenticated` (the agent could not verify us as the caller),
     /// `Unimplemented` (agent without this API), `OutOfRange` (a message over our size limit),

@@ -57,7 +57,7 @@ async fn subscribes_by_pid_and_gets_a_usable_svid() {
         WorkloadKey::Pid(4242),
         SvidUpdate {
             svids: vec![svid.clone()],
-            federates_with: vec!["spiffe://other.org".into()],
+            federates_with: vec![TrustDomain::parse("other.org").unwrap()],
         },
     );
 
@@ -65,7 +65,7 @@ async fn subscribes_by_pid_and_gets_a_usable_svid() {
     let mut stream = subscribe(&api, fake.path(), &Workload::Pid(4242)).await;
     let got = next(&mut stream).await.unwrap();
     assert_eq!(got.svids, vec![svid.clone()]);
-    assert_eq!(got.federates_with, ["spiffe://other.org"]);
+    assert_eq!(got.federates_with, ["other.org"]);
 
     let leaf = &got.svids[0];
     assert_eq!(leaf.spiffe_id, "spiffe://example.org/workload/a");
@@ -73,7 +73,7 @@ async fn subscribes_by_pid_and_gets_a_usable_svid() {
     assert_eq!(cert.validity().not_after.timestamp(), leaf.expires_at);
     let san = cert.subject_alternative_name().unwrap().unwrap();
     assert!(san.value.general_names.iter().any(
-        |n| matches!(n, x509_parser::extensions::GeneralName::URI(u) if *u == leaf.spiffe_id)
+        |n| matches!(n, x509_parser::extensions::GeneralName::URI(u) if leaf.spiffe_id == *u)
     ));
     // PKCS#8 that rcgen can load back.
     rcgen::KeyPair::try_from(&leaf.private_key[..]).unwrap();
@@ -193,14 +193,14 @@ async fn bundles_are_split_into_certificates() {
         .unwrap();
     let set = next(&mut stream).await.unwrap();
     assert_eq!(set.bundles.len(), 2);
-    let got = &set.bundles["spiffe://example.org"];
+    let got = &set.bundles["example.org"];
     assert_eq!(got, &local);
     for der in got {
         let (rest, _) = x509_parser::parse_x509_certificate(der).unwrap();
         assert!(rest.is_empty());
     }
     assert_eq!(
-        set.bundles["spiffe://other.org"],
+        set.bundles["other.org"],
         vec![federated.cert_der().to_vec()]
     );
 
@@ -214,7 +214,7 @@ async fn bundles_are_split_into_certificates() {
     assert!(matches!(
         err,
         SourceError::Decode(DecodeError::Bundle {
-            source: DerError::Truncated { .. },
+            error: DerError::Truncated { .. },
             ..
         })
     ));

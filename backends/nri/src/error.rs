@@ -101,11 +101,10 @@ impl std::error::Error for Status {}
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    #[error("cannot connect to the NRI socket {path}: {source}")]
+    #[error("cannot connect to the NRI socket {path}: {error}")]
     Connect {
         path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("cannot use the pre-connected NRI socket (NRI_PLUGIN_SOCKET={value}): {reason}")]
     PreConnected { value: String, reason: String },
@@ -114,7 +113,7 @@ pub enum Error {
     #[error("invalid plugin index {0:?}: it must be exactly two digits")]
     InvalidIndex(String),
     #[error("connection to the runtime failed: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("protocol error: {0}")]
     Protocol(String),
     #[error("the runtime refused the registration: {0}")]
@@ -131,4 +130,10 @@ pub enum Error {
     },
     #[error("the connection to the runtime is closed")]
     Closed,
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Io(e)
+    }
 }

@@ -206,9 +206,9 @@ impl<P: Plugin> Runner<P> {
                 (SocketSource::Path(path), None) => {
                     UnixStream::connect(path)
                         .await
-                        .map_err(|source| Error::Connect {
+                        .map_err(|error| Error::Connect {
                             path: path.clone(),
-                            source,
+                            error,
                         })
                 }
             };

@@ -14,6 +14,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, debug_span, trace, warn};
 
 use crate::api::ttrpc as env;
@@ -46,8 +47,28 @@ impl Outgoing {
     }
 }
 
-async fn write_loop(mut writer: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {
-    while let Some(buf) = rx.recv().await {
+/// How long a shutdown waits for the answers to calls in flight, and then for them to be
+/// written: a handler that asked for the shutdown (a refused Configure) must still be heard.
+const DRAIN: Duration = Duration::from_secs(1);
+
+/// Writes queued messages in order; once `drain` fires, writes what is queued and returns.
+async fn write_loop(
+    mut writer: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    drain: CancellationToken,
+) {
+    loop {
+        let buf = tokio::select! {
+            biased;
+            buf = rx.recv() => match buf {
+                Some(buf) => buf,
+                None => return,
+            },
+            _ = drain.cancelled() => match rx.try_recv() {
+                Ok(buf) => buf,
+                Err(_) => return,
+            },
+        };
         if let Err(error) = writer.write_all(&buf).await {
             debug!(%error, "writing to the runtime failed");
             return;
@@ -173,6 +194,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Dispatcher<P> {
     plugin: Arc<P>,
     out: Outgoing,
+    /// The handlers of calls being answered.
+    inflight: TaskTracker,
     runtime: RuntimeClient,
     subscribed: AtomicU32,
     pending_sync: Mutex<(Vec<PodSandbox>, Vec<Container>)>,
@@ -198,7 +221,7 @@ impl<P: Plugin> Dispatcher<P> {
             Err(error) => {
                 warn!(%error, "undecodable ttrpc request");
                 let this = self.clone();
-                tokio::spawn(async move {
+                self.inflight.spawn(async move {
                     let status =
                         Status::invalid_argument(format!("undecodable ttrpc request: {error}"));
                     this.reply(message.stream_id, Err(status)).await;
@@ -211,7 +234,7 @@ impl<P: Plugin> Dispatcher<P> {
         let span =
             debug_span!("nri.request", method = %request.method, stream_id = message.stream_id);
         let this = self.clone();
-        tokio::spawn(
+        self.inflight.spawn(
             async move {
                 let started = Instant::now();
                 let result = this.dispatch(request, deadline).await;
@@ -466,12 +489,15 @@ pub(crate) async fn run<P: Plugin>(
 ) -> Result<(), Error> {
     let (rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::channel(1024);
-    let writer = tokio::spawn(write_loop(wr, rx));
+    let drain = CancellationToken::new();
+    let mut writer = tokio::spawn(write_loop(wr, rx, drain.clone()));
     let out = Outgoing { tx };
     let client = RuntimeClient::new(out.clone());
+    let inflight = TaskTracker::new();
     let dispatcher = Arc::new(Dispatcher {
         plugin,
         out,
+        inflight: inflight.clone(),
         runtime: client.clone(),
         subscribed: AtomicU32::new(0),
         pending_sync: Mutex::new((Vec::new(), Vec::new())),
@@ -515,6 +541,14 @@ pub(crate) async fn run<P: Plugin>(
     }
     .await;
     reader.abort();
+    if shutdown.is_cancelled() {
+        inflight.close();
+        if tokio::time::timeout(DRAIN, inflight.wait()).await.is_err() {
+            debug!("shutting down with calls still unanswered");
+        }
+        drain.cancel();
+        let _ = tokio::time::timeout(DRAIN, &mut writer).await;
+    }
     writer.abort();
     client.close();
     result

@@ -9,7 +9,8 @@ use nri_plugin::api::v1alpha1 as pb;
 use nri_plugin::api::{Container, ContainerAdjustment, ContainerUpdate, KeyValue, PodSandbox};
 use nri_plugin::testing::*;
 use nri_plugin::{
-    Backoff, Code, ConnectionState, Context, CreateReply, Delivery, Options, Plugin, Runner, Status,
+    Backoff, Code, ConnectionState, Context, CreateReply, Delivery, Options, Plugin, Runner,
+    RuntimeInfo, Status,
 };
 use tokio::sync::{Barrier, Mutex, watch};
 use tokio_util::sync::CancellationToken;
@@ -503,4 +504,50 @@ async fn shutdown_stops_the_runner_promptly() {
         .expect("stops within 2 s");
     r.unwrap().unwrap();
     assert_eq!(*s.state.borrow(), ConnectionState::Stopped);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_shuts_the_runner_down_is_still_answered() {
+    struct Refuser(CancellationToken);
+    #[nri_plugin::plugin]
+    impl Plugin for Refuser {
+        async fn configure(&self, _: &Context, _: &RuntimeInfo) -> Result<(), Status> {
+            self.0.cancel();
+            // The runner sees the shutdown well before this answer is ready.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Err(Status::failed_precondition("not this runtime"))
+        }
+        async fn create_container(
+            &self,
+            _: &Context,
+            _: PodSandbox,
+            _: Container,
+        ) -> Result<CreateReply, Status> {
+            Ok(CreateReply::default())
+        }
+    }
+    let path = temp_socket("r");
+    let runtime = FakeRuntime::bind(&path);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(
+        Runner::new(Arc::new(Refuser(shutdown.clone())), options(&path))
+            .unwrap()
+            .run(shutdown.clone()),
+    );
+    let conn = runtime.accept(RuntimeSettings::default()).await;
+    let request = pb::ConfigureRequest {
+        runtime_name: "other".into(),
+        ..Default::default()
+    };
+    let err = conn
+        .call::<_, pb::ConfigureResponse>("Configure", &request)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, Code::FailedPrecondition, "{err:?}");
+    assert_eq!(err.message, "not this runtime");
+    tokio::time::timeout(Duration::from_secs(3), task)
+        .await
+        .expect("stops after answering")
+        .unwrap()
+        .unwrap();
 }

@@ -20,10 +20,13 @@ use std::path::{Path, PathBuf};
 /// The container runtime, parsed once from configuration or from what the runtime reports in
 /// NRI Configure; never compared as a string afterwards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum RuntimeKind {
     #[serde(rename = "containerd")]
+    #[cfg_attr(feature = "clap", value(name = "containerd"))]
     Containerd,
     #[serde(rename = "cri-o", alias = "crio")]
+    #[cfg_attr(feature = "clap", value(name = "cri-o", alias = "crio"))]
     CriO,
 }
 
@@ -54,6 +57,7 @@ impl fmt::Display for RuntimeKind {
 /// How the SPIRE agent is told which workload a container is: the one type for the
 /// annotation's `attestation`, the daemon's configuration and the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Attestation {
     /// The agent attests the container's init process by its host PID.

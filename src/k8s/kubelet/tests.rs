@@ -13,6 +13,8 @@ struct Answer {
     chunked: bool,
     /// Declared Content-Length minus the bytes actually sent (a cut response).
     short_by: usize,
+    /// Sent as is instead of a response built from the fields above.
+    raw: Option<String>,
 }
 
 impl Answer {
@@ -22,6 +24,14 @@ impl Answer {
             body,
             chunked: false,
             short_by: 0,
+            raw: None,
+        }
+    }
+
+    fn raw(response: &str) -> Self {
+        Answer {
+            raw: Some(response.to_owned()),
+            ..Answer::ok(String::new())
         }
     }
 }
@@ -111,7 +121,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     tokio::time::sleep(delay).await;
     let a = answer.lock().unwrap().clone();
     let text = &a.body;
-    let response = if a.chunked {
+    let response = if let Some(raw) = a.raw {
+        raw
+    } else if a.chunked {
         let (x, y) = text.split_at(text.len() / 2);
         format!(
             "HTTP/1.1 {} X\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{x}\r\n{:x}\r\n{y}\r\n0\r\n\r\n",
@@ -307,6 +319,61 @@ fn chunked_bodies_decode_and_truncated_or_oversized_ones_are_refused() {
     );
 }
 
+/// What the fake kubelet answers for `raw`, read with a 100-byte body limit.
+async fn answer_to(raw: &str) -> Result<PodFacts, LookupError> {
+    let fake = FakeKubelet::start(Answer::raw(raw), Duration::ZERO, None).await;
+    let mut k = fake.read_only();
+    k.max_body = 100;
+    k.pod("u1").await
+}
+
+#[tokio::test]
+async fn bad_framing_and_oversized_bodies_are_refused_as_malformed() {
+    let big = "x".repeat(200);
+    for (what, raw) in [
+        (
+            "a truncated chunk",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab".to_owned(),
+        ),
+        (
+            "a chunk size that is not hexadecimal",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".to_owned(),
+        ),
+        (
+            "a chunk size near u64::MAX",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nabc\r\n"
+                .to_owned(),
+        ),
+        (
+            "chunks over the limit",
+            format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{big}\r\n0\r\n\r\n",
+                big.len()
+            ),
+        ),
+        (
+            "a Content-Length over the limit",
+            "HTTP/1.1 200 OK\r\nContent-Length: 18446744073709551615\r\n\r\n{}".to_owned(),
+        ),
+        (
+            "an unparsable Content-Length",
+            "HTTP/1.1 200 OK\r\nContent-Length: ten\r\n\r\n{}".to_owned(),
+        ),
+        (
+            "a close-delimited body over the limit",
+            format!("HTTP/1.1 200 OK\r\n\r\n{big}"),
+        ),
+        ("no status line", "{\"items\":[]}\r\n\r\n".to_owned()),
+        ("no end of headers", "HTTP/1.1 200 OK\r\n".to_owned()),
+    ] {
+        let err = answer_to(&raw).await.unwrap_err();
+        assert!(
+            matches!(err, LookupError::Malformed { .. }),
+            "{what}: {err}"
+        );
+    }
+}
+
 #[test]
 fn kubelet_urls_parse_with_scheme_defaults_and_refuse_paths_and_junk() {
     let u: KubeletUrl = "https://10.0.0.5".parse().unwrap();
@@ -499,8 +566,11 @@ fn on(fake: &FakeKubelet, tls: TlsSettings) -> KubeletPods {
 }
 
 fn bearer_of(head: &str) -> Option<&str> {
-    head.lines()
-        .find_map(|l| l.strip_prefix("Authorization: Bearer "))
+    head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("authorization")
+            .then(|| value.trim().strip_prefix("Bearer "))?
+    })
 }
 
 #[tokio::test]

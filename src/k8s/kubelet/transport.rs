@@ -179,12 +179,11 @@ pub struct Endpoint {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialError {
-    #[error("{field} {}: {source}", path.display())]
+    #[error("{field} {}: {error}", path.display())]
     Read {
         field: &'static str,
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     #[error("{field} {}: {reason}", path.display())]
     Invalid {
@@ -195,7 +194,13 @@ pub enum CredentialError {
     #[error("kubelet_server_name {0:?} is neither a DNS name nor an IP address")]
     ServerName(String),
     #[error("TLS client setup: {0}")]
-    Tls(#[from] rustls::Error),
+    Tls(rustls::Error),
+}
+
+impl From<rustls::Error> for CredentialError {
+    fn from(e: rustls::Error) -> Self {
+        CredentialError::Tls(e)
+    }
 }
 
 /// A connection's worth of loaded credentials.
@@ -251,10 +256,10 @@ impl TlsSettings {
 fn read(field: &'static str, path: &Path) -> Result<Zeroizing<Vec<u8>>, CredentialError> {
     std::fs::read(path)
         .map(Zeroizing::new)
-        .map_err(|source| CredentialError::Read {
+        .map_err(|error| CredentialError::Read {
             field,
             path: path.to_owned(),
-            source,
+            error,
         })
 }
 
@@ -374,10 +379,18 @@ impl ServerCertVerifier for AnyServerCertificate {
 
 #[derive(Debug, thiserror::Error)]
 pub(super) enum HttpError {
+    /// The connection failed or broke.
     #[error("{0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
+    /// The peer's answer is not valid HTTP/1.1, is cut short or is over the size limit.
     #[error("{0}")]
     Malformed(&'static str),
+}
+
+impl From<io::Error> for HttpError {
+    fn from(e: io::Error) -> Self {
+        HttpError::Io(e)
+    }
 }
 
 pub(super) struct Response {
@@ -431,6 +444,13 @@ pub(super) async fn get<S: AsyncRead + AsyncWrite + Unpin>(
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let mut body = raw.split_off(split + 4);
     let status_line = head.lines().next().unwrap_or("").to_owned();
+    let has_status = status_line
+        .strip_prefix("HTTP/1.")
+        .and_then(|rest| rest.split_whitespace().nth(1))
+        .is_some_and(|code| code.len() == 3 && code.bytes().all(|b| b.is_ascii_digit()));
+    if !has_status {
+        return Err(HttpError::Malformed("no HTTP/1.x status line"));
+    }
     let header = |name: &str| {
         head.lines().skip(1).find_map(|l| {
             let (k, v) = l.split_once(':')?;

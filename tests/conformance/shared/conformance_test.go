@@ -409,7 +409,7 @@ func TestPreConnected(t *testing.T) {
 
 // (9) Replies larger than 4096 bytes. NRI's Go multiplexer hands ttrpc one
 // frame per read through a 4096-byte buffer, so a plugin that writes a large
-// reply as one frame kills its connection (notes §2). A 10 KB container name
+// reply as one frame kills its connection. A 10 KB container name
 // makes the CreateContainer reply (env value) and the log line large.
 func TestLargeReply(t *testing.T) {
 	h := startRegistered(t, 1, 1)
