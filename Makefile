@@ -43,7 +43,7 @@ FUZZ_SMOKE_SECONDS ?= 15
 FUZZ_SECONDS ?= 1800
 FUZZ_JOBS ?= 1
 fuzz-smoke:
-	fuzz/run.sh $(FUZZ_SMOKE_SECONDS)
+	FRESH=1 fuzz/run.sh $(FUZZ_SMOKE_SECONDS)
 
 fuzz:
 	JOBS=$(FUZZ_JOBS) fuzz/run.sh $(FUZZ_SECONDS)

@@ -48,8 +48,16 @@ nice cargo +nightly fuzz build >build.log 2>&1 || {
 echo "fuzz build: $(($(date +%s) - started)) s"
 
 mkdir -p logs
+# FRESH=1 (the smoke): start from the seeds alone, in a corpus thrown away afterwards, so the
+# smoke takes the same time however much a long run has grown corpus/ (reading thousands of
+# units under the sanitizer alone takes longer than a smoke's seconds).
+corpus_base=corpus
+if [[ ${FRESH:-0} == 1 ]]; then
+	corpus_base=$(mktemp -d)
+	trap 'rm -rf "$corpus_base"' EXIT
+fi
 run_one() {
-	local t=$1 corpus=corpus/$1 seeds=seeds/$1 log=logs/$1.log dict
+	local t=$1 corpus=$corpus_base/$1 seeds=seeds/$1 log=logs/$1.log dict
 	dict=$(dict_of "$t")
 	mkdir -p "$corpus" "artifacts/$t" "$seeds"
 	set +e
