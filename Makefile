@@ -1,8 +1,8 @@
 # nri-identity-injector — one entry point for humans and CI.
 #
 #   make demo   SPIRE + containerd + the daemon + an annotated pod printing its SPIFFE ID
-#   make test   every suite: lint, unit/integration, NRI conformance (real Go runtime side),
-#               end-to-end on real containerd/runc/crictl/SPIRE
+#   make test   every suite: lint, unit/integration, the fuzz smoke, NRI conformance (real Go
+#               runtime side), end-to-end on real containerd/runc/crictl/SPIRE
 #   make bench  the benchmarks whose figures are in README.md
 
 SHELL := /bin/bash
@@ -11,7 +11,7 @@ export PATH := $(HOME)/.cargo/bin:/usr/local/go/bin:$(PATH)
 export GOTOOLCHAIN := local
 export CARGO_TERM_COLOR := never
 
-.PHONY: release demo test lint unit conformance e2e e2e-churn chaos soak e2e-crio e2e-k8s e2e-k8s-api e2e-deploy e2e-openshift e2e-openshift-crio e2e-kata e2e-vm e2e-selinux manifests bench bench-nri bench-e2e bench-e2e-crio bench-k8s bench-daemon codegen build
+.PHONY: release demo test lint unit fuzz-smoke fuzz conformance e2e e2e-churn chaos soak e2e-crio e2e-k8s e2e-k8s-api e2e-deploy e2e-openshift e2e-openshift-crio e2e-kata e2e-vm e2e-selinux manifests bench bench-nri bench-e2e bench-e2e-crio bench-k8s bench-daemon codegen build
 
 # The shipped binary: statically linked (no shared libc pages: idle RSS about 1.3 MiB below a
 # dynamically linked build) and built for an explicit target, so the static flag reaches only the
@@ -25,7 +25,7 @@ release:
 demo:
 	tests/e2e/demo.sh
 
-test: lint unit conformance e2e e2e-crio e2e-k8s e2e-k8s-api e2e-deploy e2e-openshift e2e-openshift-crio e2e-kata e2e-selinux chaos
+test: lint unit fuzz-smoke conformance e2e e2e-crio e2e-k8s e2e-k8s-api e2e-deploy e2e-openshift e2e-openshift-crio e2e-kata e2e-selinux chaos
 
 build:
 	cargo build --workspace --all-targets
@@ -36,6 +36,17 @@ lint:
 
 unit:
 	cargo test --workspace --all-features
+
+# Every fuzz target (fuzz/, cargo-fuzz on nightly) for FUZZ_SMOKE_SECONDS each; `make fuzz`
+# runs them for FUZZ_SECONDS each, FUZZ_JOBS at a time. Limits, corpora: fuzz/README.md.
+FUZZ_SMOKE_SECONDS ?= 15
+FUZZ_SECONDS ?= 1800
+FUZZ_JOBS ?= 1
+fuzz-smoke:
+	FRESH=1 fuzz/run.sh $(FUZZ_SMOKE_SECONDS)
+
+fuzz:
+	JOBS=$(FUZZ_JOBS) fuzz/run.sh $(FUZZ_SECONDS)
 
 conformance:
 	tests/conformance/run.sh

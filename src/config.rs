@@ -12,6 +12,7 @@ use nri_identity_backends::{RuntimeKind, SandboxClasses};
 use serde::{Deserialize, Serialize};
 
 use crate::k8s::{ClientAuth, Endpoint, KubeletUrl, Scheme, TlsSettings};
+use crate::limits::IdentityLimits;
 pub use crate::selinux::SelinuxLabel;
 
 /// Prefix of the environment variables that override the file, e.g.
@@ -96,6 +97,12 @@ pub struct Config {
     /// Runtime handlers whose pods run in a VM without a shared file system (files copied in
     /// once at creation); they win over `vm_runtime_handlers`.
     pub copy_once_runtime_handlers: Vec<String>,
+    /// How many containers of one pod may hold an identity at once; more are refused at
+    /// CreateContainer.
+    pub max_identities_per_pod: usize,
+    /// How many identities the node may hold at once; keep it below what the daemon's memory
+    /// limit holds (about 2,000 in the shipped DaemonSet's 64 MiB).
+    pub max_identities: usize,
     /// Give containers served at StartContainer (PID mode) whose pod must not run without its
     /// identity a start guard: an OCI hook the runtime runs before the workload, which waits
     /// until the files are in place whether or not the daemon is alive at that moment.
@@ -142,6 +149,8 @@ impl Default for Config {
             ]
             .map(String::from)
             .to_vec(),
+            max_identities_per_pod: IdentityLimits::DEFAULT.per_pod,
+            max_identities: IdentityLimits::DEFAULT.total,
             start_guard: true,
             start_guard_timeout_ms: 60_000,
         }
@@ -246,6 +255,15 @@ impl Config {
         if self.drain_timeout_ms > 120_000 {
             return Err(invalid("drain_timeout_ms", "must be at most 120000"));
         }
+        if self.max_identities_per_pod == 0 {
+            return Err(invalid("max_identities_per_pod", "must be at least 1"));
+        }
+        if self.max_identities < self.max_identities_per_pod {
+            return Err(invalid(
+                "max_identities",
+                "must be at least max_identities_per_pod",
+            ));
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
             return Err(invalid(
                 "log_level",
@@ -337,6 +355,14 @@ impl Config {
         Some(Endpoint { url, tls })
     }
 
+    /// How many identities a pod, and the node, may hold at once.
+    pub fn identity_limits(&self) -> IdentityLimits {
+        IdentityLimits {
+            per_pod: self.max_identities_per_pod,
+            total: self.max_identities,
+        }
+    }
+
     pub fn first_svid_timeout(&self) -> Duration {
         Duration::from_millis(self.first_svid_timeout_ms)
     }
@@ -389,7 +415,7 @@ impl Config {
 fn toml_value(v: &figment::value::Value) -> String {
     use figment::value::Value;
     match v {
-        Value::String(_, s) => format!("{s:?}"),
+        Value::String(_, s) => toml_string(s),
         Value::Num(_, n) => n
             .to_u128()
             .map(|n| n.to_string())
@@ -401,6 +427,26 @@ fn toml_value(v: &figment::value::Value) -> String {
         ),
         other => format!("{other:?}"),
     }
+}
+
+/// A TOML basic string. Not Rust's `{:?}`: its `\u{1b}` escapes are not TOML, so a printed
+/// configuration holding a control character would not load back.
+fn toml_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// The command-line flags of `run` and `config`. Each overrides the configuration field of its
@@ -484,6 +530,15 @@ impl figment::Provider for EnvPairs {
             // parse as figment's own Env provider would (numbers, lists).
             let value = if Self::takes_string(k, v) {
                 figment::value::Value::from(v.clone())
+            } else if v.contains('\\') && !v.is_ascii() {
+                // figment 0.10's value parser slices a quoted string at a character index
+                // where it needs a byte index, and panics when non-ASCII text precedes a
+                // backslash (found by the `config` fuzz target). Refuse instead of crashing.
+                return Err(figment::Error::from(format!(
+                    "{ENV_PREFIX}{}: a value with both backslashes and non-ASCII characters \
+                     cannot be read; write it in the configuration file",
+                    k.to_ascii_uppercase()
+                )));
             } else {
                 v.parse()
                     .unwrap_or_else(|_| figment::value::Value::from(v.clone()))
@@ -573,6 +628,12 @@ mod tests {
             ("runtime = \"docker\"", "runtime"),
             ("selinux_label = \"mine\"", "selinux_label"),
             ("runtime_state_dir = \"run/crio\"", "runtime_state_dir"),
+            ("max_identities_per_pod = 0", "max_identities_per_pod"),
+            (
+                "max_identities = 5\nmax_identities_per_pod = 6",
+                "max_identities",
+            ),
+            ("max_identities = -1", "max_identities"),
             ("start_guard_timeout_ms = 10", "start_guard_timeout_ms"),
         ];
         for (body, field) in cases {
@@ -582,6 +643,25 @@ mod tests {
                 .to_string();
             assert!(err.contains(field), "{body}: {err}");
         }
+    }
+
+    #[test]
+    fn identity_limits_come_from_the_file_and_the_environment() {
+        assert_eq!(Config::default().identity_limits(), IdentityLimits::DEFAULT);
+        let f = write("limits", "max_identities = 500\nmax_identities_per_pod = 4");
+        let c = Config::load(
+            Some(&f),
+            env(&[("NRI_IDENTITY_MAX_IDENTITIES_PER_POD", "8")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.identity_limits(),
+            IdentityLimits {
+                per_pod: 8,
+                total: 500
+            }
+        );
     }
 
     #[test]
@@ -732,6 +812,60 @@ kubelet_private_key_path = "/etc/nii/client-key.pem"
             Path::new("/run/spire/admin/admin.sock")
         );
         assert_eq!(p.allowed_agent_addresses().len(), 2);
+    }
+
+    #[test]
+    fn printed_strings_with_control_characters_quotes_and_unicode_load_back() {
+        // Found by the `config` fuzz target: `{:?}` printed "\u{e}", which TOML refuses.
+        let c = Config {
+            allowed_agent_sockets: vec![
+                PathBuf::from("/run/a\u{e}sock"),
+                PathBuf::from("/run/\"quoted\" \\ back\tslash\n\u{7f}\u{85}"),
+                PathBuf::from("/run/é/\u{200b}/✓.sock"),
+            ],
+            ..Config::default()
+        };
+        c.validate().unwrap();
+        let rendered = c.to_toml();
+        let f = write("escapes", &rendered);
+        let again = Config::load(Some(&f), vec![], &Overrides::default()).unwrap();
+        assert_eq!(again, c, "{rendered}");
+    }
+
+    #[test]
+    fn environment_values_that_crash_figments_parser_are_refused_not_a_panic() {
+        // Found by the `config` fuzz target (reduced): figment's value parser panicked on
+        // non-ASCII text before a backslash in a quoted string.
+        for value in [
+            r#"["/run/é\u00e9"]"#,
+            r#""é\"""#,
+            "[\"/ruo/\u{fffd}ri-i\\u00&0\"]",
+        ] {
+            let err = Config::load(
+                None,
+                env(&[("NRI_IDENTITY_ALLOWED_AGENT_SOCKETS", value)]),
+                &Overrides::default(),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("NRI_IDENTITY_ALLOWED_AGENT_SOCKETS"),
+                "{value}: {err}"
+            );
+        }
+        // Backslashes alone, or non-ASCII alone, still parse.
+        for (value, expected) in [
+            (r#"["/run/a\\b.sock"]"#, "/run/a\\b.sock"),
+            ("[/run/é.sock]", "/run/é.sock"),
+        ] {
+            let c = Config::load(
+                None,
+                env(&[("NRI_IDENTITY_ALLOWED_AGENT_SOCKETS", value)]),
+                &Overrides::default(),
+            )
+            .unwrap();
+            assert_eq!(c.allowed_agent_sockets, [PathBuf::from(expected)]);
+        }
     }
 
     #[test]

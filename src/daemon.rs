@@ -27,6 +27,11 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Nri(#[from] nri_plugin::Error),
+    #[error("unsafe artifact_root {}: {error}", root.display())]
+    ArtifactRoot {
+        root: std::path::PathBuf,
+        error: crate::host::HostError,
+    },
     #[error("cannot read the daemon's own executable for the start guard: {0}")]
     GuardExecutable(std::io::Error),
     #[error(transparent)]
@@ -36,12 +41,19 @@ pub enum DaemonError {
 /// Runs until SIGTERM/SIGINT (or `shutdown` is cancelled).
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
     warn_unless_tmpfs(&config.artifact_root);
+    RealHost::check_root_ancestors(&config.artifact_root).map_err(|error| {
+        DaemonError::ArtifactRoot {
+            root: config.artifact_root.clone(),
+            error,
+        }
+    })?;
     let metrics = Arc::new(Metrics::default());
     let mut engine_cfg = EngineConfig::new(&config.artifact_root, config.annotation_policy());
     engine_cfg.runtime = config.runtime;
     engine_cfg.sandboxes = config.sandbox_classes();
     engine_cfg.first_svid_timeout = config.first_svid_timeout();
     engine_cfg.default_attestation = config.default_attestation();
+    engine_cfg.limits = config.identity_limits();
     engine_cfg.start_guard = config.start_guard();
     let selinuxfs = std::path::Path::new(SELINUXFS);
     engine_cfg.selinux_label = config.selinux_label.resolve(selinuxfs);

@@ -259,8 +259,13 @@ pub fn check(spec: &GuardSpec) -> Result<Accepted, NotReady> {
     } else {
         read(&spec.cert_dir, &spec.key)?
     };
-    let leaf_der = first_block(&cert_pem, "CERTIFICATE", &spec.cert)?;
-    let key_der = first_block(&key_pem, "PRIVATE KEY", &spec.key)?;
+    judge(spec, &cert_pem, &key_pem)
+}
+
+/// Whether the contents of the certificate and key files are what `spec` waits for.
+fn judge(spec: &GuardSpec, cert_pem: &[u8], key_pem: &[u8]) -> Result<Accepted, NotReady> {
+    let leaf_der = first_block(cert_pem, "CERTIFICATE", &spec.cert)?;
+    let key_der = first_block(key_pem, "PRIVATE KEY", &spec.key)?;
     let leaf = x509::leaf(&leaf_der).map_err(bad_der(&spec.cert, "the leaf certificate"))?;
     let key = x509::key_matches(&key_der, &leaf).map_err(bad_der(&spec.key, "the private key"))?;
     if key == KeyMatch::Differs {
@@ -396,6 +401,41 @@ fn first_block(
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Entry points for the fuzz targets in the repository's `fuzz/` crate (feature `fuzzing`).
+/// Not an API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::{Accepted, GuardSpec, NotReady};
+
+    /// What the guard concludes from these file contents (`key_pem` `None`: the combined
+    /// layout, key and certificate in one file), as [`super::check`] does once the files are
+    /// present and read.
+    pub fn judge(
+        cert_pem: &[u8],
+        key_pem: Option<&[u8]>,
+        spiffe_id: Option<&str>,
+    ) -> Result<Accepted, NotReady> {
+        let spec = GuardSpec {
+            cert_dir: "/".into(),
+            cert: "svid.pem".to_owned(),
+            key: if key_pem.is_some() {
+                "svid_key.pem"
+            } else {
+                "svid.pem"
+            }
+            .to_owned(),
+            files: Vec::new(),
+            spiffe_id: spiffe_id.map(str::to_owned),
+            timeout_ms: 0,
+            pod: None,
+            container: None,
+            termination_log: None,
+        };
+        super::judge(&spec, cert_pem, key_pem.unwrap_or(cert_pem))
+    }
 }
 
 #[cfg(test)]

@@ -211,6 +211,10 @@ pub enum HostError {
     InvalidRoot { path: PathBuf, reason: &'static str },
     #[error("refusing {path}: it is a symlink or not a directory")]
     NotADirectory { path: PathBuf },
+    #[error(
+        "refusing the artifact root under {path}: it is {reason}, so someone other than root could replace what lies below it"
+    )]
+    UnsafeAncestor { path: PathBuf, reason: String },
     #[error("refusing {path}: it is a symlink or not a regular file")]
     NotARegularFile { path: PathBuf },
     #[error("refusing {path}: owned by uid {uid}, not by the daemon (uid {expected})")]

@@ -18,6 +18,7 @@ pub mod guard;
 pub mod host;
 pub mod http;
 pub mod k8s;
+pub mod limits;
 pub mod metrics;
 pub mod nri;
 pub mod selinux;

@@ -157,6 +157,7 @@ fn code(e: &EngineError) -> Code {
         EngineError::Host(_) | EngineError::Artifacts(_) | EngineError::GuardNotInstalled => {
             Code::Internal
         }
+        EngineError::Limit(_) => Code::ResourceExhausted,
     }
 }
 

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
+use nri_identity_injector::limits::IdentityLimits;
 use nri_identity_injector::spire::fake::WorkloadKey;
 use nri_plugin::Code;
 use nri_plugin::api::v1alpha1 as pb;
@@ -330,7 +331,19 @@ async fn a_workload_without_a_matching_entry_fails_clearly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_containers_started_at_once_are_all_served_within_budget() {
     let _heavy = HEAVY.lock().await;
-    let bed = Arc::new(Bed::with_timeout(Duration::from_millis(1500)).await);
+    // One pod of 200 containers is over the default per-pod identity limit, which is not
+    // what this test is about.
+    let limits = IdentityLimits {
+        per_pod: 200,
+        total: 200,
+    };
+    let bed = Arc::new(
+        Bed::with_timeout_and(
+            Duration::from_millis(1500),
+            Arc::new(move |cfg| cfg.limits = limits),
+        )
+        .await,
+    );
     let pod = pod_for(&bed, "many", "pod-uid-many");
     let mut containers = Vec::new();
     for i in 0..200u32 {

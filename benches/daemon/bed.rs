@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use nri_identity_injector::annotation::Policy;
 use nri_identity_injector::engine::{Engine, EngineConfig};
+use nri_identity_injector::limits::IdentityLimits;
 use nri_identity_injector::metrics::Metrics;
 use nri_identity_injector::nri::IdentityPlugin;
 use nri_identity_injector::spire::fake::{FakeAgent, TestCa};
@@ -65,7 +66,13 @@ impl Bed {
         let runtime = FakeRuntime::bind(&nri_path);
 
         let metrics = Arc::new(Metrics::default());
-        let cfg = EngineConfig::new(&root, Policy::new(agent.path()));
+        let mut cfg = EngineConfig::new(&root, Policy::new(agent.path()));
+        // The create benchmark holds thousands of identities at once, more than the node's
+        // default limit; counting them (the limit's own cost) stays in the figures.
+        cfg.limits = IdentityLimits {
+            total: usize::MAX,
+            ..IdentityLimits::DEFAULT
+        };
         let engine = Engine::new(
             cfg,
             DelegatedIdentityApi::new(ApiConfig::default()),

@@ -9,6 +9,7 @@ use crate::annotation::InvalidAnnotation;
 use crate::artifacts::ArtifactError;
 use crate::host::HostError;
 use crate::k8s::NamingError;
+use crate::limits::LimitError;
 use crate::selinux::LabelError;
 use crate::spiffe::TrustDomain;
 use crate::spire::SourceError;
@@ -64,6 +65,8 @@ pub enum EngineError {
     Naming(#[from] NamingError),
     #[error(transparent)]
     Label(#[from] LabelError),
+    #[error(transparent)]
+    Limit(#[from] LimitError),
     #[error(
         "the start guard is on but its binary is not installed under the artifact root (see the daemon's start-up log)"
     )]
@@ -93,6 +96,7 @@ impl EngineError {
             EngineError::Naming(NamingError::Selectors(_)) => "selectors",
             EngineError::Naming(NamingError::EphemeralContainer) => "ephemeral_container",
             EngineError::Label(_) => "selinux_label",
+            EngineError::Limit(_) => "limit",
             EngineError::GuardNotInstalled => "guard_not_installed",
         }
     }

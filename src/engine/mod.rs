@@ -44,6 +44,7 @@ use crate::artifacts::{ArtifactDir, ArtifactError, ArtifactWriter, LiveContainer
 use crate::guard::{self, GuardSpec};
 use crate::host::{HostError, HostOps};
 use crate::k8s::{KubeletPods, LookupError};
+use crate::limits::{Admissions, IdentityLimits};
 use crate::metrics::Metrics;
 use crate::selinux::{LabelPolicy, LabelSource};
 use crate::spire::{BundleSet, IdentitySource, SourceError};
@@ -77,6 +78,8 @@ pub struct EngineConfig {
     pub refused_recheck: Duration,
     /// Where selectors mode learns what NRI does not carry (service account, owners).
     pub kubelet: Option<Arc<KubeletPods>>,
+    /// How many identities a pod, and the node, may hold at once.
+    pub limits: IdentityLimits,
     /// The start guard's timeout, where containers served at StartContainer get one
     /// ([`crate::guard`]); `None`: no guard. Its binary must be installed
     /// ([`Engine::install_guard`]) before the first container.
@@ -99,6 +102,7 @@ impl EngineConfig {
             retry_max: Duration::from_secs(30),
             refused_recheck: Duration::from_secs(300),
             kubelet: None,
+            limits: IdentityLimits::DEFAULT,
             start_guard: None,
         }
     }
@@ -141,6 +145,8 @@ struct Inner<S> {
     /// Host path of the installed start-guard binary.
     guard_binary: OnceLock<PathBuf>,
     tracked: Mutex<HashMap<String, Tracked>>,
+    /// Counted at CreateContainer, before anything is written.
+    admissions: Admissions,
     bundles: Mutex<HashMap<PathBuf, watch::Receiver<Option<Arc<BundleSet>>>>>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -183,6 +189,7 @@ impl<S: IdentitySource> Engine<S> {
                 retry,
                 agent: watch::Sender::new(AgentState::default()),
                 probe_now: tokio::sync::Notify::new(),
+                admissions: Admissions::new(cfg.limits),
                 cfg,
                 source,
                 host,
@@ -333,11 +340,18 @@ impl<S: IdentitySource> Engine<S> {
         } else {
             None
         };
+        let admissions = &self.inner.admissions;
+        admissions
+            .admit(pod.key(), &c.id)
+            .map_err(|e| err(e.into()))?;
         let dir = self
             .inner
             .writer
             .create_dir(pod.key(), &c.id, label.as_deref())
-            .map_err(|e| err(e.into()))?;
+            .map_err(|e| {
+                admissions.release(pod.key(), &c.id);
+                err(e.into())
+            })?;
         let mut injection = Injection {
             mounts: vec![MountSpec::identity_dir(dir.path(), &request.cert_dir)],
             start_container_hooks: Vec::new(),
@@ -491,6 +505,7 @@ impl<S: IdentitySource> Engine<S> {
                 if at_create {
                     lock(&self.inner.tracked).remove(&c.id);
                     let _ = w.remove_container(pod.key(), &c.id);
+                    self.inner.admissions.release(pod.key(), &c.id);
                 } else if let Ok(dir) = self.dir_of(pod, c)
                     && let Err(error) = w.empty(&dir)
                 {
@@ -531,6 +546,7 @@ impl<S: IdentitySource> Engine<S> {
             .as_ref()
             .map(|t| t.pod_key.clone())
             .unwrap_or_else(|| pod.key().to_owned());
+        self.inner.admissions.release(&pod_key, &c.id);
         if let Err(error) = self.inner.writer.remove_container(&pod_key, &c.id) {
             warn!(container_id = %c.id, %error, "cannot remove the identity directory");
         }
@@ -538,6 +554,7 @@ impl<S: IdentitySource> Engine<S> {
 
     /// RemovePodSandbox: the pod's directory goes with whatever is left in it.
     pub fn remove_pod(&self, pod: &PodInfo) {
+        self.inner.admissions.release_pod(pod.key());
         if let Err(error) = self.inner.writer.remove_pod(pod.key()) {
             warn!(pod = %pod.name, %error, "cannot remove the pod's identity directory");
         }
@@ -571,6 +588,7 @@ impl<S: IdentitySource> Engine<S> {
                     continue;
                 }
             };
+            inner.admissions.restore(pod.key(), &c.id);
             let has_task = lock(&inner.tracked)
                 .get(&c.id)
                 .is_some_and(|t| t.task.is_some());
@@ -595,6 +613,7 @@ impl<S: IdentitySource> Engine<S> {
             span.in_scope(|| info!("resuming identity maintenance"));
             self.spawn_background(pod, c, request, plan, span);
         }
+        inner.admissions.retain(&live.containers);
         match inner.writer.sweep(&live) {
             Ok(removed) => {
                 for (pod_key, container_id) in removed {

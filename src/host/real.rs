@@ -2,9 +2,9 @@
 
 use std::ffi::{CStr, CString};
 use std::fs::{DirBuilder, File};
-use std::io::{Read as _, Write as _};
+use std::io::{self, Read as _, Write as _};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::DirBuilderExt as _;
+use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
@@ -36,6 +36,54 @@ pub struct RealHost;
 impl RealHost {
     pub fn new() -> Self {
         Self
+    }
+
+    /// Checks, once at startup, that only root (or the daemon's own user) can change what
+    /// the path to the artifact root leads to: every existing directory above it, as
+    /// written and with symlinks resolved, is owned by root or by us and is not writable by
+    /// group or others unless sticky (as `/tmp` is). Opening the root and everything below
+    /// it never follows a symlink; its ancestors are configuration and are followed, which
+    /// this check makes safe. Ownership and modes of root-owned directories cannot be
+    /// changed by anyone else later, so checking once suffices.
+    pub fn check_root_ancestors(root: &Path) -> Result<(), HostError> {
+        let euid = geteuid().as_raw();
+        let check = |dir: &Path| -> Result<(), HostError> {
+            let meta = match std::fs::metadata(dir) {
+                Ok(m) => m,
+                // Created later by the daemon itself, root-owned 0755.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(HostError::io("checking directory", dir, e)),
+            };
+            let unsafe_because = |reason: String| HostError::UnsafeAncestor {
+                path: dir.to_path_buf(),
+                reason,
+            };
+            if meta.uid() != 0 && meta.uid() != euid {
+                return Err(unsafe_because(format!("owned by uid {}", meta.uid())));
+            }
+            let mode = meta.permissions().mode();
+            if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+                return Err(unsafe_because(format!(
+                    "writable by group or others (mode {:04o})",
+                    mode & 0o7777
+                )));
+            }
+            Ok(())
+        };
+        let Some(parent) = root.parent() else {
+            return Ok(());
+        };
+        for dir in parent.ancestors() {
+            check(dir)?;
+        }
+        if let Some(existing) = parent.ancestors().find(|p| p.exists())
+            && let Ok(real) = std::fs::canonicalize(existing)
+        {
+            for dir in real.ancestors() {
+                check(dir)?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -439,6 +439,93 @@ fn real_refuses_a_symlinked_root_and_a_file_as_dir() {
 }
 
 #[test]
+fn real_refuses_a_symlinked_container_dir() {
+    let tmp = TempRoot::new();
+    let host = RealHost::new();
+    host.create_container_dir(&tmp.root(), POD, "other")
+        .unwrap();
+    let elsewhere = tmp.base.join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    symlink(&elsewhere, tmp.root().join(POD).join(CTR)).unwrap();
+    let err = host
+        .create_container_dir(&tmp.root(), POD, CTR)
+        .unwrap_err();
+    assert!(matches!(err, HostError::NotADirectory { .. }), "{err}");
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+}
+
+#[test]
+fn real_hard_link_in_place_of_a_file_is_replaced_not_written_through() {
+    skip_if_not_root!();
+    let tmp = TempRoot::new();
+    let host = RealHost::new();
+    let dir = host.create_container_dir(&tmp.root(), POD, CTR).unwrap();
+    // A file elsewhere on the same file system, hard-linked under the key's name.
+    let victim = tmp.base.join("victim");
+    std::fs::write(&victim, b"victim").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::fs::hard_link(&victim, dir.path().join("svid_key.pem")).unwrap();
+
+    let attrs = FileAttrs {
+        owner: Some(Owner {
+            uid: 1001,
+            gid: 1001,
+        }),
+        ..FileAttrs::mode(0o600)
+    };
+    host.write_file_atomic(&dir, "svid_key.pem", b"key", attrs)
+        .unwrap();
+    assert_eq!(
+        std::fs::read(dir.path().join("svid_key.pem")).unwrap(),
+        b"key"
+    );
+    let victim_meta = std::fs::metadata(&victim).unwrap();
+    assert_eq!(std::fs::read(&victim).unwrap(), b"victim");
+    assert_eq!(victim_meta.permissions().mode() & 0o777, 0o640);
+    assert_eq!((victim_meta.uid(), victim_meta.nlink()), (0, 1));
+}
+
+#[test]
+fn real_root_ancestors_others_can_write_are_refused() {
+    skip_if_not_root!();
+    let tmp = TempRoot::new();
+    std::fs::set_permissions(&tmp.base, std::fs::Permissions::from_mode(0o755)).unwrap();
+    RealHost::check_root_ancestors(&tmp.base.join("a").join("artifacts")).unwrap();
+
+    // A directory others can write, anywhere above the root.
+    let open = tmp.base.join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = RealHost::check_root_ancestors(&open.join("x").join("artifacts")).unwrap_err();
+    assert!(
+        matches!(err, HostError::UnsafeAncestor { ref path, .. } if *path == open),
+        "{err}"
+    );
+    // Sticky, as /tmp is: others cannot replace what they do not own.
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    RealHost::check_root_ancestors(&open.join("artifacts")).unwrap();
+
+    // Owned by another user.
+    let theirs = tmp.base.join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(1001), Some(1001)).unwrap();
+    assert!(matches!(
+        RealHost::check_root_ancestors(&theirs.join("artifacts")),
+        Err(HostError::UnsafeAncestor { .. })
+    ));
+
+    // A symlink above the root is followed, so where it leads is checked too.
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let link = tmp.base.join("link");
+    symlink(&open, &link).unwrap();
+    let err = RealHost::check_root_ancestors(&link.join("artifacts")).unwrap_err();
+    assert!(
+        matches!(err, HostError::UnsafeAncestor { ref path, .. } if *path == link),
+        "{err}"
+    );
+}
+
+#[test]
 fn real_atomic_write_applies_exact_mode() {
     let tmp = TempRoot::new();
     let host = RealHost::new();

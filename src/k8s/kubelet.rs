@@ -351,39 +351,78 @@ impl KubeletPods {
                 });
             }
         }
-        let list: PodList =
-            serde_json::from_slice(&response.body).map_err(|e| malformed(e.to_string()))?;
-        Ok(list
-            .items
-            .into_iter()
-            .filter(|p| !p.metadata.uid.is_empty())
-            .map(|p| {
-                let users = p.spec.users();
-                let facts = PodFacts {
-                    service_account: p.spec.service_account_name,
-                    node_name: p.spec.node_name,
-                    labels: p.metadata.labels,
-                    owners: p
-                        .metadata
-                        .owner_references
-                        .into_iter()
-                        .map(|o| OwnerReference {
-                            kind: o.kind,
-                            name: o.name,
-                            uid: o.uid,
-                        })
-                        .collect(),
-                    ephemeral_containers: p
-                        .spec
-                        .ephemeral_containers
-                        .into_iter()
-                        .map(|c| c.name)
-                        .collect(),
-                    users,
-                };
-                (p.metadata.uid, facts)
-            })
-            .collect())
+        parse_pod_list(&response.body).map_err(|e| malformed(e.to_string()))
+    }
+}
+
+/// The facts of every pod in a kubelet `/pods` body (a `PodList`), by pod UID; pods without
+/// a UID are left out.
+fn parse_pod_list(body: &[u8]) -> Result<HashMap<String, PodFacts>, serde_json::Error> {
+    let list: PodList = serde_json::from_slice(body)?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter(|p| !p.metadata.uid.is_empty())
+        .map(|p| {
+            let users = p.spec.users();
+            let facts = PodFacts {
+                service_account: p.spec.service_account_name,
+                node_name: p.spec.node_name,
+                labels: p.metadata.labels,
+                owners: p
+                    .metadata
+                    .owner_references
+                    .into_iter()
+                    .map(|o| OwnerReference {
+                        kind: o.kind,
+                        name: o.name,
+                        uid: o.uid,
+                    })
+                    .collect(),
+                ephemeral_containers: p
+                    .spec
+                    .ephemeral_containers
+                    .into_iter()
+                    .map(|c| c.name)
+                    .collect(),
+                users,
+            };
+            (p.metadata.uid, facts)
+        })
+        .collect())
+}
+
+/// Entry points for the fuzz targets in the repository's `fuzz/` crate (feature `fuzzing`).
+/// Not an API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::collections::HashMap;
+
+    use tokio::io::{AsyncRead, AsyncWrite};
+
+    use super::PodFacts;
+
+    /// The pod-list JSON as [`super::KubeletPods`] reads it.
+    pub fn pod_list(body: &[u8]) -> Result<HashMap<String, PodFacts>, String> {
+        super::parse_pod_list(body).map_err(|e| e.to_string())
+    }
+
+    /// The HTTP exchange of one pod-list fetch over `stream`: the status code (if the status
+    /// line has one) and the body of at most `limit` bytes.
+    pub async fn http_get<S: AsyncRead + AsyncWrite + Unpin>(
+        stream: S,
+        limit: usize,
+    ) -> Result<(Option<u16>, Vec<u8>), String> {
+        super::transport::get(stream, "127.0.0.1:10250", "/pods", Some("token"), limit)
+            .await
+            .map(|r| (r.status(), r.body))
+            .map_err(|e| e.to_string())
+    }
+
+    /// The chunked-body decoder of the HTTP client.
+    pub fn dechunk(body: &[u8], limit: usize) -> Option<Vec<u8>> {
+        super::transport::dechunk(body, limit)
     }
 }
 

@@ -14,6 +14,9 @@ use tokio::time::Instant;
 use tracing::debug;
 
 pub use attestor::{K8sSelectorError, K8sWorkload, OwnerReference};
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub use kubelet::fuzzing as kubelet_fuzzing;
 pub use kubelet::{
     ClientAuth, CredentialError, Endpoint, KubeletPods, KubeletUrl, LookupError, PodFacts, Scheme,
     TlsSettings,

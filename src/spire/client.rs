@@ -289,6 +289,31 @@ fn trust_domain(key: &str, what: &str) -> Option<TrustDomain> {
     }
 }
 
+/// Entry points for the fuzz targets in the repository's `fuzz/` crate (feature `fuzzing`):
+/// an agent message as the client decodes and converts it. Not an API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use prost::Message as _;
+
+    use super::{
+        BundleSet, SourceError, SubscribeToX509BundlesResponse, SubscribeToX509sviDsResponse,
+        SvidUpdate,
+    };
+
+    /// One `SubscribeToX509SVIDs` message: protobuf, then validation.
+    pub fn svid_message(bytes: &[u8]) -> Result<SvidUpdate, String> {
+        let response = SubscribeToX509sviDsResponse::decode(bytes).map_err(|e| e.to_string())?;
+        super::svid_update(response).map_err(|e: SourceError| e.to_string())
+    }
+
+    /// One `SubscribeToX509Bundles` message: protobuf, then the DER split of each bundle.
+    pub fn bundle_message(bytes: &[u8]) -> Result<BundleSet, String> {
+        let response = SubscribeToX509BundlesResponse::decode(bytes).map_err(|e| e.to_string())?;
+        super::bundle_set(response).map_err(|e| e.to_string())
+    }
+}
+
 /// Adapts a tonic stream to the seam's contract: converted items, every error final, and an
 /// explicit [`SourceError::StreamEnded`] when the agent ends the stream cleanly.
 struct Updates<T, U> {

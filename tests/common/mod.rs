@@ -168,6 +168,11 @@ impl Bed {
         Bed::build(first_svid_timeout, None, Arc::new(|_| {})).await
     }
 
+    /// Like [`Bed::with_timeout`], with the daemon's settings adjusted by `tweak`.
+    pub async fn with_timeout_and(first_svid_timeout: Duration, tweak: Tweak) -> Bed {
+        Bed::build(first_svid_timeout, None, tweak).await
+    }
+
     /// A bed whose daemon's settings are adjusted by `tweak` (and which uses `kubelet` when
     /// given), connected and synchronized.
     pub async fn with(kubelet: Option<&FakeKubelet>, tweak: Tweak) -> Bed {

@@ -17,3 +17,7 @@ pub use session::RuntimeClient;
 
 #[cfg(feature = "testing")]
 pub mod testing;
+
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;

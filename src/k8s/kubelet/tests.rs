@@ -399,8 +399,29 @@ fn kubelet_urls_parse_with_scheme_defaults_and_refuse_paths_and_junk() {
         "https://[zz]:1",
         "https://h h:1",
         "https://h:1?x",
+        // Found by the `config` fuzz target: a colon made any host pass as IPv6, and the
+        // URL then printed as one that does not parse.
+        "https://10.off0.0.5:1ff0.0.5:10250",
+        "https://a:b:10250",
     ] {
         assert!(bad.parse::<KubeletUrl>().is_err(), "{bad} must be refused");
+    }
+    // An unbracketed IPv6 address still reads, its last group as the port.
+    let u: KubeletUrl = "https://fd00::5:10250".parse().unwrap();
+    assert_eq!((u.host.as_str(), u.port), ("fd00::5", 10250));
+    for good in [
+        "https://10.0.0.5",
+        "http://127.0.0.1:10255/",
+        "https://[fd00::5]:4443",
+        "https://fd00::5:10250",
+        "https://node-1.example:10250",
+    ] {
+        let u: KubeletUrl = good.parse().unwrap();
+        assert_eq!(
+            u.to_string().parse::<KubeletUrl>(),
+            Ok(u),
+            "{good} prints as it reads"
+        );
     }
 }
 

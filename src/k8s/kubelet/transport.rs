@@ -104,11 +104,15 @@ impl FromStr for KubeletUrl {
                 None => (rest, None),
             }
         };
+        // A host with a colon is an IPv6 address (bracketed or not): anything else would
+        // print as `[host]:port` and not parse again.
         let host_ok = !host.is_empty()
-            && (host.contains(':')
-                || host
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'));
+            && if host.contains(':') {
+                host.parse::<std::net::Ipv6Addr>().is_ok()
+            } else {
+                host.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+            };
         if !host_ok {
             return Err(format!("{s:?}: {host:?} is not a host name or IP address"));
         }

@@ -1,0 +1,172 @@
+//! What the SPIRE agent sends on the Delegated Identity API, as the daemon decodes and uses
+//! it: a `SubscribeToX509SVIDs` message (protobuf, then validation: SVIDs without an ID, a
+//! chain or a key are dropped) and a `SubscribeToX509Bundles` message (protobuf, then each
+//! bundle split into DER certificates), then rendered into the files of every layout.
+//!
+//! Holds: no panic; every SVID kept has an ID, a non-empty chain of non-empty certificates and
+//! a key; every rendered file has a plain name (federated bundle files only for plain trust
+//! domain names), only key files are secret, and the PEM in each file decodes to exactly the
+//! DER items it was made of, in order.
+
+#![no_main]
+
+use std::collections::BTreeMap;
+
+use libfuzzer_sys::fuzz_target;
+use nri_identity_injector::annotation::{self, Policy};
+use nri_identity_injector::artifacts::{Material, RenderedFiles, RenderedKind};
+use nri_identity_injector::spire::client_fuzzing::{bundle_message, svid_message};
+use rustls_pki_types::pem::{PemObject, SectionKind};
+
+/// Layout (so that real agent messages are seeds): which annotation's files to render (u8),
+/// the length of the SVID message (u16, big endian), the SVID message, the bundle message.
+struct Input<'a> {
+    svids: &'a [u8],
+    bundles: &'a [u8],
+    files: u8,
+}
+
+impl<'a> Input<'a> {
+    fn from_bytes(data: &'a [u8]) -> Option<Input<'a>> {
+        let (head, rest) = data.split_at_checked(3)?;
+        let n = usize::from(u16::from_be_bytes([head[1], head[2]])).min(rest.len());
+        let (svids, bundles) = rest.split_at(n);
+        Some(Input {
+            svids,
+            bundles,
+            files: head[0],
+        })
+    }
+}
+
+const ANNOTATIONS: &[&str] = &[
+    "cert_dir: /c",
+    "cert_dir: /c\nfederated_bundles: append",
+    "cert_dir: /c\nlayout: combined",
+    "cert_dir: /c\nlayout: combined\nfederated_bundles: append",
+];
+
+/// `spiffe://<td>` of an ID, as the engine keys bundles.
+fn trust_domain_key(id: &str) -> String {
+    let rest = id.strip_prefix("spiffe://").unwrap_or(id);
+    format!("spiffe://{}", rest.split('/').next().unwrap_or(rest))
+}
+
+fn pem_items(pem: &[u8]) -> Vec<(SectionKind, Vec<u8>)> {
+    <(SectionKind, Vec<u8>)>::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .expect("our PEM parses")
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some(input) = Input::from_bytes(data) else {
+        return;
+    };
+    let update = svid_message(input.svids);
+    let bundles = bundle_message(input.bundles);
+    if let Ok(update) = &update {
+        for s in &update.svids {
+            assert!(s.spiffe_id.starts_with("spiffe://") && s.spiffe_id.len() > 9);
+            assert!(!s.cert_chain.is_empty() && s.cert_chain.iter().all(|c| !c.is_empty()));
+            assert!(!s.private_key.is_empty());
+        }
+        for td in &update.federates_with {
+            assert!(td.starts_with("spiffe://"));
+        }
+    }
+    if let Ok(set) = &bundles {
+        for (td, certs) in &set.bundles {
+            assert!(td.starts_with("spiffe://"));
+            assert!(certs.iter().all(|c| c.first() == Some(&0x30)));
+        }
+    }
+    let (Ok(update), Ok(set)) = (update, bundles) else {
+        return;
+    };
+    let policy = Policy::new("/run/spire/admin/admin.sock");
+    let text = ANNOTATIONS[usize::from(input.files) % ANNOTATIONS.len()];
+    let request = annotation::parse(text, &policy).expect("fixed annotation");
+    for svid in &update.svids {
+        let own = trust_domain_key(&svid.spiffe_id);
+        let Some(own_bundle) = set.bundles.get(&own) else {
+            continue;
+        };
+        let federated: BTreeMap<String, Vec<Vec<u8>>> = update
+            .federates_with
+            .iter()
+            .filter(|td| **td != own)
+            .filter_map(|td| {
+                let certs = set.bundles.get(td)?;
+                Some((
+                    td.strip_prefix("spiffe://").unwrap_or(td).to_owned(),
+                    certs.clone(),
+                ))
+            })
+            .collect();
+        let material = Material {
+            chain: svid.cert_chain.clone(),
+            key: svid.private_key.clone(),
+            own_bundle: own_bundle.clone(),
+            federated,
+        };
+        let Ok(files) = RenderedFiles::for_request(&request, &material) else {
+            continue;
+        };
+        for f in files.files() {
+            let name = f.name();
+            assert!(
+                !name.is_empty()
+                    && name.len() <= 255
+                    && !name.contains('/')
+                    && !name.contains('\0'),
+                "file name {name:?}"
+            );
+            assert!(
+                name != "." && name != ".." && !name.starts_with(".tmp-"),
+                "file name {name:?}"
+            );
+            assert_eq!(
+                f.kind().is_secret(),
+                matches!(
+                    f.kind(),
+                    RenderedKind::PrivateKey | RenderedKind::KeyAndChain
+                )
+            );
+            let items = pem_items(f.contents());
+            let certs = |ders: &[Vec<u8>]| -> Vec<(SectionKind, Vec<u8>)> {
+                ders.iter()
+                    .map(|d| (SectionKind::Certificate, d.clone()))
+                    .collect()
+            };
+            let expected = match f.kind() {
+                RenderedKind::PrivateKey => {
+                    vec![(SectionKind::PrivateKey, material.key.to_vec())]
+                }
+                RenderedKind::KeyAndChain => {
+                    let mut v = vec![(SectionKind::PrivateKey, material.key.to_vec())];
+                    v.extend(certs(&material.chain));
+                    v
+                }
+                RenderedKind::SvidChain => certs(&material.chain),
+                RenderedKind::TrustBundle => {
+                    let mut v = certs(&material.own_bundle);
+                    if files.federated_bundles()
+                        == nri_identity_injector::annotation::FederatedBundles::Append
+                    {
+                        for c in material.federated.values() {
+                            v.extend(certs(c));
+                        }
+                    }
+                    v
+                }
+                RenderedKind::FederatedBundle { trust_domain } => {
+                    assert_eq!(name, format!("{trust_domain}.x509.pem"));
+                    assert!(trust_domain.bytes().all(|b| matches!(b,
+                        b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_')));
+                    certs(&material.federated[trust_domain])
+                }
+            };
+            assert_eq!(items, expected, "PEM round trip of {name}");
+        }
+    }
+});
