@@ -22,6 +22,10 @@ TIMEOUT=${TIMEOUT:-10}
 MALLOC_MB=${MALLOC_MB:-64}
 RSS_MB=${RSS_MB:-2048}
 TRIPLE=x86_64-unknown-linux-gnu
+# The sanitized builds of the dependencies are kept with the peers the e2e beds build, so a
+# fresh clone compiles only this repository's crates (a cold build of everything takes several
+# minutes on two cores). FUZZ_TARGET_DIR=fuzz/target keeps it inside the checkout.
+FUZZ_TARGET_DIR=${FUZZ_TARGET_DIR:-${NII_CACHE:-/var/cache/nri-identity-injector}/fuzz-target}
 export PATH="$HOME/.cargo/bin:$PATH"
 
 dict_of() {
@@ -41,7 +45,7 @@ if ! command -v cargo-fuzz >/dev/null; then
 fi
 rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 started=$(date +%s)
-nice cargo +nightly fuzz build >build.log 2>&1 || {
+nice cargo +nightly fuzz build --target-dir "$FUZZ_TARGET_DIR" >build.log 2>&1 || {
 	tail -40 build.log
 	exit 1
 }
@@ -61,7 +65,7 @@ run_one() {
 	dict=$(dict_of "$t")
 	mkdir -p "$corpus" "artifacts/$t" "$seeds"
 	set +e
-	nice "target/$TRIPLE/release/$t" "$corpus" "$seeds" \
+	nice "$FUZZ_TARGET_DIR/$TRIPLE/release/$t" "$corpus" "$seeds" \
 		-dict="$dict" \
 		-max_total_time="$SECONDS_EACH" \
 		-timeout="$TIMEOUT" \

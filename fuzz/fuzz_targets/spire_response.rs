@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use libfuzzer_sys::fuzz_target;
 use nri_identity_injector::annotation::{self, Policy};
 use nri_identity_injector::artifacts::{Material, RenderedFiles, RenderedKind};
+use nri_identity_injector::spiffe::{SpiffeId, TrustDomain};
 use nri_identity_injector::spire::client_fuzzing::{bundle_message, svid_message};
 use rustls_pki_types::pem::{PemObject, SectionKind};
 
@@ -46,12 +47,6 @@ const ANNOTATIONS: &[&str] = &[
     "cert_dir: /c\nlayout: combined\nfederated_bundles: append",
 ];
 
-/// `spiffe://<td>` of an ID, as the engine keys bundles.
-fn trust_domain_key(id: &str) -> String {
-    let rest = id.strip_prefix("spiffe://").unwrap_or(id);
-    format!("spiffe://{}", rest.split('/').next().unwrap_or(rest))
-}
-
 fn pem_items(pem: &[u8]) -> Vec<(SectionKind, Vec<u8>)> {
     <(SectionKind, Vec<u8>)>::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
@@ -66,17 +61,21 @@ fuzz_target!(|data: &[u8]| {
     let bundles = bundle_message(input.bundles);
     if let Ok(update) = &update {
         for s in &update.svids {
-            assert!(s.spiffe_id.starts_with("spiffe://") && s.spiffe_id.len() > 9);
+            // What arrives is a parsed ID: its text parses again to the same ID.
+            assert_eq!(
+                SpiffeId::parse(s.spiffe_id.as_str()).as_ref(),
+                Ok(&s.spiffe_id)
+            );
             assert!(!s.cert_chain.is_empty() && s.cert_chain.iter().all(|c| !c.is_empty()));
             assert!(!s.private_key.is_empty());
         }
         for td in &update.federates_with {
-            assert!(td.starts_with("spiffe://"));
+            assert_eq!(TrustDomain::parse(&td.id()).as_ref(), Ok(td));
         }
     }
     if let Ok(set) = &bundles {
         for (td, certs) in &set.bundles {
-            assert!(td.starts_with("spiffe://"));
+            assert_eq!(TrustDomain::parse(&td.id()).as_ref(), Ok(td));
             assert!(certs.iter().all(|c| c.first() == Some(&0x30)));
         }
     }
@@ -87,21 +86,15 @@ fuzz_target!(|data: &[u8]| {
     let text = ANNOTATIONS[usize::from(input.files) % ANNOTATIONS.len()];
     let request = annotation::parse(text, &policy).expect("fixed annotation");
     for svid in &update.svids {
-        let own = trust_domain_key(&svid.spiffe_id);
-        let Some(own_bundle) = set.bundles.get(&own) else {
+        let own = svid.spiffe_id.trust_domain();
+        let Some(own_bundle) = set.bundles.get(own) else {
             continue;
         };
-        let federated: BTreeMap<String, Vec<Vec<u8>>> = update
+        let federated: BTreeMap<TrustDomain, Vec<Vec<u8>>> = update
             .federates_with
             .iter()
-            .filter(|td| **td != own)
-            .filter_map(|td| {
-                let certs = set.bundles.get(td)?;
-                Some((
-                    td.strip_prefix("spiffe://").unwrap_or(td).to_owned(),
-                    certs.clone(),
-                ))
-            })
+            .filter(|td| *td != own)
+            .filter_map(|td| Some((td.clone(), set.bundles.get(td)?.clone())))
             .collect();
         let material = Material {
             chain: svid.cert_chain.clone(),
@@ -161,7 +154,7 @@ fuzz_target!(|data: &[u8]| {
                 }
                 RenderedKind::FederatedBundle { trust_domain } => {
                     assert_eq!(name, format!("{trust_domain}.x509.pem"));
-                    assert!(trust_domain.bytes().all(|b| matches!(b,
+                    assert!(trust_domain.name().bytes().all(|b| matches!(b,
                         b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_')));
                     certs(&material.federated[trust_domain])
                 }
