@@ -211,7 +211,10 @@ nii_scenarios() {
 			NII_FAILED=$((NII_FAILED + 1))
 			NII_FAILURES+=("$s")
 			echo "FAIL $s ($(($(nii_ms) - t)) ms)"
-			tail -20 "$E2E/logs/nii.log" | sed 's/^/  nii| /' | cut -c1-300
+			# Suites without a bed (openshift.sh) have no daemon log.
+			if [[ -n ${E2E:-} && -f $E2E/logs/nii.log ]]; then
+				tail -20 "$E2E/logs/nii.log" | sed 's/^/  nii| /' | cut -c1-300
+			fi
 		fi
 	done
 }
