@@ -23,8 +23,10 @@
 # shim sockets and runc state in fixed places under /run/containerd that a
 # second instance would share, and the kubelet and a literal NRI socket path
 # are host-wide. To clean up after a run that was SIGKILLed:
-#   E2E=/tmp/nii-e2e.XXXXXX bash -c '. tests/e2e/lib/bed.sh; bed_down'
-set -euo pipefail
+#   E2E=/tmp/nii-e2e.XXXXXX bash -euo pipefail -c '. tests/e2e/lib/bed.sh; bed_down'
+#
+# Like every file under lib/, this one leaves the shell options to the script that
+# sources it (which sets -euo pipefail).
 
 _BED_LIB=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=tests/e2e/lib/build.sh

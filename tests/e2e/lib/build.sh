@@ -13,7 +13,10 @@
 # they survive between runs and are shared with every other Go build here.
 # A directory only appears once its build completed (build into a temp dir,
 # then rename), so an interrupted build is simply redone.
-set -euo pipefail
+# Sourced, it leaves the shell options to the sourcing script (-euo pipefail).
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+	set -euo pipefail
+fi
 
 NII_CACHE=${NII_CACHE:-/var/cache/nri-identity-injector}
 NII_CONTAINERD_VERSION=${NII_CONTAINERD_VERSION:-v2.3.4}

@@ -193,17 +193,21 @@ NII_FAILURES=()
 # nii_scenarios NAME... : runs scenario_NAME for each, in a subshell with errexit (a plain
 # statement, not a condition: only there does errexit apply inside the subshell), and counts.
 nii_scenarios() {
-	local s t rc
+	local s t rc opts=$-
 	for s in "$@"; do
 		echo "--- $s"
 		t=$(nii_ms)
+		# A subshell under `||` would run without errexit: turn it off around the
+		# subshell instead, and back on only if the caller had it.
 		set +e
 		(
 			set -e
 			"scenario_$s"
 		)
 		rc=$?
-		set -e
+		if [[ $opts == *e* ]]; then
+			set -e
+		fi
 		if ((rc == 0)); then
 			NII_PASSED=$((NII_PASSED + 1))
 			echo "PASS $s ($(($(nii_ms) - t)) ms)"

@@ -58,8 +58,8 @@
 # every process of a sandbox carries that path on its command line, which is
 # how vm_down finds them even after the test that started them was killed.
 # vm_up first tears down sandboxes whose owning script is gone; by hand:
-#   bash -c '. tests/e2e/lib/vm.sh; vm_reap'        # or vm_down SB
-set -euo pipefail
+#   bash -euo pipefail -c '. tests/e2e/lib/vm.sh; vm_reap'   # or vm_down SB
+# The shell options are the sourcing script's (-euo pipefail), not set here.
 
 _VM_LIB=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=tests/e2e/lib/build.sh
