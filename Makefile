@@ -11,7 +11,7 @@ export PATH := $(HOME)/.cargo/bin:/usr/local/go/bin:$(PATH)
 export GOTOOLCHAIN := local
 export CARGO_TERM_COLOR := never
 
-.PHONY: release demo test lint unit fuzz-smoke fuzz conformance e2e e2e-churn chaos soak e2e-crio e2e-k8s e2e-k8s-api e2e-deploy e2e-openshift e2e-openshift-crio e2e-kata e2e-vm e2e-selinux manifests bench bench-nri bench-e2e bench-e2e-crio bench-k8s bench-daemon codegen build
+.PHONY: release demo test check lint lint-rust lint-deny lint-shell unit fuzz-smoke fuzz conformance e2e e2e-churn chaos soak e2e-crio e2e-k8s e2e-k8s-api e2e-deploy e2e-openshift e2e-openshift-crio e2e-kata e2e-vm e2e-selinux manifests bench bench-nri bench-e2e bench-e2e-crio bench-k8s bench-daemon codegen build
 
 # The shipped binary: statically linked (no shared libc pages: idle RSS about 1.3 MiB below a
 # dynamically linked build) and built for an explicit target, so the static flag reaches only the
@@ -25,14 +25,45 @@ release:
 demo:
 	tests/e2e/demo.sh
 
+# The fast tier for contributors, no root needed: formatting, clippy, cargo deny, shellcheck,
+# then the unit and integration tests of every crate (tests that need root, such as setting
+# SELinux labels or mounting a small tmpfs, say so and skip). No bed, no fuzzing.
+check: lint unit
+
 test: lint unit fuzz-smoke conformance e2e e2e-crio e2e-k8s e2e-k8s-api e2e-deploy e2e-openshift e2e-openshift-crio e2e-kata e2e-selinux chaos
 
 build:
 	cargo build --workspace --all-targets
 
-lint:
+# cargo-deny (deny.toml: licenses, bans, sources) is installed once per version under the
+# cache the test programs use (NII_CACHE), built into a temporary root and renamed so an
+# interrupted install is simply redone.
+# (Without root, where /var/cache is not writable, under ~/.cache instead.)
+NII_CACHE ?= $(shell if [ -w /var/cache/nri-identity-injector ] || [ -w /var/cache ]; then echo /var/cache/nri-identity-injector; else echo "$$HOME/.cache/nri-identity-injector"; fi)
+CARGO_DENY_VERSION := 0.20.2
+CARGO_DENY := $(NII_CACHE)/bin/cargo-deny-$(CARGO_DENY_VERSION)/bin/cargo-deny
+
+lint: lint-rust lint-deny lint-shell
+
+lint-rust:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --all-features -- -D warnings
+
+lint-deny: $(CARGO_DENY)
+	$(CARGO_DENY) --locked check licenses bans sources
+
+$(CARGO_DENY):
+	rm -rf $(NII_CACHE)/bin/cargo-deny-$(CARGO_DENY_VERSION).tmp
+	cargo install cargo-deny --locked --version $(CARGO_DENY_VERSION) --root $(NII_CACHE)/bin/cargo-deny-$(CARGO_DENY_VERSION).tmp
+	mv -T $(NII_CACHE)/bin/cargo-deny-$(CARGO_DENY_VERSION).tmp $(NII_CACHE)/bin/cargo-deny-$(CARGO_DENY_VERSION)
+
+# Every shell script in the repository: *.sh (sourced libraries included) and any tracked
+# file whose first line is a sh/bash shebang (.ci/run, the VM guest's init). -x follows the
+# files the scripts source.
+lint-shell:
+	command -v shellcheck >/dev/null || apt-get install -y shellcheck
+	git ls-files -z | xargs -0 awk 'FNR == 1 && (FILENAME ~ /\.sh$$/ || /^#!.*[\/ ](ba|da)?sh( |$$)/) { print FILENAME } { nextfile }' \
+		| xargs shellcheck -x
 
 unit:
 	cargo test --workspace --all-features
