@@ -1,14 +1,12 @@
 //! The life of annotated containers through the real daemon (engine + NRI plugin), driven by
 //! a fake NRI runtime and a fake SPIRE agent over temporary unix sockets.
 
-mod common;
-
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use nri_identity_injector::limits::IdentityLimits;
 use nri_identity_injector::spire::fake::WorkloadKey;
 use nri_plugin::Code;

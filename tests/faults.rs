@@ -2,14 +2,12 @@
 //! going away during a start, and a full artifact root (a real, small tmpfs). Each fault is
 //! reported once, surfaced in metrics and readiness, fails closed, and heals by itself.
 
-mod common;
-
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use nri_identity_injector::engine::AgentStatus;
 use nri_identity_injector::http::respond;
 use nri_identity_injector::spire::DelegateRefusal;

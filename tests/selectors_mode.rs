@@ -2,12 +2,10 @@
 //! selectors it derives from the runtime's pod metadata and the kubelet's pod list, and the
 //! files are in place at CreateContainer, before the container exists.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use nri_identity_injector::spire::fake::WorkloadKey;
 use nri_identity_injector::spire::{Selector, SvidUpdate};
 use nri_plugin::Code;

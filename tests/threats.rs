@@ -2,13 +2,11 @@
 //! container, many pods or a runtime that lies can and cannot make the daemon do. Real
 //! engine and NRI plugin, fake runtime and agent, real files in a temporary artifact root.
 
-mod common;
-
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use nri_identity_injector::limits::IdentityLimits;
 use nri_plugin::Code;
 use nri_plugin::api::v1alpha1 as pb;
