@@ -8,17 +8,13 @@
 //! Every SELinux label choice is read back from the real files' `security.selinux`
 //! attributes (settable by root on tmpfs and ext4 even where SELinux is not enabled).
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use nri_identity_backends::{Attestation, RuntimeKind};
 use nri_identity_injector::selinux::{LabelPolicy, SHARED_CONTAINER_FILE_LABEL};
-use nri_identity_injector::spire::fake::WorkloadKey;
-use nri_identity_injector::spire::{SvidUpdate, X509Svid};
 use nri_plugin::api::v1alpha1 as pb;
 use nri_plugin::{Code, Status};
 
@@ -153,24 +149,6 @@ async fn crio_start(bed: &Bed, pod: &pb::PodSandbox, c: &pb::Container) -> Optio
     bed.start(pod, c).await.err()
 }
 
-fn serve_selectors(bed: &Bed, kubelet: &FakeKubelet, uid: &str) -> X509Svid {
-    kubelet.add_pod(uid, "web", &[("app", "web")]);
-    let svid = bed.svid("/ns/prod/sa/web");
-    bed.agent.set_svids(
-        WorkloadKey::Selectors(
-            ["k8s:ns:prod", "k8s:sa:web"]
-                .iter()
-                .map(|s| s.parse().unwrap())
-                .collect::<BTreeSet<_>>(),
-        ),
-        SvidUpdate {
-            svids: vec![svid.clone()],
-            federates_with: vec![],
-        },
-    );
-    svid
-}
-
 fn labelled(policy: LabelPolicy, state: &Path) -> Tweak {
     let state = state.to_owned();
     Arc::new(move |cfg| {
@@ -197,7 +175,7 @@ async fn selectors_mode_delivers_inside_create_container_with_each_label_choice(
         state.add_sandbox("sb-sel", Some(LEVEL_A));
         let kubelet = FakeKubelet::start().await;
         let bed = Bed::on_runtime("cri-o", Some(&kubelet), labelled(policy, &state.dir)).await;
-        let svid = serve_selectors(&bed, &kubelet, "uid-sel");
+        let svid = bed.serve_selectors(&kubelet, "uid-sel", &[("app", "web")]);
         let pod = crio_pod(&bed, "sb-sel", "uid-sel", "");
         let c = crio_container(&pod, "ctr-sel");
 
@@ -316,7 +294,7 @@ async fn private_labels_follow_each_pods_level_and_are_set_again_on_every_direct
         ("sb-b", "uid-b", LEVEL_B),
         ("sb-c", "uid-c", SHARED_CONTAINER_FILE_LABEL),
     ] {
-        serve_selectors(&bed, &kubelet, uid);
+        bed.serve_selectors(&kubelet, uid, &[("app", "web")]);
         let pod = crio_pod(&bed, sb, uid, "");
         let c = crio_container(&pod, &format!("ctr-{uid}"));
         bed.create(&pod, &c).await.unwrap();
@@ -328,7 +306,7 @@ async fn private_labels_follow_each_pods_level_and_are_set_again_on_every_direct
     // A sandbox whose configuration is not where the daemon was told: refused at
     // CreateContainer, naming the setting, rather than served with a weaker label.
     let lost = crio_pod(&bed, "sb-lost", "uid-lost", "");
-    serve_selectors(&bed, &kubelet, "uid-lost");
+    bed.serve_selectors(&kubelet, "uid-lost", &[("app", "web")]);
     let c = crio_container(&lost, "ctr-lost");
     let err = bed.create(&lost, &c).await.unwrap_err();
     assert_eq!(err.code, Code::FailedPrecondition);
@@ -369,18 +347,7 @@ async fn private_labels_follow_each_pods_level_and_are_set_again_on_every_direct
     assert_eq!(label_of(&dir).as_deref(), Some(LEVEL_A), "relabelled");
     // And every file written from then on carries it: a rotation.
     let rotated = bed.svid("/ns/prod/sa/web");
-    bed.agent.set_svids(
-        WorkloadKey::Selectors(
-            ["k8s:ns:prod", "k8s:sa:web"]
-                .iter()
-                .map(|s| s.parse().unwrap())
-                .collect::<BTreeSet<_>>(),
-        ),
-        SvidUpdate {
-            svids: vec![rotated.clone()],
-            federates_with: vec![],
-        },
-    );
+    bed.serve_prod_web(rotated.clone());
     assert!(bed.wait_leaf(&dir.join("svid.pem"), &rotated).await);
     assert_labels(&dir, Some(LEVEL_A));
 }

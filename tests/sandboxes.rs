@@ -2,18 +2,13 @@
 //! VM runtime handlers are named and served next to process pods, and a directory that keeps
 //! its inode across a failed start.
 
-mod common;
-
-use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use nri_identity_backends::{RuntimeKind, SandboxClasses};
 use nri_identity_injector::engine::RuntimeError;
-use nri_identity_injector::spire::SvidUpdate;
-use nri_identity_injector::spire::fake::WorkloadKey;
 use nri_plugin::Code;
 use nri_plugin::api::v1alpha1 as pb;
 
@@ -34,28 +29,6 @@ fn pod_with(bed: &Bed, uid: &str, handler: &str, extra: &str) -> pb::PodSandbox 
     pod
 }
 
-fn serve_k8s(
-    bed: &Bed,
-    kubelet: &FakeKubelet,
-    uid: &str,
-) -> nri_identity_injector::spire::X509Svid {
-    kubelet.add_pod(uid, "web", &[]);
-    let svid = bed.svid("/ns/prod/sa/web");
-    bed.agent.set_svids(
-        WorkloadKey::Selectors(
-            ["k8s:ns:prod", "k8s:sa:web"]
-                .iter()
-                .map(|s| s.parse().unwrap())
-                .collect::<BTreeSet<_>>(),
-        ),
-        SvidUpdate {
-            svids: vec![svid.clone()],
-            federates_with: vec![],
-        },
-    );
-    svid
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_pod_is_named_by_selectors_and_served_inside_create_container() {
     let kubelet = FakeKubelet::start().await;
@@ -68,7 +41,7 @@ async fn a_vm_pod_is_named_by_selectors_and_served_inside_create_container() {
         }),
     )
     .await;
-    let svid = serve_k8s(&bed, &kubelet, "uid-vm-1");
+    let svid = bed.serve_selectors(&kubelet, "uid-vm-1", &[]);
     let pod = pod_with(&bed, "uid-vm-1", "kata-qemu", "");
     // The PID a VM runtime reports is the hypervisor's; the daemon must not use it.
     let c = container(&pod, "c0", "ctr-vm-1", 4242);
@@ -119,7 +92,7 @@ async fn pid_mode_is_refused_for_a_vm_pod_at_create_container_and_runc_pods_keep
 async fn a_copy_once_vm_needs_the_pods_consent() {
     let kubelet = FakeKubelet::start().await;
     let bed = Bed::with(Some(&kubelet), Arc::new(kata_classes)).await;
-    serve_k8s(&bed, &kubelet, "uid-fc");
+    bed.serve_selectors(&kubelet, "uid-fc", &[]);
     let pod = pod_with(&bed, "uid-fc", "kata-fc", "");
     let c = container(&pod, "c0", "ctr-fc-1", 0);
     let err = bed.create(&pod, &c).await.unwrap_err();
@@ -277,7 +250,7 @@ async fn no_event_replaces_a_container_directory_until_remove_container() {
     runc_dir.assert_same("retried start");
 
     // A VM pod by selectors: delivered at create, then started.
-    let svid = serve_k8s(&bed, &kubelet, "uid-pin-vm");
+    let svid = bed.serve_selectors(&kubelet, "uid-pin-vm", &[]);
     let mut vm = pod_with(&bed, "uid-pin-vm", "kata-qemu", "");
     vm.id = "sandbox-pin-vm".into();
     let v = container(&vm, "c0", "ctr-pin-vm", 4401);

@@ -2,14 +2,12 @@
 //! their CreateContainer reply, what CRI-O (whose start errors are only logged) does with it,
 //! and the `guard` subcommand as the runtime runs it.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use nri_identity_backends::{Attestation, SandboxClasses};
 use nri_identity_injector::artifacts::{GUARD_DIR, GUARD_FILE};
 use nri_identity_injector::engine::EngineConfig;
@@ -307,25 +305,21 @@ fn the_guard_binary_accepts_matching_files_and_refuses_a_wrong_key_or_spiffe_id(
     // What a start costs when the files are there: one exec and a few reads.
     eprintln!("guard with files present: {:?}", started.elapsed());
 
-    write_identity(&dir, &web, &other, ca.cert_der());
-    let out = guard_binary(&dir, &["--timeout-ms=300", id])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("does not belong to the certificate"),
-        "{stderr}"
-    );
-
-    write_identity(&dir, &other, &other, ca.cert_der());
-    let out = guard_binary(&dir, &["--timeout-ms=300", id])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("is for spiffe://example.org/other, not spiffe://example.org/web"),
-        "{stderr}"
-    );
+    // Refused: a key that is not the certificate's, and a certificate of another SPIFFE ID.
+    for (cert, key, refusal) in [
+        (&web, &other, "does not belong to the certificate"),
+        (
+            &other,
+            &other,
+            "is for spiffe://example.org/other, not spiffe://example.org/web",
+        ),
+    ] {
+        write_identity(&dir, cert, key, ca.cert_der());
+        let out = guard_binary(&dir, &["--timeout-ms=300", id])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "refused ({refusal}): {stderr}");
+        assert!(stderr.contains(refusal), "{stderr}");
+    }
 }

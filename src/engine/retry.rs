@@ -186,62 +186,70 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_refusal_of_the_daemon_waits_for_a_newer_probe_that_finds_it_served() {
-        let (tx, rx) = watch::channel(AgentState {
-            status: AgentStatus::Ready,
-            probes: 4,
-        });
-        let refused = status(tonic::Code::PermissionDenied, "no identity issued");
-        let wait = tokio::spawn(async move { agent_changed(rx, &refused, 4).await });
-        tokio::task::yield_now().await;
-        // A probe that still finds it refused does not wake it.
-        tx.send_replace(AgentState {
-            status: AgentStatus::Refused(DelegateRefusal::NoEntry),
-            probes: 5,
-        });
+    fn state(status: AgentStatus, probes: u64) -> AgentState {
+        AgentState { status, probes }
+    }
+
+    /// Publishes `next` and checks that the waiter, once it had time to see it, still waits.
+    async fn still_waits(
+        tx: &watch::Sender<AgentState>,
+        wait: &tokio::task::JoinHandle<()>,
+        next: AgentState,
+    ) {
+        let seen = format!("{next:?}");
+        tx.send_replace(next);
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(!wait.is_finished());
-        tx.send_replace(AgentState {
-            status: AgentStatus::Ready,
-            probes: 6,
-        });
+        assert!(!wait.is_finished(), "woken by {seen}");
+    }
+
+    /// Publishes `next` and checks that it wakes the waiter.
+    async fn wakes(
+        tx: &watch::Sender<AgentState>,
+        wait: tokio::task::JoinHandle<()>,
+        next: AgentState,
+        why: &str,
+    ) {
+        tx.send_replace(next);
         tokio::time::timeout(Duration::from_secs(1), wait)
             .await
-            .expect("woken by the probe that found the agent serving the daemon")
+            .expect(why)
             .unwrap();
     }
 
     #[tokio::test]
+    async fn a_refusal_of_the_daemon_waits_for_a_newer_probe_that_finds_it_served() {
+        let (tx, rx) = watch::channel(state(AgentStatus::Ready, 4));
+        let refused = status(tonic::Code::PermissionDenied, "no identity issued");
+        let wait = tokio::spawn(async move { agent_changed(rx, &refused, 4).await });
+        tokio::task::yield_now().await;
+        // A probe that still finds it refused does not wake it.
+        let still_refused = AgentStatus::Refused(DelegateRefusal::NoEntry);
+        still_waits(&tx, &wait, state(still_refused, 5)).await;
+        wakes(
+            &tx,
+            wait,
+            state(AgentStatus::Ready, 6),
+            "woken by the probe that found the agent serving the daemon",
+        )
+        .await;
+    }
+
+    #[tokio::test]
     async fn other_refusals_wait_for_the_agent_to_come_back() {
-        let (tx, rx) = watch::channel(AgentState {
-            status: AgentStatus::Ready,
-            probes: 1,
-        });
+        let (tx, rx) = watch::channel(state(AgentStatus::Ready, 1));
         let bad = status(tonic::Code::InvalidArgument, "invalid selector");
         let wait = tokio::spawn(async move { agent_changed(rx, &bad, 1).await });
         // Probes that keep finding it ready are no news for this container.
         for probes in 2..5 {
-            tx.send_replace(AgentState {
-                status: AgentStatus::Ready,
-                probes,
-            });
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            still_waits(&tx, &wait, state(AgentStatus::Ready, probes)).await;
         }
-        assert!(!wait.is_finished());
-        tx.send_replace(AgentState {
-            status: AgentStatus::Unreachable,
-            probes: 5,
-        });
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        assert!(!wait.is_finished());
-        tx.send_replace(AgentState {
-            status: AgentStatus::Ready,
-            probes: 6,
-        });
-        tokio::time::timeout(Duration::from_secs(1), wait)
-            .await
-            .expect("woken when the agent came back")
-            .unwrap();
+        still_waits(&tx, &wait, state(AgentStatus::Unreachable, 5)).await;
+        wakes(
+            &tx,
+            wait,
+            state(AgentStatus::Ready, 6),
+            "woken when the agent came back",
+        )
+        .await;
     }
 }

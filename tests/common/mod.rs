@@ -293,6 +293,38 @@ impl Bed {
         );
     }
 
+    /// Scripts selectors mode for pod `uid`: the kubelet knows it as a pod of namespace `prod`
+    /// with service account `web` and `labels`; the agent issues the returned SVID
+    /// (`/ns/prod/sa/web`) for exactly the selectors `k8s:ns:prod` and `k8s:sa:web`.
+    pub fn serve_selectors(
+        &self,
+        kubelet: &FakeKubelet,
+        uid: &str,
+        labels: &[(&str, &str)],
+    ) -> X509Svid {
+        kubelet.add_pod(uid, "web", labels);
+        let svid = self.svid("/ns/prod/sa/web");
+        self.serve_prod_web(svid.clone());
+        svid
+    }
+
+    /// Scripts the agent's answer for the selectors `k8s:ns:prod` and `k8s:sa:web` (a
+    /// rotation when they were served before).
+    pub fn serve_prod_web(&self, svid: X509Svid) {
+        self.agent.set_svids(
+            WorkloadKey::Selectors(
+                ["k8s:ns:prod", "k8s:sa:web"]
+                    .iter()
+                    .map(|s| s.parse().unwrap())
+                    .collect(),
+            ),
+            SvidUpdate {
+                svids: vec![svid],
+                federates_with: vec![],
+            },
+        );
+    }
+
     /// A fake container process in the container's cgroup, running as `uid`.
     pub fn process(&self, pid: u32, container_id: &str, uid: u32) {
         self.host.procs.add_process(

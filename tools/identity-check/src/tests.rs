@@ -126,6 +126,16 @@ fn snapshot(key: &[u8], chain: &[u8], bundle: &[u8]) -> Snapshot {
     Snapshot::from_parts(key.to_vec(), chain.to_vec(), bundle.to_vec())
 }
 
+/// Checks the parts as the spiffe-helper layout, expecting `/web` now.
+fn check_web(key: &[u8], chain: &[u8], bundle: &[u8]) -> Result<Identity, CheckError> {
+    check(
+        &snapshot(key, chain, bundle),
+        &separate(),
+        &expect("/web"),
+        now(),
+    )
+}
+
 fn temp_dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!(
         "nii-identity-check-{}-{tag}-{}",
@@ -173,13 +183,7 @@ fn a_key_of_another_certificate_is_a_mismatch() {
     let ca = Ca::root("td");
     let (_, chain) = ca.svid("/web", -60, 3600);
     let (other_key, _) = ca.svid("/web", -60, 3600);
-    let e = check(
-        &snapshot(&other_key, &chain, &ca.bundle()),
-        &separate(),
-        &expect("/web"),
-        now(),
-    )
-    .unwrap_err();
+    let e = check_web(&other_key, &chain, &ca.bundle()).unwrap_err();
     assert!(e.is_mismatch(), "{e}");
 }
 
@@ -187,13 +191,7 @@ fn a_key_of_another_certificate_is_a_mismatch() {
 fn another_spiffe_id_is_refused() {
     let ca = Ca::root("td");
     let (key, chain) = ca.svid("/db", -60, 3600);
-    let e = check(
-        &snapshot(&key, &chain, &ca.bundle()),
-        &separate(),
-        &expect("/web"),
-        now(),
-    )
-    .unwrap_err();
+    let e = check_web(&key, &chain, &ca.bundle()).unwrap_err();
     assert_eq!(
         e,
         CheckError::WrongSpiffeId {
@@ -207,13 +205,7 @@ fn another_spiffe_id_is_refused() {
 fn validity_is_checked_with_skew_for_a_clock_that_lags() {
     let ca = Ca::root("td");
     let (key, chain) = ca.svid("/web", -3600, -10);
-    let e = check(
-        &snapshot(&key, &chain, &ca.bundle()),
-        &separate(),
-        &expect("/web"),
-        now(),
-    )
-    .unwrap_err();
+    let e = check_web(&key, &chain, &ca.bundle()).unwrap_err();
     assert!(matches!(e, CheckError::Expired { .. }), "{e}");
 
     // Issued 20 s "in the future": this clock lags; within the skew it passes.
@@ -233,13 +225,7 @@ fn the_chain_must_reach_the_bundle_through_its_intermediates() {
     let root = Ca::root("root");
     let mid = root.intermediate("mid");
     let (key, chain) = mid.svid("/web", -60, 3600);
-    let id = check(
-        &snapshot(&key, &chain, &root.bundle()),
-        &separate(),
-        &expect("/web"),
-        now(),
-    )
-    .unwrap();
+    let id = check_web(&key, &chain, &root.bundle()).unwrap();
     assert_eq!(id.chain_len, 2);
 
     // Without the intermediate in the chain file, nothing links the leaf to the root.
@@ -252,24 +238,12 @@ fn the_chain_must_reach_the_bundle_through_its_intermediates() {
             + marker.len();
         chain[..end].to_vec()
     };
-    let e = check(
-        &snapshot(&key, &leaf_only, &root.bundle()),
-        &separate(),
-        &expect("/web"),
-        now(),
-    )
-    .unwrap_err();
+    let e = check_web(&key, &leaf_only, &root.bundle()).unwrap_err();
     assert!(matches!(e, CheckError::Chain { .. }), "{e}");
 
     // A bundle of another trust domain's CA does not verify it either.
     let other = Ca::root("root");
-    let e = check(
-        &snapshot(&key, &chain, &other.bundle()),
-        &separate(),
-        &expect("/web"),
-        now(),
-    )
-    .unwrap_err();
+    let e = check_web(&key, &chain, &other.bundle()).unwrap_err();
     assert!(matches!(e, CheckError::Chain { .. }), "{e}");
 }
 
@@ -280,13 +254,7 @@ fn missing_files_and_blocks_are_named() {
     assert!(e.to_string().contains("svid_key.pem"), "{e}");
     let ca = Ca::root("td");
     let (_, chain) = ca.svid("/web", -60, 3600);
-    let e = check(
-        &snapshot(b"", &chain, &ca.bundle()),
-        &separate(),
-        &expect("/web"),
-        now(),
-    )
-    .unwrap_err();
+    let e = check_web(b"", &chain, &ca.bundle()).unwrap_err();
     assert_eq!(
         e,
         CheckError::KeyCount {
