@@ -32,6 +32,7 @@ the daemon's doing (soak: on any violation).
 import argparse
 import calendar
 import collections
+import errno
 import json
 import math
 import os
@@ -281,6 +282,8 @@ class Run:
         self.stop = threading.Event()
         self.workloads = []
         self.violations = []
+        # Set when the injector could not place a fault: the run then proves nothing.
+        self.injector_error = None
         self.faults = []  # dicts: kind, t, end, recovered
         self.samples = []  # dicts: t, rss_kib, fds, live, load, cpu_ticks, rotations
         self.bed = Bed(self.out)
@@ -528,7 +531,15 @@ class Run:
             path = os.path.join(self.args.fill_dir, "fill")
             written = 0
             try:
-                with open(path, "wb") as fh:
+                try:
+                    fh = open(path, "wb")
+                except OSError as e:
+                    # Already full (the daemon's own files and temporaries take the rest):
+                    # the fault holds anyway, it only adds nothing.
+                    if e.errno != errno.ENOSPC:
+                        raise
+                    fh = open(os.devnull, "wb")
+                with fh:
                     chunk = b"\0" * 65536
                     while True:
                         try:
@@ -563,7 +574,13 @@ class Run:
         for f in self.schedule():
             if self.stop.wait(f["gap"]) or now() - t0 > self.args.seconds:
                 return
-            t, error = self.inject(f)
+            try:
+                t, error = self.inject(f)
+            except Exception as e:  # noqa: BLE001 - a fault the driver could not place
+                # must end the run as a failure, not silently end the fault schedule.
+                self.injector_error = f"{f['kind']}: {e!r}"
+                print(f"chaos: injector failed: {self.injector_error}", flush=True)
+                return
             if t is None:
                 self.log("fault_skipped", **f, reason=error)
                 continue
@@ -937,6 +954,7 @@ class Run:
             "exited_unkilled": {k[len("exited_"):]: v for k, v in self.counters.items()
                                 if k.startswith("exited_")},
             "recovery_s": {k: v for k, v in sorted(recovery.items())},
+            "injector_error": self.injector_error,
             "violations": len(self.violations),
             "violations_by_kind": dict(by_kind),
             "violations_daemon": len(daemons),
@@ -969,7 +987,7 @@ class Run:
         self.print_summary(summary)
         if mode == "soak":
             return 1 if self.violations or not summary.get("rotations_in_time", False) else 0
-        return 1 if daemons else 0
+        return 1 if daemons or self.injector_error else 0
 
     def soak_figures(self, t0):
         """Memory growth after warm-up, CPU per rotation, descriptor range, rotations in
