@@ -531,23 +531,20 @@ class Run:
             path = os.path.join(self.args.fill_dir, "fill")
             written = 0
             try:
-                try:
-                    fh = open(path, "wb")
-                except OSError as e:
-                    # Already full (the daemon's own files and temporaries take the rest):
-                    # the fault holds anyway, it only adds nothing.
-                    if e.errno != errno.ENOSPC:
-                        raise
-                    fh = open(os.devnull, "wb")
-                with fh:
+                # Unbuffered, so that the write that finds the file system full raises here
+                # and nothing is left in a buffer to fail again when the file is closed.
+                with open(path, "wb", buffering=0) as fh:
                     chunk = b"\0" * 65536
                     while True:
                         try:
-                            fh.write(chunk)
-                            fh.flush()
-                            written += len(chunk)
-                        except OSError:
+                            n = fh.write(chunk)
+                        except OSError as e:
+                            if e.errno != errno.ENOSPC:
+                                raise
                             break
+                        if not n:
+                            break
+                        written += n
                 f["filled_bytes"] = written
                 time.sleep(f["seconds"])
             finally:
