@@ -32,6 +32,7 @@ the daemon's doing (soak: on any violation).
 import argparse
 import calendar
 import collections
+import errno
 import json
 import math
 import os
@@ -281,6 +282,8 @@ class Run:
         self.stop = threading.Event()
         self.workloads = []
         self.violations = []
+        # Set when the injector could not place a fault: the run then proves nothing.
+        self.injector_error = None
         self.faults = []  # dicts: kind, t, end, recovered
         self.samples = []  # dicts: t, rss_kib, fds, live, load, cpu_ticks, rotations
         self.bed = Bed(self.out)
@@ -528,15 +531,20 @@ class Run:
             path = os.path.join(self.args.fill_dir, "fill")
             written = 0
             try:
-                with open(path, "wb") as fh:
+                # Unbuffered, so that the write that finds the file system full raises here
+                # and nothing is left in a buffer to fail again when the file is closed.
+                with open(path, "wb", buffering=0) as fh:
                     chunk = b"\0" * 65536
                     while True:
                         try:
-                            fh.write(chunk)
-                            fh.flush()
-                            written += len(chunk)
-                        except OSError:
+                            n = fh.write(chunk)
+                        except OSError as e:
+                            if e.errno != errno.ENOSPC:
+                                raise
                             break
+                        if not n:
+                            break
+                        written += n
                 f["filled_bytes"] = written
                 time.sleep(f["seconds"])
             finally:
@@ -563,7 +571,13 @@ class Run:
         for f in self.schedule():
             if self.stop.wait(f["gap"]) or now() - t0 > self.args.seconds:
                 return
-            t, error = self.inject(f)
+            try:
+                t, error = self.inject(f)
+            except Exception as e:  # noqa: BLE001 - a fault the driver could not place
+                # must end the run as a failure, not silently end the fault schedule.
+                self.injector_error = f"{f['kind']}: {e!r}"
+                print(f"chaos: injector failed: {self.injector_error}", flush=True)
+                return
             if t is None:
                 self.log("fault_skipped", **f, reason=error)
                 continue
@@ -937,6 +951,7 @@ class Run:
             "exited_unkilled": {k[len("exited_"):]: v for k, v in self.counters.items()
                                 if k.startswith("exited_")},
             "recovery_s": {k: v for k, v in sorted(recovery.items())},
+            "injector_error": self.injector_error,
             "violations": len(self.violations),
             "violations_by_kind": dict(by_kind),
             "violations_daemon": len(daemons),
@@ -969,7 +984,7 @@ class Run:
         self.print_summary(summary)
         if mode == "soak":
             return 1 if self.violations or not summary.get("rotations_in_time", False) else 0
-        return 1 if daemons else 0
+        return 1 if daemons or self.injector_error else 0
 
     def soak_figures(self, t0):
         """Memory growth after warm-up, CPU per rotation, descriptor range, rotations in
