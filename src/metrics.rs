@@ -469,11 +469,11 @@ mod tests {
             0.0
         );
         assert_eq!(
-            value("nri_identity_first_delivery_seconds_bucket{le=\"0.005\"}"),
+            value("nri_identity_first_delivery_seconds_bucket{le=\"0.0025\"}"),
             0.0
         );
         assert_eq!(
-            value("nri_identity_first_delivery_seconds_bucket{le=\"0.01\"}"),
+            value("nri_identity_first_delivery_seconds_bucket{le=\"0.005\"}"),
             2.0
         );
     }
