@@ -47,6 +47,8 @@ bed_up
 : >"$E2E/load.txt"
 
 ns() { date +%s%N; }
+# Each pass puts its N containers in one pod: lift the per-pod identity limit above N.
+export NRI_IDENTITY_MAX_IDENTITIES_PER_POD=$((n + 1))
 load() { echo "$1 $(cut -d' ' -f1-3 /proc/loadavg)" >>"$E2E/load.txt"; }
 
 # run_pass LABEL... : one pod per LABEL, N containers in each, created and started one after
