@@ -4,7 +4,9 @@
 //! time is compared with this one's for the same kind of container on the same bed.
 //!
 //! Usage: bare_fetch --socket NRI_SOCKET --agent ADMIN_SOCKET
-//! Logs one line per container: `bare-fetch container=<id> elapsed_ms=<ms> svids=<n>`.
+//! Logs one line per container: `bare-fetch container=<id> elapsed_ms=<ms>
+//! stream_open_ms=<ms> first_svid_ms=<ms> svids=<n>`, the two phases named as the daemon's
+//! (the subscription accepted, then its first update carrying an SVID).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,6 +37,7 @@ impl Plugin for BareFetch {
             .subscribe_svids(&self.agent, &Workload::Pid(c.pid as i32))
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
+        let opened = t.elapsed();
         let svids = loop {
             match stream.next().await {
                 Some(Ok(u)) if !u.svids.is_empty() => break u.svids.len(),
@@ -43,10 +46,13 @@ impl Plugin for BareFetch {
                 None => return Err(Status::unavailable("stream ended")),
             }
         };
+        let took = t.elapsed();
         eprintln!(
-            "bare-fetch container={} elapsed_ms={:.3} svids={svids}",
+            "bare-fetch container={} elapsed_ms={:.3} stream_open_ms={:.3} first_svid_ms={:.3} svids={svids}",
             c.id,
-            t.elapsed().as_secs_f64() * 1e3
+            took.as_secs_f64() * 1e3,
+            opened.as_secs_f64() * 1e3,
+            (took - opened).as_secs_f64() * 1e3
         );
         Ok(())
     }

@@ -15,6 +15,78 @@ const REFUSALS: [DelegateRefusal; 2] = [DelegateRefusal::NoEntry, DelegateRefusa
 /// Upper bounds (seconds) of the time-to-first-SVID histogram.
 const BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0];
 
+/// Upper bounds (seconds) of the phase histograms: most phases take microseconds, the agent's
+/// answer milliseconds, so these start far below [`BUCKETS`].
+const PHASE_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.0,
+];
+
+/// The phases of a container's first delivery, in the order they happen. Each lasts from the
+/// end of the one before (the first from the runtime event's arrival in the engine) to its own
+/// end, so together they are the whole delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// The workload named: the pidfd opened (PID mode) or the pod looked up and its selectors
+    /// derived (selectors mode).
+    Named,
+    /// The agent accepted the subscription (connecting first if needed; retries included).
+    StreamOpen,
+    /// The agent's first update carrying an SVID arrived on the open stream.
+    FirstSvid,
+    /// The trust bundles were at hand.
+    Bundle,
+    /// The process checks (still alive, still in the container's cgroup), the owner and the
+    /// files' contents.
+    Checks,
+    /// Key, certificate and bundle written and synced.
+    Written,
+    /// Metrics recorded and the stream handed to maintenance: the engine answers.
+    Reply,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 7] = [
+        Phase::Named,
+        Phase::StreamOpen,
+        Phase::FirstSvid,
+        Phase::Bundle,
+        Phase::Checks,
+        Phase::Written,
+        Phase::Reply,
+    ];
+
+    /// The name of the phase in metrics (`phase` label) and, with `_ms`, in the log.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Named => "workload_named",
+            Phase::StreamOpen => "stream_open",
+            Phase::FirstSvid => "first_svid",
+            Phase::Bundle => "bundle_ready",
+            Phase::Checks => "checks",
+            Phase::Written => "files_written",
+            Phase::Reply => "reply",
+        }
+    }
+}
+
+/// Where the time of one first delivery went, phase by phase.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PhaseTimes([Duration; Phase::ALL.len()]);
+
+impl PhaseTimes {
+    pub fn get(&self, phase: Phase) -> Duration {
+        self.0[phase as usize]
+    }
+    pub fn set(&mut self, phase: Phase, took: Duration) {
+        self.0[phase as usize] = took;
+    }
+    /// The whole delivery: the sum of its phases.
+    pub fn total(&self) -> Duration {
+        self.0.iter().sum()
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     nri_ready: AtomicU64,
@@ -27,17 +99,68 @@ pub struct Metrics {
     rotations: AtomicU64,
     active: AtomicI64,
     first_svid: Histogram,
+    /// One per [`Phase`], in its order.
+    phases: [Histogram<{ PHASE_BUCKETS.len() }>; Phase::ALL.len()],
+    /// Event to answer of every first delivery, on the phases' buckets.
+    delivery: Histogram<{ PHASE_BUCKETS.len() }>,
     failures: Mutex<BTreeMap<&'static str, u64>>,
     expiries: Mutex<BTreeMap<String, i64>>,
     /// Containers whose identity the agent refuses for good, until something changes.
     refused: Mutex<BTreeSet<String>>,
 }
 
-#[derive(Debug, Default)]
-struct Histogram {
-    counts: [AtomicU64; BUCKETS.len()],
+#[derive(Debug)]
+struct Histogram<const N: usize = { BUCKETS.len() }> {
+    counts: [AtomicU64; N],
     count: AtomicU64,
-    sum_micros: AtomicU64,
+    /// Nanoseconds, so that the sums of many sub-millisecond phases stay exact.
+    sum_nanos: AtomicU64,
+}
+
+impl<const N: usize> Default for Histogram<N> {
+    fn default() -> Self {
+        Histogram {
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            sum_nanos: AtomicU64::new(0),
+        }
+    }
+}
+
+impl<const N: usize> Histogram<N> {
+    fn observe(&self, bounds: &[f64; N], took: Duration) {
+        let secs = took.as_secs_f64();
+        for (i, le) in bounds.iter().enumerate() {
+            if secs <= *le {
+                self.counts[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// The series of one histogram (`labels`: `key="value",` pairs, or empty).
+    fn render(&self, o: &mut String, name: &str, labels: &str, bounds: &[f64; N]) {
+        for (i, le) in bounds.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "{name}_bucket{{{labels}le=\"{le}\"}} {}",
+                self.counts[i].load(Ordering::Relaxed)
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(o, "{name}_bucket{{{labels}le=\"+Inf\"}} {count}");
+        let labels = labels.trim_end_matches(',');
+        let braced = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(o, "{name}_sum{braced} {sum}");
+        let _ = writeln!(o, "{name}_count{braced} {count}");
+    }
 }
 
 impl Metrics {
@@ -95,16 +218,15 @@ impl Metrics {
     /// A container's first identity is on disk.
     pub fn served(&self, time_to_first: Duration) {
         self.identities_served.fetch_add(1, Ordering::Relaxed);
-        let secs = time_to_first.as_secs_f64();
-        for (i, le) in BUCKETS.iter().enumerate() {
-            if secs <= *le {
-                self.first_svid.counts[i].fetch_add(1, Ordering::Relaxed);
-            }
+        self.first_svid.observe(&BUCKETS, time_to_first);
+    }
+
+    /// Where a first delivery's time went: each phase, and the whole.
+    pub fn delivery_phases(&self, times: &PhaseTimes) {
+        for phase in Phase::ALL {
+            self.phases[phase as usize].observe(&PHASE_BUCKETS, times.get(phase));
         }
-        self.first_svid.count.fetch_add(1, Ordering::Relaxed);
-        self.first_svid
-            .sum_micros
-            .fetch_add(time_to_first.as_micros() as u64, Ordering::Relaxed);
+        self.delivery.observe(&PHASE_BUCKETS, times.total());
     }
 
     pub fn rotated(&self) {
@@ -240,29 +362,38 @@ impl Metrics {
         {
             let _ = writeln!(o, "nri_identity_failures_total{{kind=\"{kind}\"}} {n}");
         }
-        let h = &self.first_svid;
         let _ = writeln!(
             o,
             "# HELP nri_identity_time_to_first_svid_seconds From the start event to the files on disk.\n# TYPE nri_identity_time_to_first_svid_seconds histogram"
         );
-        for (i, le) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                o,
-                "nri_identity_time_to_first_svid_seconds_bucket{{le=\"{le}\"}} {}",
-                h.counts[i].load(Ordering::Relaxed)
+        self.first_svid.render(
+            &mut o,
+            "nri_identity_time_to_first_svid_seconds",
+            "",
+            &BUCKETS,
+        );
+        let _ = writeln!(
+            o,
+            "# HELP nri_identity_first_delivery_seconds From the runtime event to the engine's answer, for first deliveries.\n# TYPE nri_identity_first_delivery_seconds histogram"
+        );
+        self.delivery.render(
+            &mut o,
+            "nri_identity_first_delivery_seconds",
+            "",
+            &PHASE_BUCKETS,
+        );
+        let _ = writeln!(
+            o,
+            "# HELP nri_identity_first_delivery_phase_seconds Each phase of a first delivery; the phases add up to nri_identity_first_delivery_seconds.\n# TYPE nri_identity_first_delivery_phase_seconds histogram"
+        );
+        for phase in Phase::ALL {
+            self.phases[phase as usize].render(
+                &mut o,
+                "nri_identity_first_delivery_phase_seconds",
+                &format!("phase=\"{}\",", phase.name()),
+                &PHASE_BUCKETS,
             );
         }
-        let count = h.count.load(Ordering::Relaxed);
-        let _ = writeln!(
-            o,
-            "nri_identity_time_to_first_svid_seconds_bucket{{le=\"+Inf\"}} {count}"
-        );
-        let _ = writeln!(
-            o,
-            "nri_identity_time_to_first_svid_seconds_sum {}",
-            h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(o, "nri_identity_time_to_first_svid_seconds_count {count}");
         o
     }
 }
@@ -288,6 +419,63 @@ mod tests {
         assert!(text.contains("nri_identity_time_to_first_svid_seconds_bucket{le=\"0.05\"} 1"));
         assert!(text.contains("nri_identity_time_to_first_svid_seconds_bucket{le=\"0.025\"} 0"));
         assert!(text.contains("nri_identity_time_to_first_svid_seconds_count 1"));
+    }
+
+    #[test]
+    fn every_phase_of_a_delivery_has_its_histogram_and_they_add_up_to_the_whole() {
+        let m = Metrics::default();
+        let mut times = PhaseTimes::default();
+        for (i, phase) in Phase::ALL.into_iter().enumerate() {
+            times.set(phase, Duration::from_micros(100 * (i as u64 + 1)));
+        }
+        assert_eq!(times.total(), Duration::from_micros(2_800));
+        m.delivery_phases(&times);
+        m.delivery_phases(&times);
+        let text = m.render(0);
+        let value = |series: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or_else(|| panic!("{series} in\n{text}"))
+        };
+        let mut sum = 0.0;
+        for phase in Phase::ALL {
+            let labels = format!("{{phase=\"{}\"}}", phase.name());
+            assert_eq!(
+                value(&format!(
+                    "nri_identity_first_delivery_phase_seconds_count{labels}"
+                )),
+                2.0
+            );
+            sum += value(&format!(
+                "nri_identity_first_delivery_phase_seconds_sum{labels}"
+            ));
+        }
+        let total = value("nri_identity_first_delivery_seconds_sum");
+        assert!(
+            (sum - total).abs() < 1e-9 && (total - 0.0056).abs() < 1e-9,
+            "{sum} {total}"
+        );
+        // Sub-millisecond buckets: 100 µs is within 250 µs, 300 µs is not.
+        assert_eq!(
+            value(
+                "nri_identity_first_delivery_phase_seconds_bucket{phase=\"workload_named\",le=\"0.00025\"}"
+            ),
+            2.0
+        );
+        assert_eq!(
+            value(
+                "nri_identity_first_delivery_phase_seconds_bucket{phase=\"first_svid\",le=\"0.00025\"}"
+            ),
+            0.0
+        );
+        assert_eq!(
+            value("nri_identity_first_delivery_seconds_bucket{le=\"0.0025\"}"),
+            0.0
+        );
+        assert_eq!(
+            value("nri_identity_first_delivery_seconds_bucket{le=\"0.005\"}"),
+            2.0
+        );
     }
 
     /// The names, types and help texts dashboards, alerts and the documentation rely on.
@@ -343,6 +531,16 @@ mod tests {
                 "nri_identity_time_to_first_svid_seconds",
                 "histogram",
                 "From the start event to the files on disk.",
+            ),
+            (
+                "nri_identity_first_delivery_seconds",
+                "histogram",
+                "From the runtime event to the engine's answer, for first deliveries.",
+            ),
+            (
+                "nri_identity_first_delivery_phase_seconds",
+                "histogram",
+                "Each phase of a first delivery; the phases add up to nri_identity_first_delivery_seconds.",
             ),
         ] {
             let help_line = format!("# HELP {name} {help}");

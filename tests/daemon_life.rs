@@ -23,6 +23,87 @@ fn pod_for(bed: &Bed, name: &str, uid: &str) -> pb::PodSandbox {
     annotated_pod(name, uid, &[(KEY, value.as_str())])
 }
 
+/// The value of the series `name` (with its labels, exactly as rendered) in `metrics`.
+fn series(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no series {name} in\n{metrics}"))
+}
+
+/// Every millisecond of a first delivery is accounted for: one histogram per phase, each
+/// observed once per delivery, whose sums add up to the whole delivery's, and the whole is
+/// the time StartContainer took less only the NRI wire. An agent slow to accept the
+/// subscription shows in the phase that waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_phases_of_a_first_delivery_add_up_to_its_whole_time() {
+    let bed = Bed::new().await;
+    let slow_agent = Duration::from_millis(40);
+    let n = 3;
+    let mut round_trips = Duration::ZERO;
+    for i in 0..n {
+        let pid = 4100 + i;
+        let (id, uid) = (format!("ctr-phases-{i}"), format!("pod-uid-phases-{i}"));
+        let pod = pod_for(&bed, "web", &uid);
+        let c = container(&pod, "c0", &id, pid);
+        bed.process(pid, &id, 1001);
+        bed.serve_pid(pid, bed.svid("/web"));
+        bed.create(&pod, &c).await.unwrap();
+        // The bundle stream is open by now (the first delivery opens it, the readiness
+        // probe too), so the delay lands on SVID subscriptions only, from the second on.
+        if i == 1 {
+            bed.agent.set_initial_delay(slow_agent);
+        }
+        let t = Instant::now();
+        bed.start(&pod, &c).await.unwrap();
+        round_trips += t.elapsed();
+    }
+    let text = bed.daemon.metrics.render(0);
+    let total = series(&text, "nri_identity_first_delivery_seconds_sum");
+    assert_eq!(
+        series(&text, "nri_identity_first_delivery_seconds_count"),
+        f64::from(n)
+    );
+    let mut phases = 0.0;
+    for phase in [
+        "workload_named",
+        "stream_open",
+        "first_svid",
+        "bundle_ready",
+        "checks",
+        "files_written",
+        "reply",
+    ] {
+        let labels = format!("{{phase=\"{phase}\"}}");
+        let count = series(
+            &text,
+            &format!("nri_identity_first_delivery_phase_seconds_count{labels}"),
+        );
+        assert_eq!(count, f64::from(n), "{phase} observed once per delivery");
+        let sum = series(
+            &text,
+            &format!("nri_identity_first_delivery_phase_seconds_sum{labels}"),
+        );
+        assert!(sum > 0.0, "{phase} took some time");
+        phases += sum;
+        if phase == "stream_open" {
+            assert!(
+                sum >= 2.0 * slow_agent.as_secs_f64(),
+                "the agent's delay shows in stream_open: {sum} s"
+            );
+        }
+    }
+    assert!(
+        (phases - total).abs() < 1e-6,
+        "phases {phases} s vs total {total} s"
+    );
+    let wire = round_trips.as_secs_f64() - total;
+    assert!(
+        (0.0..0.1).contains(&wire),
+        "the deliveries ({total} s) are the StartContainer calls ({round_trips:?}) but for the wire"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_annotated_container_gets_its_identity_before_start_and_loses_it_on_removal() {
     let bed = Bed::new().await;

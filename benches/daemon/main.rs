@@ -16,6 +16,7 @@
 
 mod bed;
 mod memory;
+mod phases;
 mod wire;
 
 use std::path::{Path, PathBuf};
@@ -69,10 +70,18 @@ fn verdict(what: &str, ok: bool) -> usize {
 }
 
 fn main() -> ExitCode {
-    // The daemon logs every container at info: format those lines, as it does, to nowhere.
-    tracing_subscriber::fmt()
-        .with_env_filter("info")
-        .with_writer(std::io::sink)
+    // The daemon logs every container at info: format those lines, as it does, to nowhere,
+    // and keep the phases of each delivery from them.
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::sink)
+                .with_filter(tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with(phases::Capture.with_filter(tracing_subscriber::filter::LevelFilter::INFO))
         .init();
     let names: Vec<String> = std::env::args()
         .skip(1)
@@ -148,6 +157,10 @@ fn main() -> ExitCode {
             row("(a) agent answer (bare client)", &f.agent);
             row("(b) StartContainer round trip", &f.start);
             row("(b) - (a) per container", &f.overhead);
+            println!("(b) phase by phase, as the daemon logs them:");
+            for (name, s) in &f.phases {
+                row(&format!("    {name}"), s);
+            }
             let diff50 = f.start.p50 - f.agent.p50;
             println!("p50(b) - p50(a) = {diff50:.0} µs");
             row("(c) CreateContainer, idle", &f.create_idle);

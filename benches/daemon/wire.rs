@@ -84,6 +84,8 @@ pub struct StartFigures {
     pub start: Summary,
     /// Per container: start − agent.
     pub overhead: Summary,
+    /// The daemon's own account of each measured start, phase by phase.
+    pub phases: Vec<(&'static str, Summary)>,
     /// Unannotated CreateContainer calls with nothing else going on...
     pub create_idle: Summary,
     /// ...and while `burst` StartContainer calls for other containers are in flight.
@@ -128,6 +130,7 @@ pub async fn start(daemon: &Handle, root_base: &Path, m: usize) -> StartFigures 
     }
 
     let bare = Arc::new(DelegatedIdentityApi::new(ApiConfig::default()));
+    let mut first_measured = crate::phases::mark();
     let (mut agent, mut started, mut overhead) = (Vec::new(), Vec::new(), Vec::new());
     for (i, (pod, c, pid)) in containers.iter().enumerate() {
         let (api, path, pid) = (bare.clone(), bed.agent.path().to_owned(), *pid as i32);
@@ -148,6 +151,9 @@ pub async fn start(daemon: &Handle, root_base: &Path, m: usize) -> StartFigures 
         let t = Instant::now();
         bed.start(pod, c).await.unwrap();
         let took = us(t.elapsed());
+        if i + 1 == warmup {
+            first_measured = crate::phases::mark();
+        }
         if i >= warmup {
             agent.push(answer);
             started.push(took);
@@ -166,6 +172,7 @@ pub async fn start(daemon: &Handle, root_base: &Path, m: usize) -> StartFigures 
         );
     }
     assert_eq!(bed.metrics.identities_served(), total as u64);
+    let phases = crate::phases::summaries(first_measured, crate::phases::mark());
 
     // Head-of-line blocking: does a burst of starts delay unrelated events?
     let burst = 50;
@@ -232,6 +239,7 @@ pub async fn start(daemon: &Handle, root_base: &Path, m: usize) -> StartFigures 
         agent: summarize(&agent),
         start: summarize(&started),
         overhead: summarize(&overhead),
+        phases,
         create_idle: summarize(&create_idle),
         create_during_burst: summarize(&create_during_burst),
         burst,

@@ -11,11 +11,12 @@ use tokio_stream::StreamExt;
 use tracing::{debug, info};
 
 use super::maintain::{Delivered, WorkloadCtx};
-use super::{Engine, EngineError, blocking};
+use super::{Engine, EngineError, blocking_here};
 use crate::annotation::IdentityRequest;
 use crate::artifacts::Material;
 use crate::host::Owner;
 use crate::k8s;
+use crate::metrics::{Phase, PhaseTimes};
 use crate::spiffe::TrustDomain;
 use crate::spire::{BundleSet, IdentitySource, SourceError, SvidUpdate, Workload, X509Svid};
 
@@ -47,6 +48,7 @@ impl<S: IdentitySource> Engine<S> {
         started: Instant,
     ) -> Result<(), EngineError> {
         let inner = &self.inner;
+        let mut watch = Stopwatch::new(started);
         let mut budget = inner.cfg.first_svid_timeout;
         if let Some(d) = deadline {
             budget = budget.min(
@@ -72,6 +74,7 @@ impl<S: IdentitySource> Engine<S> {
                 (Workload::Selectors(naming.selectors), None)
             }
         };
+        watch.lap(Phase::Named);
         let agent = request.agent_address.clone();
         let bundles = self.bundles_for(&agent);
         let agent_err = |error| EngineError::Agent {
@@ -99,23 +102,27 @@ impl<S: IdentitySource> Engine<S> {
             let error = match subscribed {
                 Err(_) => return Err(no_identity(last, empty)),
                 Ok(Err(e)) => e,
-                Ok(Ok(mut stream)) => loop {
-                    match tokio::time::timeout_at(until, stream.next()).await {
-                        Err(_) => return Err(no_identity(None, empty)),
-                        Ok(None) => break SourceError::StreamEnded,
-                        Ok(Some(Err(e))) => break e,
-                        Ok(Some(Ok(update))) => {
-                            if update.svids.is_empty() {
-                                // The agent answers at once with an empty set when no entry
-                                // matches (yet); an entry may still arrive within the budget.
-                                empty += 1;
-                                continue;
+                Ok(Ok(mut stream)) => {
+                    watch.lap(Phase::StreamOpen);
+                    loop {
+                        match tokio::time::timeout_at(until, stream.next()).await {
+                            Err(_) => return Err(no_identity(None, empty)),
+                            Ok(None) => break SourceError::StreamEnded,
+                            Ok(Some(Err(e))) => break e,
+                            Ok(Some(Ok(update))) => {
+                                if update.svids.is_empty() {
+                                    // The agent answers at once with an empty set when no entry
+                                    // matches (yet); an entry may still arrive within the budget.
+                                    empty += 1;
+                                    continue;
+                                }
+                                watch.lap(Phase::FirstSvid);
+                                let (svid, federates_with) = pick(&request, update)?;
+                                break 'answered (stream, svid, federates_with);
                             }
-                            let (svid, federates_with) = pick(&request, update)?;
-                            break 'answered (stream, svid, federates_with);
                         }
                     }
-                },
+                }
             };
             if error.refusal().is_some() {
                 inner.probe_now.notify_one();
@@ -137,6 +144,7 @@ impl<S: IdentitySource> Engine<S> {
                     agent: agent.clone(),
                     budget,
                 })?;
+        watch.lap(Phase::Bundle);
         let mut owner = owner_of(c, spec_user);
         if let Some(pidfd) = &pidfd {
             let pid = pidfd.pid();
@@ -156,12 +164,13 @@ impl<S: IdentitySource> Engine<S> {
         }
         let material = material(&svid, &federates_with, &bundle_set)?;
         let dir = self.dir_of(pod, c)?;
+        watch.lap(Phase::Checks);
         let (writer, target, req) = (inner.writer.clone(), dir.clone(), request.clone());
-        blocking(move || Ok(writer.deliver(&target, &req, &material, owner)?)).await?;
-        let elapsed = started.elapsed();
-        inner.metrics.served(elapsed);
+        blocking_here(move || Ok(writer.deliver(&target, &req, &material, owner)?)).await?;
+        watch.lap(Phase::Written);
+        inner.metrics.served(started.elapsed());
         inner.metrics.set_expiry(&c.id, svid.expires_at);
-        info!(spiffe_id = %svid.spiffe_id, attestation = %plan.attestation, elapsed_ms = elapsed.as_secs_f64() * 1e3, "identity delivered");
+        let spiffe_id = svid.spiffe_id.clone();
         let delivered = Delivered {
             chain: svid.cert_chain.clone(),
             federates_with,
@@ -176,8 +185,46 @@ impl<S: IdentitySource> Engine<S> {
             pidfd,
         };
         self.spawn_maintenance(ctx, Some(stream), Some(delivered), tracing::Span::current());
+        watch.lap(Phase::Reply);
+        let t = watch.times;
+        inner.metrics.delivery_phases(&t);
+        let ms = |p| ms_of(t.get(p));
+        info!(%spiffe_id, attestation = %plan.attestation, elapsed_ms = ms_of(t.total()),
+            workload_named_ms = ms(Phase::Named), stream_open_ms = ms(Phase::StreamOpen),
+            first_svid_ms = ms(Phase::FirstSvid), bundle_ready_ms = ms(Phase::Bundle),
+            checks_ms = ms(Phase::Checks), files_written_ms = ms(Phase::Written),
+            reply_ms = ms(Phase::Reply), "identity delivered");
         Ok(())
     }
+}
+
+/// Splits a first delivery's time into its phases: each lap ends a phase. A phase lapped more
+/// than once (a stream opened again after a failure) adds up, so the phases always sum to the
+/// time since the event.
+struct Stopwatch {
+    last: Instant,
+    times: PhaseTimes,
+}
+
+impl Stopwatch {
+    fn new(started: Instant) -> Self {
+        Stopwatch {
+            last: started,
+            times: PhaseTimes::default(),
+        }
+    }
+
+    fn lap(&mut self, phase: Phase) {
+        let now = Instant::now();
+        let took = self.times.get(phase) + now.saturating_duration_since(self.last);
+        self.times.set(phase, took);
+        self.last = now;
+    }
+}
+
+/// Milliseconds with microsecond resolution, for the log.
+fn ms_of(d: std::time::Duration) -> f64 {
+    (d.as_micros() as f64) / 1e3
 }
 
 /// Who owns a container's files: the user the runtime reports (it resolved the image's

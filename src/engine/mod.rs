@@ -688,6 +688,21 @@ impl<S: IdentitySource> Engine<S> {
     }
 }
 
+/// Runs the file-system work of an answer the runtime waits for on this very thread, after
+/// the runtime handed this worker's other tasks to another thread (so a slow disk still holds
+/// up no other container's events). Unlike [`blocking`], the answer then waits neither for a
+/// blocking-pool thread to wake up nor for a worker to wake up again afterwards: two thread
+/// wake-ups that cost milliseconds on a busy node. A current-thread runtime has no other
+/// worker to hand its tasks to, so there the work goes to the blocking pool.
+async fn blocking_here<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+) -> Result<T, EngineError> {
+    match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => blocking(f).await,
+    }
+}
+
 /// Runs file-system work (writes, fsyncs) off the async workers, so a slow disk never holds
 /// up another container's events.
 async fn blocking<T: Send + 'static>(

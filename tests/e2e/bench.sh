@@ -2,14 +2,19 @@
 # Benchmark on the real bed (containerd, or CRI-O with E2E_RUNTIME=cri-o): time spent inside
 # StartContainer for N annotated containers (default 50) with the daemon, against a bare
 # reference client of the Delegated Identity API (examples/bare_fetch.rs) called at the same
-# moment for the same kind of PID, with no files and no checks. Target: daemon p50/p99 <=
-# 1.2 x bare + 2 ms.
+# moment for the same kind of PID, with no files and no checks. Target (PID mode): daemon
+# p50 <= bare p50 + 1 ms and daemon p99 <= 1.2 x bare p99. The daemon's phases (its
+# `identity delivered` log line: workload named, stream open, first SVID, bundle ready, checks,
+# files written, reply) are printed next to the bare client's (stream open, first SVID), so
+# that the gap between the two shows where it arises; the load average is printed before and
+# after each pass, as other work on the machine moves every figure.
 #
 # NII_E2E_ATTESTATION=selectors benchmarks selectors mode instead: time spent inside
 # CreateContainer, where the daemon also looks the pod up in the kubelet's list (a fake
 # kubelet here, lib/fake_kubelet.py), derives the selectors and writes the files, against a
 # bare fetch by exactly the selectors the daemon sent for each container
-# (tools/delegated-fetch, run after the pass), same target.
+# (tools/delegated-fetch, run after the pass); same target (the kubelet's pod list is part of
+# the daemon's workload_named phase, shown in the table).
 #
 # Each container is the FROM scratch image's idcheck, whose first instruction records when
 # it started: "crictl start -> first instruction" is what a start costs the workload, with
@@ -39,8 +44,12 @@ selectors) nii_build_delegated_fetch >/dev/null ;;
 *) echo "NII_E2E_ATTESTATION: pid or selectors" >&2 && exit 64 ;;
 esac
 bed_up
+: >"$E2E/load.txt"
 
 ns() { date +%s%N; }
+# Each pass puts its N containers in one pod: lift the per-pod identity limit above N.
+export NRI_IDENTITY_MAX_IDENTITIES_PER_POD=$((n + 1))
+load() { echo "$1 $(cut -d' ' -f1-3 /proc/loadavg)" >>"$E2E/load.txt"; }
 
 # run_pass LABEL... : one pod per LABEL, N containers in each, created and started one after
 # another, taking the pods in turn (so that load on the machine falls on all of them alike);
@@ -117,9 +126,10 @@ if [[ $MODE == selectors ]]; then
 	bed_wait_entry "$(bed_entry /bench k8s:ns:e2e k8s:sa:default)"
 	kubelet_fake_up
 	nii_start --kubelet-url "http://127.0.0.1:$KUBELET_FAKE_PORT"
+	load "daemon pass, before:"
 	run_pass daemon
-	grep 'identity{pod=bench-daemon ' "$E2E/logs/nii.log" | grep -o 'identity delivered.*elapsed_ms=[0-9.]*' |
-		grep -o 'elapsed_ms=[0-9.]*' | cut -d= -f2 >"$E2E/daemon.ms"
+	load "daemon pass, after: "
+	grep 'identity{pod=bench-daemon ' "$E2E/logs/nii.log" | grep 'identity delivered' >"$E2E/daemon.log"
 	: >"$E2E/bare.ms"
 	for cid in "${PASS_CIDS[@]}"; do bare_by_selectors "$cid"; done
 	"$CRICTL" rmp -af >/dev/null
@@ -127,31 +137,46 @@ if [[ $MODE == selectors ]]; then
 else
 	bed_wait_entry "$(bed_entry /bench unix:uid:1001)"
 	nii_start
+	load "daemon pass, before:"
 	run_pass daemon noguard
+	load "daemon pass, after: "
 	time_guard "$LAST_DIR"
 	"$CRICTL" rmp -af >/dev/null
-	grep 'identity{pod=bench-daemon ' "$E2E/logs/nii.log" | grep -o 'identity delivered.*elapsed_ms=[0-9.]*' |
-		grep -o 'elapsed_ms=[0-9.]*' | cut -d= -f2 >"$E2E/daemon.ms"
+	grep 'identity{pod=bench-daemon ' "$E2E/logs/nii.log" | grep 'identity delivered' >"$E2E/daemon.log"
 	nii_stop
 
 	bed_spawn bare "$BARE_BIN" --socket "$NRI_SOCK" --agent "$ADMIN_SOCK" >/dev/null
 	bed_wait 30 "bare plugin registered" grep -q 'registered as.*10-bare-fetch' "$E2E_RUNTIME_LOG"
+	load "bare pass, before:  "
 	run_pass bare
+	load "bare pass, after:   "
 	"$CRICTL" rmp -af >/dev/null
-	grep -o 'bare-fetch .*elapsed_ms=[0-9.]*' "$E2E/logs/bare.log" | grep -o 'elapsed_ms=[0-9.]*' | cut -d= -f2 >"$E2E/bare.ms"
+	grep 'bare-fetch ' "$E2E/logs/bare.log" >"$E2E/bare.log"
 	bed_stop bare
 fi
 
 python3 - "$E2E" "$n" "$E2E_RUNTIME" "$MODE" <<'EOF'
-import sys
+import re, sys
 e2e, n, runtime, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+FIELD = re.compile(r"\b(\w+)_ms=([0-9.]+)")
+def phases(path):
+    """The `<name>_ms=` fields of each line, one dict per delivery."""
+    return [{k: float(v) for k, v in FIELD.findall(line)} for line in open(path) if line.strip()]
 def load(name):
     return sorted(float(x) for x in open(f"{e2e}/{name}") if x.strip())
 def pct(v, p):
+    v = sorted(v)
     return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
 def us(name):
     return [x / 1000 for x in load(name)]
-d, b = load("daemon.ms"), load("bare.ms")
+dp = phases(f"{e2e}/daemon.log")
+d = sorted(x["elapsed"] for x in dp)
+if mode == "selectors":
+    b = load("bare.ms")
+    bp = [{"elapsed": x} for x in b]
+else:
+    bp = phases(f"{e2e}/bare.log")
+    b = sorted(x["elapsed"] for x in bp)
 assert len(d) == n and len(b) == n, (len(d), len(b))
 if mode == "selectors":
     print(f"{runtime}, selectors mode: CreateContainer, {n} containers (ms)     p50      p99")
@@ -172,7 +197,26 @@ else:
             print(f"  {what + ', ' + run:<42}{pct(v,50):7.2f}  {pct(v,99):7.2f}")
     g = us("guard.ms")
     print(f"  the guard alone (exec + checks, on the host) {pct(g,50):4.2f}  {pct(g,99):7.2f}")
-for p in (50, 99):
-    ok = pct(d, p) <= 1.2 * pct(b, p) + 2
-    print(f"  target p{p}: daemon <= 1.2 x bare + 2 ms: {'met' if ok else 'MISSED'}")
+
+# Where the time goes: each phase of each delivery as the daemon logged it, next to the bare
+# client's. The p50s of the phases do not add up to the total's p50; the means do.
+names = ["workload_named", "stream_open", "first_svid", "bundle_ready", "checks", "files_written", "reply"]
+print(f"\nphases of a first delivery, {n} each (ms)  daemon p50     p99    mean |  bare p50     p99    mean")
+def cells(rows, k):
+    v = [r[k] for r in rows if k in r]
+    if not v or len(v) < len(rows):
+        return f"{'-':>7}  {'-':>6}  {'-':>6}"
+    return f"{pct(v,50):7.3f}  {pct(v,99):6.2f}  {sum(v)/len(v):6.3f}"
+for k in names + ["elapsed"]:
+    label = "total (event to answer)" if k == "elapsed" else k
+    print(f"  {label:<37}{cells(dp, k)} | {cells(bp, k)}")
+gap = max(abs(sum(r.get(k, 0) for k in names) - r["elapsed"]) for r in dp)
+print(f"  phases vs total: largest difference {gap:.3f} ms (rounding of the logged values)")
+for line in open(f"{e2e}/load.txt"):
+    print(f"  load average (1, 5, 15 min), {line.strip()}")
+
+p50_ok = pct(d, 50) <= pct(b, 50) + 1
+p99_ok = pct(d, 99) <= 1.2 * pct(b, 99)
+print(f"  target p50: daemon <= bare + 1 ms ({pct(d,50):.2f} vs {pct(b,50):.2f} + 1): {'met' if p50_ok else 'MISSED'}")
+print(f"  target p99: daemon <= 1.2 x bare ({pct(d,99):.2f} vs 1.2 x {pct(b,99):.2f}): {'met' if p99_ok else 'MISSED'}")
 EOF
