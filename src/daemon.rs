@@ -89,7 +89,12 @@ async fn serve<S: IdentitySource>(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
-    let engine = Engine::new(engine_cfg, source, Arc::new(RealHost::new()), metrics.clone());
+    let engine = Engine::new(
+        engine_cfg,
+        source,
+        Arc::new(RealHost::new()),
+        metrics.clone(),
+    );
     if let Some(timeout) = config.start_guard() {
         // In a DaemonSet the binary lives in the daemon's image; its copy under the (host)
         // artifact root is a host path the runtime can bind-mount into containers.

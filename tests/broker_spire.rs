@@ -200,7 +200,10 @@ plugins {{
 fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
     let start = Instant::now();
     while !ok() {
-        assert!(start.elapsed() < Duration::from_secs(30), "{what}: timed out");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{what}: timed out"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -225,7 +228,10 @@ async fn eventually<T>(
             Err(e) if e.refusal() == Some(DelegateRefusal::NoBrokerSvid) => {}
             Err(e) => panic!("{what}: {e}"),
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "{what}: timed out");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{what}: timed out"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
@@ -279,7 +285,10 @@ async fn a_listed_broker_gets_a_workloads_identity_and_others_are_refused() {
     let svid = &update.svids[0];
     assert_eq!(svid.spiffe_id.as_str(), WORKLOAD);
     assert!(svid.cert_chain.len() >= 1 && !svid.private_key.is_empty());
-    assert!(svid.expires_at > 1_700_000_000, "NotAfter read from the leaf");
+    assert!(
+        svid.expires_at > 1_700_000_000,
+        "NotAfter read from the leaf"
+    );
 
     // A broker that is not listed: the agent rejects its certificate in the handshake.
     let intruder = source(&spire, INTRUDER);
@@ -292,7 +301,10 @@ async fn a_listed_broker_gets_a_workloads_identity_and_others_are_refused() {
     })
     .await;
     assert!(!err.is_retryable());
-    assert!(err.to_string().contains("experimental.broker.brokers"), "{err}");
+    assert!(
+        err.to_string().contains("experimental.broker.brokers"),
+        "{err}"
+    );
 
     // A listed broker that may use pod references only: PID references are refused.
     let pods_only = source(&spire, PODS_ONLY);
@@ -302,9 +314,7 @@ async fn a_listed_broker_gets_a_workloads_identity_and_others_are_refused() {
             .await
         {
             Ok(_) => panic!("a PID reference was served to a pods-only broker"),
-            Err(e) if e.refusal() == Some(DelegateRefusal::ReferenceTypeNotAllowed) => {
-                Ok(Some(e))
-            }
+            Err(e) if e.refusal() == Some(DelegateRefusal::ReferenceTypeNotAllowed) => Ok(Some(e)),
             Err(e) => Err(e),
         }
     })

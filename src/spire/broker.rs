@@ -17,7 +17,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
@@ -26,6 +28,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
@@ -42,8 +45,8 @@ use super::spiffe_proto::workload::{
     X509svidRequest, spiffe_workload_api_client::SpiffeWorkloadApiClient,
 };
 use super::{
-    BundleSet, BundleStream, DecodeError, DelegateRefusal, IdentitySource, SourceError,
-    SvidStream, SvidUpdate, Workload, X509Svid, split_der_certificates,
+    BundleSet, BundleStream, DecodeError, DelegateRefusal, IdentitySource, SourceError, SvidStream,
+    SvidUpdate, Workload, X509Svid, split_der_certificates,
 };
 use crate::spiffe::{SpiffeId, TrustDomain};
 
@@ -94,9 +97,10 @@ type TonicResult = Result<tonic::Request<()>, tonic::Status>;
 /// The Broker Endpoint standard requires this metadata on every request (an SSRF guard);
 /// SPIRE answers `InvalidArgument` without it.
 fn security_header(mut request: tonic::Request<()>) -> TonicResult {
-    request
-        .metadata_mut()
-        .insert("broker.spiffe.io", tonic::metadata::MetadataValue::from_static("true"));
+    request.metadata_mut().insert(
+        "broker.spiffe.io",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
     Ok(request)
 }
 
@@ -137,7 +141,9 @@ impl BrokerApi {
         let endpoint = Endpoint::from_static("http://localhost").connect_timeout(timeout);
         match tokio::time::timeout(timeout, endpoint.connect_with_connector(connector)).await {
             Ok(Ok(channel)) => Ok(channel),
-            Ok(Err(e)) => Err(self.failed(broker, &e).unwrap_or_else(|| connect_error(broker, e))),
+            Ok(Err(e)) => Err(self
+                .failed(broker, &e)
+                .unwrap_or_else(|| connect_error(broker, e))),
             Err(_) => Err(connect_error(broker, timeout_error(timeout))),
         }
     }
@@ -243,7 +249,9 @@ fn stream_error(error: SourceError) -> SourceError {
 fn status_error(status: tonic::Status) -> SourceError {
     let message = status.message().to_owned();
     let refusal = match status.code() {
-        tonic::Code::PermissionDenied if message.contains("is not allowed to use reference type") => {
+        tonic::Code::PermissionDenied
+            if message.contains("is not allowed to use reference type") =>
+        {
             Some(DelegateRefusal::ReferenceTypeNotAllowed)
         }
         tonic::Code::PermissionDenied if message.contains("is not allowed over TCP") => {
@@ -274,8 +282,14 @@ fn refusal_in_chain(
 ) -> Option<(DelegateRefusal, String)> {
     let mut next = Some(error);
     while let Some(e) = next {
-        if let Some(DialError::NoSvid(message)) = e.downcast_ref::<DialError>() {
-            return Some((DelegateRefusal::NoBrokerSvid, message.clone()));
+        match e.downcast_ref::<DialError>() {
+            Some(DialError::NoSvid(message)) => {
+                return Some((DelegateRefusal::NoBrokerSvid, message.clone()));
+            }
+            Some(DialError::Rejected(message)) => {
+                return Some((DelegateRefusal::BrokerNotListed, message.clone()));
+            }
+            _ => {}
         }
         let rustls_error = e.downcast_ref::<rustls::Error>().or_else(|| {
             e.downcast_ref::<std::io::Error>()
@@ -290,10 +304,35 @@ fn refusal_in_chain(
                 format!("TLS alert {alert:?} from the broker endpoint"),
             ));
         }
+        // HTTP/2 keeps only the text of an I/O error that ends a connection it had already
+        // set up (TLS 1.3 servers judge the client's certificate after the client's side of
+        // the handshake is done, so the alert comes with the first read).
+        let text = e.to_string();
+        if let Some(alert) = text.split_once("received fatal alert: ").map(|(_, rest)| {
+            rest.split(|c: char| !c.is_ascii_alphanumeric())
+                .next()
+                .unwrap_or("")
+        }) && CLIENT_CERTIFICATE_ALERTS.contains(&alert)
+        {
+            return Some((
+                DelegateRefusal::BrokerNotListed,
+                format!("TLS alert {alert} from the broker endpoint"),
+            ));
+        }
         next = e.source();
     }
     None
 }
+
+/// [`is_client_certificate_alert`]'s alerts as rustls prints them.
+const CLIENT_CERTIFICATE_ALERTS: &[&str] = &[
+    "BadCertificate",
+    "CertificateRequired",
+    "UnknownCA",
+    "AccessDenied",
+    "UnsupportedCertificate",
+    "CertificateUnknown",
+];
 
 /// The alerts a TLS server sends when it does not accept the client's certificate (Go's
 /// `VerifyPeerCertificate` failure is `bad_certificate`).
@@ -319,7 +358,10 @@ fn reference(workload: &Workload) -> Result<WorkloadReference, SourceError> {
             PID_REFERENCE_TYPE,
             WorkloadPidReference { pid: *pid }.encode_to_vec(),
         ),
-        Workload::Selectors(selectors) => (OBJECT_REFERENCE_TYPE, pod_reference(selectors)?.encode_to_vec()),
+        Workload::Selectors(selectors) => (
+            OBJECT_REFERENCE_TYPE,
+            pod_reference(selectors)?.encode_to_vec(),
+        ),
     };
     Ok(WorkloadReference {
         reference: Some(prost_types::Any {
@@ -331,9 +373,7 @@ fn reference(workload: &Workload) -> Result<WorkloadReference, SourceError> {
 
 /// The pod named by a selector set's `k8s:ns`, `k8s:pod-name` and `k8s:pod-uid`: by name and
 /// UID when both are known (the agent then checks that they agree), else by either.
-fn pod_reference(
-    selectors: &[super::Selector],
-) -> Result<KubernetesObjectReference, SourceError> {
+fn pod_reference(selectors: &[super::Selector]) -> Result<KubernetesObjectReference, SourceError> {
     let k8s = |prefix: &str| {
         selectors
             .iter()
@@ -453,6 +493,9 @@ enum DialError {
     NoSvid(String),
     #[error("the agent's Workload API at {}: {error}", path.display())]
     WorkloadApi { path: PathBuf, error: String },
+    /// The broker endpoint rejected the daemon's certificate.
+    #[error("{0}")]
+    Rejected(String),
     #[error("the daemon's own SVID is unusable: {0}")]
     BadSvid(String),
     #[error(transparent)]
@@ -470,17 +513,85 @@ struct OwnSvid {
 async fn dial(
     config: &BrokerConfig,
     broker: &Path,
-) -> Result<TokioIo<tokio_rustls::client::TlsStream<UnixStream>>, DialError> {
+) -> Result<TokioIo<Primed<tokio_rustls::client::TlsStream<UnixStream>>>, DialError> {
     let own = own_svid(config).await?;
     let tls = tls_config(&own)?;
     let stream = UnixStream::connect(broker).await?;
     // The name is not checked (an SVID names no host); rustls needs one for SNI.
     let name = ServerName::try_from("spire-agent").expect("a valid DNS name");
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
         .connect(name, stream)
         .await?;
+    // With TLS 1.3 the server judges the client's certificate after the client's side of the
+    // handshake is done: a rejection arrives as an alert on the first read, or as a broken
+    // pipe on a write if the server has already closed. The server speaks first in HTTP/2
+    // (its SETTINGS), so read that here and replay it: a rejection is then always an alert.
+    let mut head = vec![0; 4096];
+    let n = match tokio::time::timeout(config.connect_timeout, stream.read(&mut head)).await {
+        Err(_) => return Err(DialError::Io(timeout_error(config.connect_timeout))),
+        Ok(Err(e)) => {
+            return Err(match refusal_in_chain(&e) {
+                Some((_, message)) => DialError::Rejected(message),
+                None => DialError::Io(e),
+            });
+        }
+        Ok(Ok(0)) => {
+            return Err(DialError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the broker endpoint closed the connection after the TLS handshake",
+            )));
+        }
+        Ok(Ok(n)) => n,
+    };
+    head.truncate(n);
     tracing::debug!(spiffe_id = %own.spiffe_id, broker = %broker.display(), "connected to the broker endpoint");
-    Ok(TokioIo::new(stream))
+    Ok(TokioIo::new(Primed {
+        head,
+        pos: 0,
+        inner: stream,
+    }))
+}
+
+/// A stream whose first bytes were already read: they are returned again before the rest.
+struct Primed<S> {
+    head: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Primed<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos < this.head.len() {
+            let n = buf.remaining().min(this.head.len() - this.pos);
+            buf.put_slice(&this.head[this.pos..this.pos + n]);
+            this.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Primed<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 async fn own_svid(config: &BrokerConfig) -> Result<OwnSvid, DialError> {
@@ -502,11 +613,19 @@ async fn own_svid(config: &BrokerConfig) -> Result<OwnSvid, DialError> {
     };
     let mut client = SpiffeWorkloadApiClient::with_interceptor(channel, interceptor);
     let first = async {
-        let mut stream = client.fetch_x509svid(X509svidRequest {}).await?.into_inner();
+        let mut stream = client
+            .fetch_x509svid(X509svidRequest {})
+            .await?
+            .into_inner();
         stream.message().await
     };
     let response = match tokio::time::timeout(config.connect_timeout, first).await {
-        Err(_) => return Err(api_error(format!("no answer within {:?}", config.connect_timeout))),
+        Err(_) => {
+            return Err(api_error(format!(
+                "no answer within {:?}",
+                config.connect_timeout
+            )));
+        }
         Ok(Err(status)) if status.code() == tonic::Code::PermissionDenied => {
             return Err(DialError::NoSvid(format!(
                 "the Workload API answered PermissionDenied: {}",
@@ -529,10 +648,11 @@ async fn own_svid(config: &BrokerConfig) -> Result<OwnSvid, DialError> {
         }));
     };
     let key = Zeroizing::new(svid.x509_svid_key);
-    let spiffe_id = SpiffeId::parse(&svid.spiffe_id).map_err(|e| DialError::BadSvid(e.to_string()))?;
+    let spiffe_id =
+        SpiffeId::parse(&svid.spiffe_id).map_err(|e| DialError::BadSvid(e.to_string()))?;
     let certs = |der: &[u8], what: &str| -> Result<Vec<CertificateDer<'static>>, DialError> {
-        let certs = split_der_certificates(der)
-            .map_err(|e| DialError::BadSvid(format!("{what}: {e}")))?;
+        let certs =
+            split_der_certificates(der).map_err(|e| DialError::BadSvid(format!("{what}: {e}")))?;
         if certs.is_empty() {
             return Err(DialError::BadSvid(format!("{what} is empty")));
         }
@@ -591,11 +711,12 @@ impl ServerCertVerifier for AgentVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let invalid = |e: String| {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
-                rustls::OtherError(Arc::new(std::io::Error::other(e))),
-            ))
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(std::io::Error::other(e)),
+            )))
         };
-        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|e| invalid(e.to_string()))?;
+        let cert =
+            webpki::EndEntityCert::try_from(end_entity).map_err(|e| invalid(e.to_string()))?;
         cert.verify_for_usage(
             PROVIDER.signature_verification_algorithms.all,
             &self.anchors,
@@ -668,7 +789,10 @@ mod tests {
     fn pids_become_pid_references_and_bad_ones_are_refused() {
         let any = reference(&Workload::Pid(42)).unwrap().reference.unwrap();
         assert_eq!(any.type_url, PID_REFERENCE_TYPE);
-        assert_eq!(WorkloadPidReference::decode(&any.value[..]).unwrap().pid, 42);
+        assert_eq!(
+            WorkloadPidReference::decode(&any.value[..]).unwrap().pid,
+            42
+        );
         for bad in [Workload::Pid(0), Workload::Pid(-1)] {
             assert_eq!(reference(&bad).unwrap_err().kind(), "invalid_workload");
         }
@@ -687,10 +811,16 @@ mod tests {
         let t = pod.r#type.unwrap();
         assert_eq!((t.plural.as_str(), t.group.as_str()), ("pods", "core"));
         let key = pod.key.unwrap();
-        assert_eq!((key.namespace.as_str(), key.name.as_str()), ("payments", "api-0"));
+        assert_eq!(
+            (key.namespace.as_str(), key.name.as_str()),
+            ("payments", "api-0")
+        );
         assert_eq!(pod.uid, "3f1c2a9e-8b7d-4e6f-a1b2-c3d4e5f60718");
 
-        let by_uid = decode_pod(&Workload::Selectors(vec![Selector::new("k8s", "pod-uid:u1")]));
+        let by_uid = decode_pod(&Workload::Selectors(vec![Selector::new(
+            "k8s",
+            "pod-uid:u1",
+        )]));
         assert!(by_uid.key.is_none());
         assert_eq!(by_uid.uid, "u1");
 
@@ -741,5 +871,12 @@ mod tests {
         assert!(message.contains("BadCertificate"), "{message}");
         let other = std::io::Error::other("connection refused");
         assert!(refusal_in_chain(&other).is_none());
+        let text_only = std::io::Error::other("received fatal alert: BadCertificate");
+        assert_eq!(
+            refusal_in_chain(&text_only).map(|r| r.0),
+            Some(DelegateRefusal::BrokerNotListed)
+        );
+        let unrelated = std::io::Error::other("received fatal alert: DecodeError");
+        assert!(refusal_in_chain(&unrelated).is_none());
     }
 }

@@ -323,7 +323,10 @@ pub(super) struct Updates<T, U> {
 }
 
 impl<T, U> Updates<T, U> {
-    pub(super) fn new(inner: tonic::Streaming<T>, convert: fn(T) -> Result<U, SourceError>) -> Self {
+    pub(super) fn new(
+        inner: tonic::Streaming<T>,
+        convert: fn(T) -> Result<U, SourceError>,
+    ) -> Self {
         Self {
             inner: Some(inner),
             convert,
