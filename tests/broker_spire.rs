@@ -284,7 +284,7 @@ async fn a_listed_broker_gets_a_workloads_identity_and_others_are_refused() {
     .await;
     let svid = &update.svids[0];
     assert_eq!(svid.spiffe_id.as_str(), WORKLOAD);
-    assert!(svid.cert_chain.len() >= 1 && !svid.private_key.is_empty());
+    assert!(!svid.cert_chain.is_empty() && !svid.private_key.is_empty());
     assert!(
         svid.expires_at > 1_700_000_000,
         "NotAfter read from the leaf"
