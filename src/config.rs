@@ -710,7 +710,7 @@ mod tests {
             &Overrides::default(),
         )
         .unwrap_err();
-        assert!(err.to_string().contains("identity_api"), "{err}");
+        assert!(err.to_string().contains("IDENTITY_API"), "{err}");
     }
 
     #[test]
