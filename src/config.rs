@@ -33,6 +33,18 @@ pub enum LogFormat {
     Json,
 }
 
+/// Which SPIRE agent API the daemon gets workload identities from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IdentityApi {
+    /// The Delegated Identity API on the agent's admin socket (`agent_socket`).
+    #[default]
+    Delegated,
+    /// The SPIFFE Broker API on the agent's broker endpoint (`broker_socket`), over mutual TLS
+    /// with the daemon's own SVID from the Workload API (`workload_api_socket`).
+    Broker,
+}
+
 /// Everything the daemon can be told. Field names are the file keys (TOML) and, upper-cased
 /// with [`ENV_PREFIX`], the environment variables.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,10 +58,22 @@ pub struct Config {
     /// NRI plugin name and two-digit index.
     pub plugin_name: String,
     pub plugin_index: String,
+    /// Which agent API serves workload identities: `delegated` (default) or `broker`.
+    pub identity_api: IdentityApi,
     /// The SPIRE agent's admin socket (Delegated Identity API).
     pub agent_socket: PathBuf,
-    /// Further agent sockets that annotations may name. By default only `agent_socket`:
-    /// a pod must never point the daemon at an arbitrary host socket.
+    /// The SPIRE agent's broker endpoint socket (Broker API, `identity_api = "broker"`): the
+    /// agent's `experimental.broker.socket_path`.
+    pub broker_socket: PathBuf,
+    /// The SPIRE agent's Workload API socket, where the daemon gets the X.509 SVID it presents
+    /// to the broker endpoint (`identity_api = "broker"`).
+    pub workload_api_socket: PathBuf,
+    /// Which of the daemon's own SVIDs to present to the broker endpoint, when its Workload
+    /// API lists several; unset: the first.
+    pub broker_spiffe_id: Option<String>,
+    /// Further agent sockets that annotations may name. By default only the socket of the
+    /// chosen API (`agent_socket` or `broker_socket`): a pod must never point the daemon at
+    /// an arbitrary host socket.
     pub allowed_agent_sockets: Vec<PathBuf>,
     /// Host directory under which `<pod-uid>/<container-id>/` directories are created.
     pub artifact_root: PathBuf,
@@ -118,7 +142,11 @@ impl Default for Config {
             nri_socket: PathBuf::from(nri_plugin::DEFAULT_SOCKET_PATH),
             plugin_name: "identity-injector".into(),
             plugin_index: "10".into(),
+            identity_api: IdentityApi::Delegated,
             agent_socket: PathBuf::from("/run/spire/admin/admin.sock"),
+            broker_socket: PathBuf::from("/run/spire/broker/broker.sock"),
+            workload_api_socket: PathBuf::from("/run/spire/agent-sockets/spire-agent.sock"),
+            broker_spiffe_id: None,
             allowed_agent_sockets: Vec::new(),
             artifact_root: PathBuf::from("/run/nri-identity-injector"),
             first_svid_timeout_ms: 1500,
@@ -222,6 +250,8 @@ impl Config {
         for (field, path) in [
             ("nri_socket", &self.nri_socket),
             ("agent_socket", &self.agent_socket),
+            ("broker_socket", &self.broker_socket),
+            ("workload_api_socket", &self.workload_api_socket),
             ("artifact_root", &self.artifact_root),
         ] {
             if !path.is_absolute() {
@@ -230,6 +260,19 @@ impl Config {
                     format!("{} is not an absolute path", path.display()),
                 ));
             }
+        }
+        if self.identity_api == IdentityApi::Broker
+            && self.broker_socket == self.workload_api_socket
+        {
+            return Err(invalid(
+                "broker_socket",
+                "must differ from workload_api_socket (the agent serves them on separate sockets)",
+            ));
+        }
+        if let Some(id) = &self.broker_spiffe_id
+            && let Err(e) = crate::spiffe::SpiffeId::parse(id)
+        {
+            return Err(invalid("broker_spiffe_id", format!("{id:?}: {e}")));
         }
         if self.artifact_root == Path::new("/") {
             return Err(invalid("artifact_root", "must not be /"));
@@ -377,10 +420,29 @@ impl Config {
         Duration::from_millis(self.drain_timeout_ms)
     }
 
+    /// The socket of the chosen identity API: the default agent address of every pod.
+    pub fn identity_socket(&self) -> &Path {
+        match self.identity_api {
+            IdentityApi::Delegated => &self.agent_socket,
+            IdentityApi::Broker => &self.broker_socket,
+        }
+    }
+
+    /// The Broker API client's settings, from `workload_api_socket` and `broker_spiffe_id`.
+    pub fn broker_config(&self) -> crate::spire::BrokerConfig {
+        let mut config = crate::spire::BrokerConfig::new(&self.workload_api_socket);
+        // Validated with the rest of the configuration.
+        config.spiffe_id = self
+            .broker_spiffe_id
+            .as_deref()
+            .and_then(|id| crate::spiffe::SpiffeId::parse(id).ok());
+        config
+    }
+
     /// The annotation policy: which agent sockets pods may name.
     pub fn annotation_policy(&self) -> crate::annotation::Policy {
         self.allowed_agent_sockets.iter().fold(
-            crate::annotation::Policy::new(&self.agent_socket),
+            crate::annotation::Policy::new(self.identity_socket()),
             |p, a| p.allow_agent_address(a),
         )
     }
@@ -465,6 +527,10 @@ pub struct Overrides {
     #[arg(long, value_name = "PATH")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_socket: Option<PathBuf>,
+    /// Which agent API serves workload identities [default: delegated]
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity_api: Option<IdentityApi>,
     /// Host directory of the per-container identity directories [default: /run/nri-identity-injector]
     #[arg(long, value_name = "PATH")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -595,6 +661,56 @@ mod tests {
         );
         assert_eq!(c.plugin_index, "09", "env over file");
         assert_eq!(c.log_level, "error", "flags over env");
+    }
+
+    #[test]
+    fn the_broker_api_is_chosen_by_identity_api_and_checked() {
+        let f = write(
+            "broker",
+            "identity_api = \"broker\"\nbroker_socket = \"/run/spire/broker.sock\"\n\
+             workload_api_socket = \"/run/spire/api.sock\"\n\
+             broker_spiffe_id = \"spiffe://example.org/nii\"\n",
+        );
+        let c = Config::load(Some(&f), env(&[]), &Overrides::default()).unwrap();
+        assert_eq!(c.identity_api, IdentityApi::Broker);
+        assert_eq!(c.identity_socket(), Path::new("/run/spire/broker.sock"));
+        assert_eq!(
+            c.annotation_policy().default_agent_address(),
+            Path::new("/run/spire/broker.sock"),
+            "pods default to the broker endpoint"
+        );
+        let broker = c.broker_config();
+        assert_eq!(broker.workload_api, Path::new("/run/spire/api.sock"));
+        assert_eq!(
+            broker.spiffe_id.map(|id| id.as_str().to_owned()).as_deref(),
+            Some("spiffe://example.org/nii")
+        );
+        assert_eq!(
+            Config::default().identity_socket(),
+            Config::default().agent_socket,
+            "delegated is the default"
+        );
+
+        for (body, field) in [
+            (
+                "identity_api = \"broker\"\nbroker_socket = \"/a.sock\"\nworkload_api_socket = \"/a.sock\"\n",
+                "broker_socket",
+            ),
+            ("broker_socket = \"rel.sock\"", "broker_socket"),
+            ("workload_api_socket = \"rel.sock\"", "workload_api_socket"),
+            ("broker_spiffe_id = \"not-an-id\"", "broker_spiffe_id"),
+        ] {
+            let f = write("broker-bad", body);
+            let err = Config::load(Some(&f), env(&[]), &Overrides::default()).unwrap_err();
+            assert!(err.to_string().contains(field), "{body}: {err}");
+        }
+        let err = Config::load(
+            None,
+            env(&[("NRI_IDENTITY_IDENTITY_API", "workload")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("IDENTITY_API"), "{err}");
     }
 
     #[test]

@@ -8,13 +8,13 @@ use nri_plugin::{ConnectionState, Options, Runner};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, IdentityApi};
 use crate::engine::{AgentStatus, Engine, EngineConfig, Report, RuntimeError};
 use crate::host::RealHost;
 use crate::metrics::Metrics;
 use crate::nri::IdentityPlugin;
 use crate::selinux::{LabelPolicy, SELINUXFS, SHARED_CONTAINER_FILE_LABEL, selinux_enabled};
-use crate::spire::{ApiConfig, DelegatedIdentityApi};
+use crate::spire::{ApiConfig, BrokerApi, DelegatedIdentityApi, IdentitySource};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -66,9 +66,32 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     engine_cfg.kubelet = config
         .kubelet_endpoint()
         .map(|e| Arc::new(crate::k8s::KubeletPods::new(e)));
+    match config.identity_api {
+        IdentityApi::Delegated => {
+            let source = DelegatedIdentityApi::new(ApiConfig::default());
+            serve(config, engine_cfg, source, metrics, shutdown).await
+        }
+        IdentityApi::Broker => {
+            info!(broker_socket = %config.broker_socket.display(),
+                workload_api_socket = %config.workload_api_socket.display(),
+                "identities from the SPIFFE Broker API");
+            let source = BrokerApi::new(config.broker_config());
+            serve(config, engine_cfg, source, metrics, shutdown).await
+        }
+    }
+}
+
+/// Runs the daemon with the chosen identity source.
+async fn serve<S: IdentitySource>(
+    config: Config,
+    engine_cfg: EngineConfig,
+    source: S,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
     let engine = Engine::new(
         engine_cfg,
-        DelegatedIdentityApi::new(ApiConfig::default()),
+        source,
         Arc::new(RealHost::new()),
         metrics.clone(),
     );

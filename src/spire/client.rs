@@ -152,7 +152,7 @@ impl IdentitySource for DelegatedIdentityApi {
     }
 }
 
-async fn connect(agent: &Path, timeout: Duration) -> Result<Channel, SourceError> {
+pub(super) async fn connect(agent: &Path, timeout: Duration) -> Result<Channel, SourceError> {
     let path: Arc<Path> = agent.into();
     let connector = tower::service_fn(move |_: Uri| {
         let path = Arc::clone(&path);
@@ -168,7 +168,7 @@ async fn connect(agent: &Path, timeout: Duration) -> Result<Channel, SourceError
     }
 }
 
-fn connect_error(
+pub(super) fn connect_error(
     agent: &Path,
     error: impl Into<Box<dyn std::error::Error + Send + Sync>>,
 ) -> SourceError {
@@ -178,7 +178,7 @@ fn connect_error(
     }
 }
 
-fn timeout_error(timeout: Duration) -> std::io::Error {
+pub(super) fn timeout_error(timeout: Duration) -> std::io::Error {
     std::io::Error::new(
         std::io::ErrorKind::TimedOut,
         format!("no answer within {timeout:?}"),
@@ -279,7 +279,7 @@ fn bundle_set(response: SubscribeToX509BundlesResponse) -> Result<BundleSet, Sou
 /// The agent keys bundles and lists federated domains as `spiffe://<td>`, although the proto
 /// comments speak of trust domain names; both are accepted. A name that is neither is dropped
 /// (SPIRE never sends one): the other trust domains stay usable.
-fn trust_domain(key: &str, what: &str) -> Option<TrustDomain> {
+pub(super) fn trust_domain(key: &str, what: &str) -> Option<TrustDomain> {
     match TrustDomain::parse(key) {
         Ok(td) => Some(td),
         Err(error) => {
@@ -316,14 +316,17 @@ pub mod fuzzing {
 
 /// Adapts a tonic stream to the seam's contract: converted items, every error final, and an
 /// explicit [`SourceError::StreamEnded`] when the agent ends the stream cleanly.
-struct Updates<T, U> {
+pub(super) struct Updates<T, U> {
     /// `None` once an error was returned; dropping the tonic stream cancels the call.
     inner: Option<tonic::Streaming<T>>,
     convert: fn(T) -> Result<U, SourceError>,
 }
 
 impl<T, U> Updates<T, U> {
-    fn new(inner: tonic::Streaming<T>, convert: fn(T) -> Result<U, SourceError>) -> Self {
+    pub(super) fn new(
+        inner: tonic::Streaming<T>,
+        convert: fn(T) -> Result<U, SourceError>,
+    ) -> Self {
         Self {
             inner: Some(inner),
             convert,

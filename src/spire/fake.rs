@@ -292,6 +292,7 @@ impl FakeAgent {
             Some(DelegateRefusal::NotAuthorized) => {
                 Some("caller not configured as an authorized delegate")
             }
+            Some(other) => panic!("the Delegated Identity API never refuses with {other:?}"),
         };
         self.set_deny_all(message.map(|m| (Code::PermissionDenied, m)));
     }

@@ -3,10 +3,14 @@
 //! The engine sees only the seam defined here: [`IdentitySource`] with its two subscriptions
 //! and a readiness [`probe`](IdentitySource::probe), the plain data types [`SvidUpdate`] and
 //! [`BundleSet`], and [`SourceError`] with its retry classification, which tells the agent
-//! refusing the daemon itself ([`DelegateRefusal`]) from everything else. The production
-//! implementation is [`DelegatedIdentityApi`], a thin gRPC client of the agent's Delegated
-//! Identity API on its admin socket. A scriptable stand-in for the agent lives in `fake`
-//! (compiled for tests and with the `testing` feature).
+//! refusing the daemon itself ([`DelegateRefusal`]) from everything else. There are two
+//! production implementations, chosen by configuration: [`DelegatedIdentityApi`], a thin gRPC
+//! client of the agent's Delegated Identity API on its admin socket (the default), and
+//! [`BrokerApi`], a client of the SPIFFE Broker API that the agent serves over mutual TLS,
+//! authenticated by the daemon's own X.509 SVID from the agent's Workload API. A scriptable
+//! stand-in for the Delegated Identity API lives in `fake` (compiled for tests and with the
+//! `testing` feature); the Broker API client is tested against a real SPIRE agent
+//! (`tests/broker_spire.rs`).
 //!
 //! Division of labour: this module talks to the agent, decodes and validates what it says, and
 //! classifies failures. Retries, backoff, timeouts around the first message, deduplication of
@@ -24,13 +28,16 @@ use zeroize::Zeroizing;
 
 use crate::spiffe::{SpiffeId, TrustDomain};
 
+mod broker;
 mod client;
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
+
 #[cfg(test)]
 mod tests;
 
 pub use crate::der::{DerError, split_der_certificates};
+pub use broker::{BrokerApi, BrokerConfig};
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub use client::fuzzing as client_fuzzing;
@@ -53,6 +60,19 @@ pub mod proto {
                 }
             }
         }
+    }
+}
+
+/// Wire types and gRPC stubs of the SPIFFE standards' APIs (the Broker API and the Workload
+/// API), generated like [`proto`] from `proto/spiffe/`.
+#[allow(clippy::all, missing_docs, rust_2018_idioms, unreachable_pub)]
+pub mod spiffe_proto {
+    pub mod broker {
+        include!("generated/spiffe/spiffe.broker.rs");
+    }
+    /// The Workload API's package is empty.
+    pub mod workload {
+        include!("generated/spiffe/_.rs");
     }
 }
 
@@ -205,10 +225,10 @@ pub trait IdentitySource: Send + Sync + 'static {
     fn probe(&self, agent: &Path) -> impl Future<Output = Result<(), SourceError>> + Send;
 }
 
-/// Why the agent refuses the daemon itself, whatever the workload: the two deployment
-/// mistakes the Delegated Identity API reports as `PermissionDenied` before it looks at the
-/// request. Nothing the daemon does can change the answer; the operator must fix the agent
-/// or the registration entries, and then the very same call succeeds.
+/// Why the agent refuses the daemon itself, whatever the workload: the deployment mistakes the
+/// Delegated Identity API reports as `PermissionDenied` before it looks at the request, and
+/// their Broker API counterparts. Nothing the daemon does can change the answer; the operator
+/// must fix the agent or the registration entries, and then the very same call succeeds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DelegateRefusal {
     /// "no identity issued": no registration entry on this agent matches the daemon's own
@@ -217,6 +237,18 @@ pub enum DelegateRefusal {
     /// "caller not configured as an authorized delegate": the daemon has an entry, but its
     /// SPIFFE ID is not in the agent's `authorized_delegates`.
     NotAuthorized,
+    /// Broker API: the agent's Workload API issues the daemon no X.509 SVID, so it has no
+    /// certificate to present.
+    NoBrokerSvid,
+    /// Broker API: the agent's broker endpoint rejected the daemon's certificate in the TLS
+    /// handshake: its SPIFFE ID is not among the agent's `experimental.broker.brokers`.
+    BrokerNotListed,
+    /// Broker API: the daemon is a listed broker but may not use this kind of workload
+    /// reference (`allowed_reference_types`).
+    ReferenceTypeNotAllowed,
+    /// Broker API: the agent's k8s workload attestor does not list the daemon in its own
+    /// `experimental.broker.brokers` (or has no such block).
+    BrokerNotInAttestor,
 }
 
 impl DelegateRefusal {
@@ -237,6 +269,10 @@ impl DelegateRefusal {
         match self {
             Self::NoEntry => "no_delegate_entry",
             Self::NotAuthorized => "not_authorized_delegate",
+            Self::NoBrokerSvid => "no_broker_svid",
+            Self::BrokerNotListed => "broker_not_listed",
+            Self::ReferenceTypeNotAllowed => "reference_type_not_allowed",
+            Self::BrokerNotInAttestor => "broker_not_in_attestor",
         }
     }
 
@@ -248,6 +284,18 @@ impl DelegateRefusal {
             }
             Self::NotAuthorized => {
                 "the daemon's SPIFFE ID (the one its own registration entry gives it) is not in the agent's authorized_delegates: add it to agent.conf and restart the agent"
+            }
+            Self::NoBrokerSvid => {
+                "the agent's Workload API issues the daemon no X.509 SVID (or none with the configured broker_spiffe_id): create a registration entry for the daemon on this agent (e.g. -selector unix:uid:0) with the SPIFFE ID listed in the agent's experimental.broker.brokers"
+            }
+            Self::BrokerNotListed => {
+                "the agent's broker endpoint rejected the daemon's X.509 SVID in the TLS handshake: add the daemon's SPIFFE ID to experimental.broker.brokers in agent.conf (with allowed_reference_types) and restart the agent"
+            }
+            Self::ReferenceTypeNotAllowed => {
+                "the daemon is a listed broker but may not use this workload reference type: add it to the broker's allowed_reference_types in agent.conf (WorkloadPIDReference for pid attestation and for the bundle stream, KubernetesObjectReference for selectors attestation)"
+            }
+            Self::BrokerNotInAttestor => {
+                "the agent's k8s workload attestor does not know the daemon as a broker: add it to the plugin's experimental.broker.brokers (with a pod_reference_scope) in agent.conf"
             }
         }
     }

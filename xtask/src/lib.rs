@@ -33,6 +33,15 @@ pub const TARGETS: &[Target] = &[
         // The client talks to the agent; the server half backs the fake agent in tests.
         grpc: true,
     },
+    Target {
+        name: "spiffe",
+        protos: &["broker.proto", "workload.proto"],
+        include: "proto/spiffe",
+        out_dir: "src/spire/generated/spiffe",
+        // The client talks to the agent's broker endpoint and Workload API; the server half
+        // backs the fake broker in tests.
+        grpc: true,
+    },
 ];
 
 pub fn workspace_root() -> PathBuf {

@@ -176,6 +176,9 @@ _nii_spire() {
 	# A direct `go install ...@version` of SPIRE may be refused: resolve it as
 	# tools of a throwaway module.
 	local gobin=$1 s=github.com/spiffe/spire/cmd
+	# SPIRE v1.15's server requires ejbca-go-client-sdk v1.1.0, which the module proxy
+	# refuses (403); v1.0.2 builds the same plugin. Harmless for versions that pin v1.0.2.
+	_nii_go mod edit -replace github.com/Keyfactor/ejbca-go-client-sdk=github.com/Keyfactor/ejbca-go-client-sdk@v1.0.2
 	_nii_go get -tool "$s/spire-server@$NII_SPIRE_VERSION" "$s/spire-agent@$NII_SPIRE_VERSION"
 	# The server's sqlite datastore exists only with cgo (bundled
 	# amalgamation, so gcc is enough); without it the server builds but
