@@ -5,7 +5,7 @@
 //! each with the refusal that names the fix.
 //!
 //! Needs root (workloads run under other uids) and SPIRE v1.15.2 or later: run by name with
-//! `NII_SPIRE_BROKER_DIR=<dir with spire-server and spire-agent> cargo test --test broker_spire
+//! `NII_SPIRE_BROKER_DIR=<dir with spire-server and spire-agent> cargo test --test integration broker_spire
 //! -- --ignored` (`tests/e2e/broker.sh` builds SPIRE and does this). Takes about 10 s.
 
 use std::net::TcpListener;

@@ -5,6 +5,7 @@
 //! one is forgotten.
 
 // The bed (fake NRI runtime, fake SPIRE agent, recording host) needs the test doubles.
+mod broker_spire;
 #[cfg(feature = "testing")]
 mod common;
 
