@@ -25,6 +25,8 @@ pub struct Metrics {
     kubelet: AtomicU64,
     identities_served: AtomicU64,
     rotations: AtomicU64,
+    jwt_refreshes: AtomicU64,
+    jwt_expired_removed: AtomicU64,
     active: AtomicI64,
     first_svid: Histogram,
     failures: Mutex<BTreeMap<&'static str, u64>>,
@@ -129,6 +131,21 @@ impl Metrics {
             .unwrap_or(0)
     }
 
+    /// A JWT-SVID file was written with a fresh token (the first one included).
+    pub fn jwt_refreshed(&self) {
+        self.jwt_refreshes.fetch_add(1, Ordering::Relaxed);
+    }
+    /// A JWT-SVID file was removed because its token expired before a new one came.
+    pub fn jwt_expired_removed(&self) {
+        self.jwt_expired_removed.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn jwt_refreshes(&self) -> u64 {
+        self.jwt_refreshes.load(Ordering::Relaxed)
+    }
+    pub fn jwt_expired_removals(&self) -> u64 {
+        self.jwt_expired_removed.load(Ordering::Relaxed)
+    }
+
     pub fn set_active(&self, n: usize) {
         self.active.store(n as i64, Ordering::Relaxed);
     }
@@ -227,6 +244,16 @@ impl Metrics {
             o,
             "# HELP nri_identity_rotations_total Identity files rewritten after a rotation or bundle change.\n# TYPE nri_identity_rotations_total counter\nnri_identity_rotations_total {}",
             self.rotations.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "# HELP nri_identity_jwt_refreshes_total JWT-SVID files written with a fresh token.\n# TYPE nri_identity_jwt_refreshes_total counter\nnri_identity_jwt_refreshes_total {}",
+            self.jwt_refreshes.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "# HELP nri_identity_jwt_expired_removed_total JWT-SVID files removed because the token expired before a refresh succeeded.\n# TYPE nri_identity_jwt_expired_removed_total counter\nnri_identity_jwt_expired_removed_total {}",
+            self.jwt_expired_removed.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             o,

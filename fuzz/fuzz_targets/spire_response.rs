@@ -97,6 +97,7 @@ fuzz_target!(|data: &[u8]| {
             .filter_map(|td| Some((td.clone(), set.bundles.get(td)?.clone())))
             .collect();
         let material = Material {
+            trust_domain: own.clone(),
             chain: svid.cert_chain.clone(),
             key: svid.private_key.clone(),
             own_bundle: own_bundle.clone(),

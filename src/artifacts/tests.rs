@@ -36,6 +36,7 @@ fn material(federated: &[&str]) -> Material {
     let intermediate = self_signed("intermediate.example.org");
     let root = self_signed("root.example.org");
     Material {
+        trust_domain: TrustDomain::parse("example.org").unwrap(),
         chain: vec![leaf.cert.der().to_vec(), intermediate.cert.der().to_vec()],
         key: Zeroizing::new(leaf.signing_key.serialize_der()),
         own_bundle: vec![root.cert.der().to_vec()],

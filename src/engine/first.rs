@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use tokio_stream::StreamExt;
 use tracing::{debug, info};
 
+use super::jwt::{JwtProgress, wait_jwks};
 use super::maintain::{Delivered, WorkloadCtx};
 use super::{Engine, EngineError, blocking};
 use crate::annotation::IdentityRequest;
@@ -156,6 +157,42 @@ impl<S: IdentitySource> Engine<S> {
         }
         let material = material(&svid, &federates_with, &bundle_set)?;
         let dir = self.dir_of(pod, c)?;
+        let mut ctx = WorkloadCtx {
+            container_id: c.id.clone(),
+            dir: dir.clone(),
+            request: request.clone(),
+            workload,
+            owner,
+            pidfd,
+            jwt: None,
+        };
+        // The JWT files first: the X.509 files' last one is what a start guard waits for.
+        if let Some(jwt) = &request.jwt {
+            let jwt_bundles = self.jwt_bundles_for(&agent);
+            let token = self
+                .fetch_jwt(
+                    &agent,
+                    &ctx.workload,
+                    &request,
+                    jwt,
+                    Some(&svid.spiffe_id),
+                    ctx.pidfd.as_deref(),
+                    until,
+                )
+                .await?;
+            let td = token.spiffe_id.trust_domain();
+            let jwks = wait_jwks(jwt_bundles, td, until).await.ok_or_else(|| {
+                EngineError::NoJwtBundle {
+                    agent: agent.clone(),
+                    trust_domain: td.clone(),
+                    budget,
+                }
+            })?;
+            self.write_jwt(&ctx, jwt, Some(&token), Some(&jwks)).await?;
+            inner.metrics.jwt_refreshed();
+            info!(spiffe_id = %token.spiffe_id, audience = ?jwt.audience, expires_at = token.expires_at, "JWT-SVID written");
+            ctx.jwt = Some(JwtProgress::delivered(&token, jwks));
+        }
         let (writer, target, req) = (inner.writer.clone(), dir.clone(), request.clone());
         blocking(move || Ok(writer.deliver(&target, &req, &material, owner)?)).await?;
         let elapsed = started.elapsed();
@@ -166,14 +203,6 @@ impl<S: IdentitySource> Engine<S> {
             chain: svid.cert_chain.clone(),
             federates_with,
             bundles: Some(bundle_set),
-        };
-        let ctx = WorkloadCtx {
-            container_id: c.id.clone(),
-            dir,
-            request,
-            workload,
-            owner,
-            pidfd,
         };
         self.spawn_maintenance(ctx, Some(stream), Some(delivered), tracing::Span::current());
         Ok(())
@@ -241,6 +270,7 @@ pub(super) fn material(
         .filter_map(|td| Some((td.clone(), bundles.bundles.get(td)?.clone())))
         .collect();
     Ok(Material {
+        trust_domain: own.clone(),
         chain: svid.cert_chain.clone(),
         key: svid.private_key.clone(),
         own_bundle,
