@@ -458,6 +458,15 @@ async fn rotations_rewrite_the_files_and_identical_updates_do_not() {
         bed.file(&p, &c, "svid.pem") != first
     })
     .await;
+    // The counter moves after the write returns: wait for it, then check nothing more came.
+    eventually("the rotation counted", || {
+        bed.metrics
+            .render(0)
+            .lines()
+            .any(|l| l == "nri_identity_rotations_total 1")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(bed.metrics.identities_served(), 1);
     let rotations = bed.metrics.render(0);
     assert!(
