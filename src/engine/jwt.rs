@@ -60,6 +60,8 @@ pub(super) struct JwtProgress {
     pub(super) jwks: Option<Vec<u8>>,
     /// Failed refreshes in a row.
     failures: u32,
+    /// A token may be on disk from before the daemon restarted, of unknown age.
+    unknown_on_disk: bool,
 }
 
 impl JwtProgress {
@@ -71,6 +73,16 @@ impl JwtProgress {
             trust_domain: Some(svid.spiffe_id.trust_domain().clone()),
             jwks: Some(jwks),
             failures: 0,
+            unknown_on_disk: false,
+        }
+    }
+
+    /// When maintenance resumes without a first delivery (a restart, `on_failure: continue`):
+    /// ask at once; a token already on disk is of unknown age.
+    pub(super) fn resumed() -> Self {
+        JwtProgress {
+            unknown_on_disk: true,
+            ..JwtProgress::default()
         }
     }
 }
@@ -265,6 +277,7 @@ impl<S: IdentitySource> Engine<S> {
                 }
                 inner.metrics.jwt_refreshed();
                 progress.failures = 0;
+                progress.unknown_on_disk = false;
                 progress.expires_at = Some(svid.expires_at);
                 progress.due = Some(half_life(&svid));
                 progress.trust_domain = Some(td);
@@ -299,6 +312,13 @@ impl<S: IdentitySource> Engine<S> {
                     }
                     // Come back at the latest when it expires.
                     Some(exp) => due = due.min(instant_at(exp)),
+                    // Its `exp` is not known here, so it cannot be kept past it.
+                    None if progress.unknown_on_disk => {
+                        if inner.writer.remove_file(&ctx.dir, &jwt.token.name).is_ok() {
+                            warn!(file = %jwt.token.name, "JWT-SVID of unknown age (from before a restart) removed until a new one can be fetched");
+                            progress.unknown_on_disk = false;
+                        }
+                    }
                     None => {}
                 }
                 progress.due = Some(due);

@@ -188,7 +188,7 @@ impl<S: IdentitySource> Engine<S> {
         // The JWT-SVID is due on its own timer, also while the X.509 stream is down: an
         // expired token must go even when the agent is away.
         let jwt = ctx.request.jwt.clone();
-        let mut jwt_progress = ctx.jwt.take().unwrap_or_default();
+        let mut jwt_progress = ctx.jwt.take().unwrap_or_else(JwtProgress::resumed);
         let mut jwt_bundles = jwt.as_ref().map(|_| self.jwt_bundles_for(&agent));
         macro_rules! jwt_due {
             () => {
