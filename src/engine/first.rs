@@ -170,15 +170,7 @@ impl<S: IdentitySource> Engine<S> {
         if let Some(jwt) = &request.jwt {
             let jwt_bundles = self.jwt_bundles_for(&agent);
             let token = self
-                .fetch_jwt(
-                    &agent,
-                    &ctx.workload,
-                    &request,
-                    jwt,
-                    Some(&svid.spiffe_id),
-                    ctx.pidfd.as_deref(),
-                    until,
-                )
+                .fetch_jwt(&ctx, jwt, Some(&svid.spiffe_id), until)
                 .await?;
             let td = token.spiffe_id.trust_domain();
             let jwks = wait_jwks(jwt_bundles, td, until).await.ok_or_else(|| {

@@ -20,9 +20,8 @@ use super::maintain::WorkloadCtx;
 use super::{Engine, EngineError, Report, blocking, lock};
 use crate::annotation::{IdentityRequest, JwtRequest};
 use crate::artifacts::RenderedFiles;
-use crate::host::Pidfd;
 use crate::spiffe::{SpiffeId, TrustDomain};
-use crate::spire::{IdentitySource, JwtBundleSet, JwtSvid, SourceError, Workload};
+use crate::spire::{IdentitySource, JwtBundleSet, JwtSvid, SourceError};
 
 /// Bound on one `FetchJWTSVIDs` call during maintenance (the first one has the event's
 /// deadline): minting is a signature on the agent, so this only covers a loaded agent.
@@ -107,14 +106,13 @@ impl<S: IdentitySource> Engine<S> {
     /// is about whichever process has the PID now, so it is refused.
     pub(super) async fn fetch_jwt(
         &self,
-        agent: &Path,
-        workload: &Workload,
-        request: &IdentityRequest,
+        ctx: &WorkloadCtx,
         jwt: &JwtRequest,
         x509_id: Option<&SpiffeId>,
-        pidfd: Option<&Pidfd>,
         until: Instant,
     ) -> Result<JwtSvid, EngineError> {
+        let (agent, request) = (&ctx.request.agent_address, &*ctx.request);
+        let (workload, pidfd) = (&ctx.workload, ctx.pidfd.as_deref());
         let no_jwt = |timed_out| EngineError::NoJwt {
             agent: agent.to_owned(),
             spiffe_id: x509_id
@@ -240,19 +238,8 @@ impl<S: IdentitySource> Engine<S> {
         bundles: &watch::Receiver<Option<Arc<JwtBundleSet>>>,
     ) {
         let inner = &self.inner;
-        let agent = &ctx.request.agent_address;
         let until = Instant::now() + FETCH_TIMEOUT;
-        let fetched = self
-            .fetch_jwt(
-                agent,
-                &ctx.workload,
-                &ctx.request,
-                jwt,
-                x509_id,
-                ctx.pidfd.as_deref(),
-                until,
-            )
-            .await;
+        let fetched = self.fetch_jwt(ctx, jwt, x509_id, until).await;
         let result = match fetched {
             Ok(svid) => {
                 let td = svid.spiffe_id.trust_domain().clone();
@@ -313,11 +300,11 @@ impl<S: IdentitySource> Engine<S> {
                     // Come back at the latest when it expires.
                     Some(exp) => due = due.min(instant_at(exp)),
                     // Its `exp` is not known here, so it cannot be kept past it.
-                    None if progress.unknown_on_disk => {
-                        if inner.writer.remove_file(&ctx.dir, &jwt.token.name).is_ok() {
-                            warn!(file = %jwt.token.name, "JWT-SVID of unknown age (from before a restart) removed until a new one can be fetched");
-                            progress.unknown_on_disk = false;
-                        }
+                    None if progress.unknown_on_disk
+                        && inner.writer.remove_file(&ctx.dir, &jwt.token.name).is_ok() =>
+                    {
+                        warn!(file = %jwt.token.name, "JWT-SVID of unknown age (from before a restart) removed until a new one can be fetched");
+                        progress.unknown_on_disk = false;
                     }
                     None => {}
                 }

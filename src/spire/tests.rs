@@ -628,7 +628,7 @@ async fn fetches_jwt_svids_for_the_audience_and_follows_jwt_bundles() {
     assert_eq!(token.hint, "internal");
     assert_eq!(token.expires_at - token.issued_at, 120);
     assert_eq!(token.token.split('.').count(), 3);
-    assert_eq!(fake.stats().jwt_fetches, [audience.clone()]);
+    assert_eq!(fake.stats().jwt_fetches, std::slice::from_ref(&audience));
     // A workload without entries gets no token, not an error.
     let none = api
         .fetch_jwt_svids(fake.path(), &Workload::Pid(1), &audience)
