@@ -7,7 +7,7 @@
 //!
 //! * the size of a value is checked before any parsing ([`MAX_VALUE_BYTES`]);
 //! * the YAML is first scanned as a stream of events under a tight [`serde_saphyr::Budget`] (a
-//!   valid value is one mapping of at most 15 short scalars), so alias bombs, deep nesting and
+//!   valid value is one mapping of at most 19 short scalars and one short list), so alias bombs, deep nesting and
 //!   huge node counts are refused before anything is built;
 //! * deserialization is strict: unknown keys, repeated keys, wrong types, unknown enum values,
 //!   custom tags and merge keys (`<<`) are errors, never ignored;
@@ -35,8 +35,8 @@
 //! | field | default | rule |
 //! |---|---|---|
 //! | `spire_agent_address` | the daemon's agent socket | absolute path or `unix://` URL, in the [`Policy`] allowlist |
-//! | `cert_dir` | required | absolute, normalised, not `/`, not at or under `/proc`, `/sys`, `/dev` or the start guard's `/.nri-identity-injector-guard` |
-//! | `layout` | `spiffe-helper` | `spiffe-helper` (three files) or `combined` (key + chain in one file) |
+//! | `cert_dir` | required (`layout: spiffe`: the draft's folder) | absolute, normalised, not `/`, not at or under `/proc`, `/sys`, `/dev` or the start guard's `/.nri-identity-injector-guard` |
+//! | `layout` | `spiffe-helper` | `spiffe-helper` (three files), `combined` (key + chain in one file) or `spiffe` (the draft SPIFFE file-system delivery layout) |
 //! | `svid_file_name` | `svid.pem` | spiffe-helper layout only |
 //! | `svid_key_file_name` | `svid_key.pem` | spiffe-helper layout only |
 //! | `credential_bundle_file_name` | `credential-bundle.pem` | combined layout only |
@@ -49,6 +49,13 @@
 //! | `on_failure` | `fail` | `fail` or `continue` |
 //! | `federated_bundles` | `separate` | `separate` (`<trust-domain>.x509.pem` each) or `append` |
 //! | `attestation` | the daemon's choice | `pid` or `selectors` |
+//! | `jwt_audience` | none (no JWT) | a list of 1 to [`MAX_JWT_AUDIENCES`] distinct audiences, each at most [`MAX_JWT_AUDIENCE_BYTES`] bytes of printable text |
+//! | `jwt_svid_file_name` | `jwt_svid.token` | with `jwt_audience` only; mode `key_file_mode` |
+//! | `jwt_bundle_file_name` | `jwt_bundle.json` | with `jwt_audience` only; mode `bundle_file_mode` |
+//!
+//! With `layout: spiffe`, `cert_dir` defaults to [`DEFAULT_SPIFFE_CREDENTIAL_FOLDER`], the
+//! file names are the draft standard's (so no `*_file_name` of the X.509 files may be given)
+//! and federated bundles are always separate files.
 //!
 //! A field that the chosen layout does not use is refused rather than ignored, so that a
 //! workload never silently gets files other than the ones its author named. A field given as
@@ -80,8 +87,8 @@ pub use nri_identity_backends::Attestation;
 
 pub use self::error::{AnnotationError, Field, FieldProblem, InvalidAnnotation, PodRef, YamlLimit};
 pub use self::model::{
-    FederatedBundles, FileContent, FileMode, FileSet, IdentityRequest, Layout, OnFailure,
-    OutputFile, Policy,
+    FederatedBundles, FileContent, FileMode, FileSet, IdentityRequest, JwtRequest, Layout,
+    OnFailure, OutputFile, Policy,
 };
 pub use crate::spiffe::{MAX_SPIFFE_ID_BYTES, MAX_TRUST_DOMAIN_BYTES, SpiffeId, SpiffeIdError};
 
@@ -116,6 +123,19 @@ pub const DEFAULT_CERT_FILE_MODE: FileMode = FileMode(0o644);
 pub const DEFAULT_KEY_FILE_MODE: FileMode = FileMode(0o600);
 /// Default mode of the trust bundle file (spiffe-helper's default).
 pub const DEFAULT_BUNDLE_FILE_MODE: FileMode = FileMode(0o644);
+/// Default name of the JWT-SVID file (spiffe-helper's name).
+pub const DEFAULT_JWT_SVID_FILE_NAME: &str = "jwt_svid.token";
+/// Default name of the JWT bundle (JWKS) file.
+pub const DEFAULT_JWT_BUNDLE_FILE_NAME: &str = "jwt_bundle.json";
+/// Most audiences one JWT-SVID may be asked for.
+pub const MAX_JWT_AUDIENCES: usize = 8;
+/// Longest accepted audience (SPIRE sets no limit; this bounds the token and the logs).
+pub const MAX_JWT_AUDIENCE_BYTES: usize = 256;
+/// The `spiffe` layout's directory when the annotation names none: the draft SPIFFE
+/// file-system delivery standard's first well-known credential folder.
+pub const DEFAULT_SPIFFE_CREDENTIAL_FOLDER: &str = "/run/secrets/workload-spiffe-credentials";
+/// The `spiffe` layout's combined key-and-chain file, as the draft names it.
+pub const SPIFFE_CREDENTIAL_BUNDLE_FILE_NAME: &str = "credential-bundle.private-key.pem";
 /// Suffix of per-trust-domain bundle files with [`FederatedBundles::Separate`], as agreed in the
 /// draft SPIFFE filesystem delivery standard. Names ending in it are reserved in that mode.
 pub const FEDERATED_BUNDLE_SUFFIX: &str = ".x509.pem";

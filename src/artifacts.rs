@@ -119,6 +119,8 @@ const PEM_LINE_INPUT: usize = 48;
 
 /// X.509 identity material for one workload, as the identity source delivers it.
 pub struct Material {
+    /// The SVID's trust domain (names its bundle file in the `spiffe` layout).
+    pub trust_domain: TrustDomain,
     /// DER certificates, leaf first.
     pub chain: Vec<Vec<u8>>,
     /// The leaf's private key, PKCS#8 DER.
@@ -157,6 +159,14 @@ pub enum ArtifactError {
     InvalidFileName { name: String, error: HostError },
     #[error("output file name {name:?} is used twice")]
     DuplicateFileName { name: String },
+    #[error("{name} is a JWT file, not part of the X.509 files")]
+    NotX509 { name: String },
+    #[error("removing {name} in {dir}: {error}")]
+    RemoveFile {
+        dir: PathBuf,
+        name: String,
+        error: HostError,
+    },
     #[error("pem encoding of {name} overflowed its buffer")]
     PemEncoding { name: String },
     #[error("creating the artifact directory for pod {pod_uid} container {container_id}: {error}")]
@@ -242,12 +252,14 @@ pub enum RenderedKind {
     SvidChain,
     TrustBundle,
     FederatedBundle { trust_domain: TrustDomain },
+    JwtSvid,
+    JwtBundle,
 }
 
 impl RenderedKind {
-    /// Whether the file holds the private key.
+    /// Whether the file holds the private key (or a bearer token).
     pub fn is_secret(&self) -> bool {
-        matches!(self, Self::PrivateKey | Self::KeyAndChain)
+        matches!(self, Self::PrivateKey | Self::KeyAndChain | Self::JwtSvid)
     }
 }
 
@@ -295,6 +307,10 @@ impl fmt::Debug for RenderedFile {
 pub struct RenderedFiles {
     files: Vec<RenderedFile>,
     federated: FederatedBundles,
+    /// Whether these are the X.509 files, whose write also removes the bundle files of trust
+    /// domains no longer federated. The JWT files are written on their own schedule and leave
+    /// the X.509 files alone.
+    x509: bool,
 }
 
 impl RenderedFiles {
@@ -330,6 +346,7 @@ impl RenderedFiles {
                 FileSet::SpiffeHelper { bundle, .. } | FileSet::Combined { bundle, .. } => {
                     bundle.mode.bits()
                 }
+                FileSet::Spiffe { bundle_mode, .. } => bundle_mode.bits(),
             };
             for (trust_domain, certs) in &material.federated {
                 let name = federated_file_name(trust_domain)?;
@@ -344,9 +361,28 @@ impl RenderedFiles {
                 });
             }
         }
-        // The trust bundle goes last: whoever sees it (the start guard waits for it) sees every
-        // file of this delivery, federated bundles included.
-        if let Some(i) = out.iter().position(|f| f.kind == RenderedKind::TrustBundle) {
+        if let FileSet::Spiffe { bundle_mode, .. } = files {
+            // The own trust domain's bundle is one more `<trust-domain>.x509.pem`, never
+            // merged with another; the credentials go last instead (the start guard waits for
+            // them), so a reader that sees new credentials finds the bundles that verify them.
+            let name = federated_file_name(&material.trust_domain)?;
+            let contents = pem_blocks(
+                &name,
+                &[(CERTIFICATE_LABEL, material.own_bundle.as_slice())],
+            )?;
+            out.push(RenderedFile {
+                name,
+                mode: bundle_mode.bits(),
+                kind: RenderedKind::TrustBundle,
+                contents,
+            });
+            if let Some(i) = out.iter().position(|f| f.kind == RenderedKind::KeyAndChain) {
+                let credentials = out.remove(i);
+                out.push(credentials);
+            }
+        } else if let Some(i) = out.iter().position(|f| f.kind == RenderedKind::TrustBundle) {
+            // The trust bundle goes last: whoever sees it (the start guard waits for it) sees
+            // every file of this delivery, federated bundles included.
             let bundle = out.remove(i);
             out.push(bundle);
         }
@@ -362,6 +398,39 @@ impl RenderedFiles {
         Ok(Self {
             files: out,
             federated,
+            x509: true,
+        })
+    }
+
+    /// The JWT files: the token (one line, no newline) and the JWKS document, each only when
+    /// given. Names were validated with the request; checked again here.
+    pub fn jwt(
+        token: Option<(&OutputFile, &str)>,
+        jwks: Option<(&OutputFile, &[u8])>,
+    ) -> Result<Self, ArtifactError> {
+        let mut files = Vec::new();
+        if let Some((file, token)) = token {
+            check_file_name(&file.name)?;
+            files.push(RenderedFile {
+                name: file.name.clone(),
+                mode: file.mode.bits(),
+                kind: RenderedKind::JwtSvid,
+                contents: Zeroizing::new(token.as_bytes().to_vec()),
+            });
+        }
+        if let Some((file, jwks)) = jwks {
+            check_file_name(&file.name)?;
+            files.push(RenderedFile {
+                name: file.name.clone(),
+                mode: file.mode.bits(),
+                kind: RenderedKind::JwtBundle,
+                contents: Zeroizing::new(jwks.to_vec()),
+            });
+        }
+        Ok(Self {
+            files,
+            federated: FederatedBundles::Separate,
+            x509: false,
         })
     }
 
@@ -417,6 +486,12 @@ fn render_output(
                 }
             }
             (RenderedKind::TrustBundle, blocks)
+        }
+        // Never part of a layout's X.509 files (see `RenderedFiles::jwt`).
+        FileContent::JwtSvid | FileContent::JwtBundle => {
+            return Err(ArtifactError::NotX509 {
+                name: file.name.clone(),
+            });
         }
     };
     Ok(RenderedFile {
@@ -683,7 +758,7 @@ impl ArtifactWriter {
             }
         }
 
-        if files.federated == FederatedBundles::Separate {
+        if files.x509 && files.federated == FederatedBundles::Separate {
             let stale = self.list(handle)?.into_iter().filter(|n| {
                 n.ends_with(FEDERATED_BUNDLE_SUFFIX)
                     && !n.starts_with(TEMP_PREFIX)
@@ -719,6 +794,39 @@ impl ArtifactWriter {
         let files = RenderedFiles::for_request(request, material)?;
         self.write(dir, &files, owner)
         // `files` drops here, zeroizing every buffer.
+    }
+
+    /// Writes the JWT files of `request` (the token, the JWKS, or both) into `dir`, staged and
+    /// committed like the X.509 files.
+    pub fn deliver_jwt(
+        &self,
+        dir: &ArtifactDir,
+        files: &RenderedFiles,
+        owner: Option<Owner>,
+    ) -> Result<(), ArtifactError> {
+        self.write(dir, files, owner)
+    }
+
+    /// Removes one file from `dir` (an expired JWT-SVID), then syncs the directory. A file
+    /// that is already gone is not an error.
+    pub fn remove_file(&self, dir: &ArtifactDir, name: &str) -> Result<(), ArtifactError> {
+        check_file_name(name)?;
+        let handle = &dir.handle;
+        if self.list(handle)?.iter().any(|n| n == name) {
+            self.host
+                .unlink(handle, name)
+                .map_err(|error| ArtifactError::RemoveFile {
+                    dir: handle.path().to_path_buf(),
+                    name: name.to_owned(),
+                    error,
+                })?;
+        }
+        self.host
+            .fsync_dir(handle)
+            .map_err(|error| ArtifactError::Sync {
+                dir: handle.path().to_path_buf(),
+                error,
+            })
     }
 
     /// Removes `dir` with its contents, and the pod directory if it is left empty.

@@ -99,6 +99,8 @@ impl GuardSpec {
                 credentials,
                 bundle,
             } => (credentials, credentials, bundle),
+            // Written after the trust bundles, so its arrival means the whole set arrived.
+            FileSet::Spiffe { credentials, .. } => (credentials, credentials, credentials),
         };
         GuardSpec {
             cert_dir: request.cert_dir.clone(),

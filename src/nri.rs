@@ -142,7 +142,10 @@ fn code(e: &EngineError) -> Code {
         EngineError::InvalidAnnotation(_) | EngineError::NoSuchHint { .. } => Code::InvalidArgument,
         EngineError::UnexpectedSpiffeId { .. } => Code::PermissionDenied,
         EngineError::Agent { error, .. } => agent_code(error),
-        EngineError::NoIdentity { .. } | EngineError::NoBundle { .. } => Code::Unavailable,
+        EngineError::NoIdentity { .. }
+        | EngineError::NoBundle { .. }
+        | EngineError::NoJwtBundle { .. }
+        | EngineError::NoJwt { .. } => Code::Unavailable,
         EngineError::MissingMount
         | EngineError::Backend(_)
         | EngineError::ProcessGone { .. }

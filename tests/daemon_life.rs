@@ -71,6 +71,7 @@ async fn the_phases_of_a_first_delivery_add_up_to_its_whole_time() {
         "first_svid",
         "bundle_ready",
         "checks",
+        "jwt",
         "files_written",
         "reply",
     ] {

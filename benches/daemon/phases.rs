@@ -11,12 +11,13 @@ use tracing_subscriber::layer::Context;
 use crate::bed::{Summary, summarize};
 
 /// The phases in the order the daemon runs them, then the whole.
-pub const NAMES: [&str; 8] = [
+pub const NAMES: [&str; 9] = [
     "workload_named",
     "stream_open",
     "first_svid",
     "bundle_ready",
     "checks",
+    "jwt",
     "files_written",
     "reply",
     "elapsed",

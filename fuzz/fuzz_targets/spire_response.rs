@@ -45,6 +45,7 @@ const ANNOTATIONS: &[&str] = &[
     "cert_dir: /c\nfederated_bundles: append",
     "cert_dir: /c\nlayout: combined",
     "cert_dir: /c\nlayout: combined\nfederated_bundles: append",
+    "layout: spiffe",
 ];
 
 fn pem_items(pem: &[u8]) -> Vec<(SectionKind, Vec<u8>)> {
@@ -97,6 +98,7 @@ fuzz_target!(|data: &[u8]| {
             .filter_map(|td| Some((td.clone(), set.bundles.get(td)?.clone())))
             .collect();
         let material = Material {
+            trust_domain: own.clone(),
             chain: svid.cert_chain.clone(),
             key: svid.private_key.clone(),
             own_bundle: own_bundle.clone(),
@@ -157,6 +159,9 @@ fuzz_target!(|data: &[u8]| {
                     assert!(trust_domain.name().bytes().all(|b| matches!(b,
                         b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_')));
                     certs(&material.federated[trust_domain])
+                }
+                RenderedKind::JwtSvid | RenderedKind::JwtBundle => {
+                    unreachable!("the X.509 files never include a JWT file: {name}")
                 }
             };
             assert_eq!(items, expected, "PEM round trip of {name}");

@@ -99,6 +99,9 @@ pub fn check_request(r: &IdentityRequest, policy: &Policy, input: &dyn std::fmt:
             assert_eq!(credentials.content, FileContent::KeyAndChain);
             assert_eq!(bundle.content, FileContent::TrustBundle);
         }
+        FileSet::Spiffe { credentials, .. } => {
+            assert_eq!(credentials.content, FileContent::KeyAndChain);
+        }
     }
     // The key is written before the certificates that need it.
     assert!(

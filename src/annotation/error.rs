@@ -23,11 +23,14 @@ pub enum Field {
     FederatedBundles,
     Attestation,
     CopyOnce,
+    JwtAudience,
+    JwtSvidFileName,
+    JwtBundleFileName,
 }
 
 impl Field {
     /// Every field, in documentation order.
-    pub const ALL: [Field; 16] = [
+    pub const ALL: [Field; 19] = [
         Self::SpireAgentAddress,
         Self::CertDir,
         Self::SvidFileName,
@@ -44,6 +47,9 @@ impl Field {
         Self::FederatedBundles,
         Self::Attestation,
         Self::CopyOnce,
+        Self::JwtAudience,
+        Self::JwtSvidFileName,
+        Self::JwtBundleFileName,
     ];
 
     /// The YAML key.
@@ -65,6 +71,9 @@ impl Field {
             Self::FederatedBundles => "federated_bundles",
             Self::Attestation => "attestation",
             Self::CopyOnce => "copy_once",
+            Self::JwtAudience => "jwt_audience",
+            Self::JwtSvidFileName => "jwt_svid_file_name",
+            Self::JwtBundleFileName => "jwt_bundle_file_name",
         }
     }
 
@@ -80,14 +89,17 @@ impl Field {
             Self::SvidFileName
             | Self::SvidKeyFileName
             | Self::SvidBundleFileName
-            | Self::CredentialBundleFileName => "a string holding a file name",
+            | Self::CredentialBundleFileName
+            | Self::JwtSvidFileName
+            | Self::JwtBundleFileName => "a string holding a file name",
+            Self::JwtAudience => "a list of audience strings",
             Self::Hint => "a string",
             Self::SpiffeId => "a string holding a spiffe id",
             Self::CertFileMode | Self::KeyFileMode | Self::BundleFileMode => {
                 "an octal file mode such as \"0640\""
             }
             Self::OnFailure => "`fail` or `continue`",
-            Self::Layout => "`spiffe-helper` or `combined`",
+            Self::Layout => "`spiffe-helper`, `combined` or `spiffe`",
             Self::FederatedBundles => "`separate` or `append`",
             Self::Attestation => "`pid` or `selectors`",
             Self::CopyOnce => "`true` or `false`",
@@ -182,6 +194,17 @@ pub enum FieldProblem {
     InvalidSpiffeId(SpiffeIdError),
     #[error("uses an unsupported yaml tag")]
     UnsupportedTag,
+    #[error("lists more than {max} audiences")]
+    TooManyAudiences { max: usize },
+    #[error("lists the audience {audience:?} twice")]
+    DuplicateAudience { audience: String },
+    #[error("has audience {index}, which {problem}")]
+    InvalidAudience {
+        index: usize,
+        problem: Box<FieldProblem>,
+    },
+    #[error("needs jwt_audience")]
+    NeedsJwtAudience,
 }
 
 /// Why an annotation value was refused. Displays without the pod context; see

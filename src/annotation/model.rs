@@ -75,6 +75,10 @@ pub enum Layout {
     /// One file with the PKCS#8 key first then the chain (KEP-4317 `credentialBundlePath`),
     /// plus the bundle file.
     Combined,
+    /// The draft SPIFFE file-system delivery layout: the combined key-and-chain file under the
+    /// draft's fixed name, and one `<trust-domain>.x509.pem` per trust domain (the SVID's own
+    /// included), never merged; the directory defaults to the draft's well-known folder.
+    Spiffe,
 }
 
 /// Where bundles of federated trust domains go.
@@ -105,6 +109,7 @@ impl Layout {
         match self {
             Self::SpiffeHelper => "spiffe-helper",
             Self::Combined => "combined",
+            Self::Spiffe => "spiffe",
         }
     }
 }
@@ -161,6 +166,10 @@ pub enum FileContent {
     /// PEM certificates of the SVID's trust domain (and of federated ones when
     /// [`FederatedBundles::Append`]).
     TrustBundle,
+    /// A compact JWT-SVID.
+    JwtSvid,
+    /// A JWKS document.
+    JwtBundle,
 }
 
 /// One file the daemon writes into `cert_dir`.
@@ -184,6 +193,11 @@ pub enum FileSet {
         credentials: OutputFile,
         bundle: OutputFile,
     },
+    /// Trust bundles are named by their trust domain, so only their mode is fixed here.
+    Spiffe {
+        credentials: OutputFile,
+        bundle_mode: FileMode,
+    },
 }
 
 impl FileSet {
@@ -192,6 +206,7 @@ impl FileSet {
         match self {
             Self::SpiffeHelper { .. } => Layout::SpiffeHelper,
             Self::Combined { .. } => Layout::Combined,
+            Self::Spiffe { .. } => Layout::Spiffe,
         }
     }
 
@@ -204,6 +219,7 @@ impl FileSet {
                 credentials,
                 bundle,
             } => vec![credentials, bundle],
+            Self::Spiffe { credentials, .. } => vec![credentials],
         }
     }
 }
@@ -228,6 +244,21 @@ pub struct IdentityRequest {
     /// The pod accepts that in a VM sandbox without a shared file system its files are
     /// copied in once and never rotated.
     pub copy_once: bool,
+    /// A JWT-SVID file (and the JWT bundle file) besides the X.509 files, when asked for.
+    pub jwt: Option<JwtRequest>,
+}
+
+/// One JWT-SVID for one audience set, kept fresh in its own file, with the JWKS of the
+/// SVID's trust domain next to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtRequest {
+    /// The `aud` claim: non-empty, distinct, bounded strings.
+    pub audience: Vec<String>,
+    /// The compact token, one line without a newline; the key's mode (it is a bearer
+    /// credential).
+    pub token: OutputFile,
+    /// The JWKS document of the SVID's trust domain; the bundle mode.
+    pub bundle: OutputFile,
 }
 
 impl IdentityRequest {
@@ -235,6 +266,7 @@ impl IdentityRequest {
     pub fn bundle_mode(&self) -> FileMode {
         match &self.files {
             FileSet::SpiffeHelper { bundle, .. } | FileSet::Combined { bundle, .. } => bundle.mode,
+            FileSet::Spiffe { bundle_mode, .. } => *bundle_mode,
         }
     }
 }

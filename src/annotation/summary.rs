@@ -45,6 +45,8 @@ impl IdentityRequest {
                 FileContent::SvidChain => "X.509-SVID certificate chain, leaf first",
                 FileContent::PrivateKey => "private key, PKCS#8",
                 FileContent::KeyAndChain => "private key (PKCS#8) then certificate chain",
+                FileContent::JwtSvid => "JWT-SVID",
+                FileContent::JwtBundle => "JWT bundle (JWKS) of the SVID's trust domain",
                 FileContent::TrustBundle => match self.federated_bundles {
                     FederatedBundles::Separate => "trust bundle of the SVID's trust domain",
                     FederatedBundles::Append => {
@@ -67,13 +69,34 @@ impl IdentityRequest {
                 &mut out,
                 "  file",
                 format_args!(
-                    "{} mode {} (one per federated trust domain)",
+                    "{} mode {} (one per {}trust domain)",
                     self.cert_dir
                         .join(format!("<trust-domain>{FEDERATED_BUNDLE_SUFFIX}"))
                         .display(),
-                    self.bundle_mode()
+                    self.bundle_mode(),
+                    match self.files {
+                        crate::annotation::FileSet::Spiffe { .. } => "",
+                        _ => "federated ",
+                    }
                 ),
             );
+        }
+        if let Some(jwt) = &self.jwt {
+            push_line(&mut out, "jwt audience", format_args!("{:?}", jwt.audience));
+            for (file, what) in [
+                (&jwt.token, "JWT-SVID, refreshed at half its lifetime"),
+                (&jwt.bundle, "JWT bundle (JWKS) of the SVID's trust domain"),
+            ] {
+                push_line(
+                    &mut out,
+                    "  file",
+                    format_args!(
+                        "{} mode {} ({what})",
+                        self.cert_dir.join(&file.name).display(),
+                        file.mode
+                    ),
+                );
+            }
         }
         let on_failure = match self.on_failure {
             OnFailure::Fail => "fail (the container does not start without its identity)",

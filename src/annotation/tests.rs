@@ -616,6 +616,7 @@ fn design_proposal_example() {
             federated_bundles: FederatedBundles::Separate,
             copy_once: false,
             attestation: None,
+            jwt: None,
         }
     );
 }
@@ -1030,5 +1031,233 @@ fn random_garbage_never_panics() {
     assert!(
         accepted > 0,
         "no random value reached a successful validation"
+    );
+}
+
+fn refused(value: &str) -> AnnotationError {
+    match parse(value, &policy()) {
+        Ok(r) => panic!("{value:?} accepted: {r:?}"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn jwt_audience_asks_for_a_token_and_a_jwks_file_with_defaults() {
+    let r = ok("cert_dir: /var/certs\njwt_audience: [api, db]\nkey_file_mode: '0640'\n");
+    let jwt = r.jwt.expect("a JWT request");
+    assert_eq!(jwt.audience, ["api", "db"]);
+    assert_eq!(
+        jwt.token,
+        file(DEFAULT_JWT_SVID_FILE_NAME, 0o640, FileContent::JwtSvid)
+    );
+    assert_eq!(
+        jwt.bundle,
+        file(DEFAULT_JWT_BUNDLE_FILE_NAME, 0o644, FileContent::JwtBundle)
+    );
+    let r = ok(
+        "cert_dir: /c\njwt_audience: [a]\njwt_svid_file_name: t.jwt\njwt_bundle_file_name: k.json\n",
+    );
+    let jwt = r.jwt.unwrap();
+    assert_eq!(
+        (jwt.token.name.as_str(), jwt.bundle.name.as_str()),
+        ("t.jwt", "k.json")
+    );
+    assert!(ok("cert_dir: /c\n").jwt.is_none());
+}
+
+#[test]
+fn hostile_jwt_audiences_are_refused_naming_the_field() {
+    use FieldProblem as P;
+    let nine = format!(
+        "[{}]",
+        (0..9)
+            .map(|i| format!("a{i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let long = "x".repeat(MAX_JWT_AUDIENCE_BYTES + 1);
+    let cases: Vec<(String, AnnotationError)> = vec![
+        (
+            "jwt_audience: []".into(),
+            field(Field::JwtAudience, P::Empty),
+        ),
+        (
+            format!("jwt_audience: {nine}"),
+            field(
+                Field::JwtAudience,
+                P::TooManyAudiences {
+                    max: MAX_JWT_AUDIENCES,
+                },
+            ),
+        ),
+        (
+            "jwt_audience: [a, a]".into(),
+            field(
+                Field::JwtAudience,
+                P::DuplicateAudience {
+                    audience: "a".into(),
+                },
+            ),
+        ),
+        (
+            "jwt_audience: ['']".into(),
+            field(
+                Field::JwtAudience,
+                P::InvalidAudience {
+                    index: 0,
+                    problem: Box::new(P::Empty),
+                },
+            ),
+        ),
+        (
+            "jwt_audience: [ok, \"a\\nforged: log\"]".into(),
+            field(
+                Field::JwtAudience,
+                P::InvalidAudience {
+                    index: 1,
+                    problem: Box::new(P::ContainsControl),
+                },
+            ),
+        ),
+        (
+            format!("jwt_audience: [{long}]"),
+            field(
+                Field::JwtAudience,
+                P::InvalidAudience {
+                    index: 0,
+                    problem: Box::new(P::TooLong {
+                        len: long.len(),
+                        max: MAX_JWT_AUDIENCE_BYTES,
+                    }),
+                },
+            ),
+        ),
+        (
+            "jwt_audience: api".into(),
+            field(
+                Field::JwtAudience,
+                P::WrongType {
+                    expected: "a list of audience strings",
+                },
+            ),
+        ),
+        (
+            "jwt_audience: [[nested]]".into(),
+            field(
+                Field::JwtAudience,
+                P::WrongType {
+                    expected: "a list of audience strings",
+                },
+            ),
+        ),
+        (
+            "jwt_svid_file_name: t".into(),
+            field(Field::JwtSvidFileName, P::NeedsJwtAudience),
+        ),
+        (
+            "jwt_audience: [a]\njwt_svid_file_name: ../t".into(),
+            field(Field::JwtSvidFileName, P::ContainsSlash),
+        ),
+        (
+            "jwt_audience: [a]\njwt_svid_file_name: svid.pem".into(),
+            field(
+                Field::JwtSvidFileName,
+                P::DuplicateFileName {
+                    other: Field::SvidFileName,
+                },
+            ),
+        ),
+        (
+            "jwt_audience: [a]\njwt_bundle_file_name: jwt_svid.token".into(),
+            field(
+                Field::JwtBundleFileName,
+                P::DuplicateFileName {
+                    other: Field::JwtSvidFileName,
+                },
+            ),
+        ),
+        (
+            "jwt_audience: [a]\njwt_bundle_file_name: other.org.x509.pem".into(),
+            field(
+                Field::JwtBundleFileName,
+                P::ReservedSuffix {
+                    suffix: FEDERATED_BUNDLE_SUFFIX,
+                },
+            ),
+        ),
+    ];
+    for (value, want) in cases {
+        let got = refused(&format!("cert_dir: /c\n{value}\n"));
+        assert_eq!(got, want, "{value}");
+    }
+}
+
+#[test]
+fn a_refused_audience_names_pod_container_and_field() {
+    let annotations = BTreeMap::from([(
+        POD_KEY.to_owned(),
+        "cert_dir: /c\njwt_audience: [a, a]\n".to_owned(),
+    )]);
+    let pod = PodRef {
+        namespace: "ns",
+        name: "web",
+    };
+    let err = request_for_container(&annotations, pod, "app", &policy()).unwrap_err();
+    let message = err.to_string();
+    for part in ["pod ns/web", "container app", "jwt_audience", "\"a\" twice"] {
+        assert!(message.contains(part), "{message}");
+    }
+}
+
+#[test]
+fn the_spiffe_layout_defaults_to_the_drafts_folder_and_fixed_names() {
+    let r = ok("layout: spiffe\n");
+    assert_eq!(r.cert_dir, Path::new(DEFAULT_SPIFFE_CREDENTIAL_FOLDER));
+    assert_eq!(r.federated_bundles, FederatedBundles::Separate);
+    assert_eq!(
+        r.files,
+        FileSet::Spiffe {
+            credentials: file(
+                SPIFFE_CREDENTIAL_BUNDLE_FILE_NAME,
+                0o600,
+                FileContent::KeyAndChain
+            ),
+            bundle_mode: DEFAULT_BUNDLE_FILE_MODE,
+        }
+    );
+    let r = ok("layout: spiffe\ncert_dir: /creds\nbundle_file_mode: '0640'\n");
+    assert_eq!(r.cert_dir, Path::new("/creds"));
+    assert_eq!(r.bundle_mode(), FileMode(0o640));
+    assert!(
+        ok("layout: spiffe\nfederated_bundles: separate\n")
+            .jwt
+            .is_none()
+    );
+    for key in [
+        "svid_file_name: a",
+        "svid_key_file_name: a",
+        "svid_bundle_file_name: a",
+        "credential_bundle_file_name: a",
+        "cert_file_mode: '0644'",
+        "federated_bundles: append",
+    ] {
+        let err = refused(&format!("layout: spiffe\n{key}\n"));
+        assert!(
+            matches!(
+                err,
+                AnnotationError::Field {
+                    problem: FieldProblem::NotUsedByLayout {
+                        layout: Layout::Spiffe
+                    },
+                    ..
+                }
+            ),
+            "{key}: {err}"
+        );
+    }
+    // The other layouts still need a directory.
+    assert_eq!(
+        refused("layout: combined\n"),
+        field(Field::CertDir, FieldProblem::Missing)
     );
 }

@@ -6,10 +6,12 @@ use std::path::PathBuf;
 use super::yaml::RawSpec;
 use super::{
     AnnotationError, DEFAULT_BUNDLE_FILE_MODE, DEFAULT_CERT_FILE_MODE,
-    DEFAULT_CREDENTIAL_BUNDLE_FILE_NAME, DEFAULT_KEY_FILE_MODE, DEFAULT_SVID_BUNDLE_FILE_NAME,
+    DEFAULT_CREDENTIAL_BUNDLE_FILE_NAME, DEFAULT_JWT_BUNDLE_FILE_NAME, DEFAULT_JWT_SVID_FILE_NAME,
+    DEFAULT_KEY_FILE_MODE, DEFAULT_SPIFFE_CREDENTIAL_FOLDER, DEFAULT_SVID_BUNDLE_FILE_NAME,
     DEFAULT_SVID_FILE_NAME, DEFAULT_SVID_KEY_FILE_NAME, FEDERATED_BUNDLE_SUFFIX, FederatedBundles,
-    Field, FieldProblem, FileContent, FileMode, FileSet, IdentityRequest, Layout,
-    MAX_FILE_NAME_BYTES, MAX_HINT_BYTES, MAX_PATH_BYTES, OutputFile, Policy, SpiffeId,
+    Field, FieldProblem, FileContent, FileMode, FileSet, IdentityRequest, JwtRequest, Layout,
+    MAX_FILE_NAME_BYTES, MAX_HINT_BYTES, MAX_JWT_AUDIENCE_BYTES, MAX_JWT_AUDIENCES, MAX_PATH_BYTES,
+    OutputFile, Policy, SPIFFE_CREDENTIAL_BUNDLE_FILE_NAME, SpiffeId,
 };
 
 pub(super) fn validate(raw: RawSpec, policy: &Policy) -> Result<IdentityRequest, AnnotationError> {
@@ -18,15 +20,24 @@ pub(super) fn validate(raw: RawSpec, policy: &Policy) -> Result<IdentityRequest,
         None => (policy.default_agent_address().to_path_buf(), true),
     };
 
-    let cert_dir = raw.cert_dir.as_deref().ok_or(AnnotationError::field(
-        Field::CertDir,
-        FieldProblem::Missing,
-    ))?;
+    let layout = raw.layout.unwrap_or_default();
+    let cert_dir = match (raw.cert_dir.as_deref(), layout) {
+        (Some(dir), _) => dir,
+        (None, Layout::Spiffe) => DEFAULT_SPIFFE_CREDENTIAL_FOLDER,
+        (None, _) => {
+            return Err(AnnotationError::field(
+                Field::CertDir,
+                FieldProblem::Missing,
+            ));
+        }
+    };
     let cert_dir =
         cert_directory(cert_dir).map_err(|p| AnnotationError::field(Field::CertDir, p))?;
 
-    let layout = raw.layout.unwrap_or_default();
-    let federated_bundles = raw.federated_bundles.unwrap_or_default();
+    let federated_bundles = match layout {
+        Layout::Spiffe => FederatedBundles::Separate,
+        _ => raw.federated_bundles.unwrap_or_default(),
+    };
     let unused: &[(Field, bool)] = match layout {
         Layout::SpiffeHelper => &[(
             Field::CredentialBundleFileName,
@@ -36,6 +47,24 @@ pub(super) fn validate(raw: RawSpec, policy: &Policy) -> Result<IdentityRequest,
             (Field::SvidFileName, raw.svid_file_name.is_some()),
             (Field::SvidKeyFileName, raw.svid_key_file_name.is_some()),
             (Field::CertFileMode, raw.cert_file_mode.is_some()),
+        ],
+        // The draft fixes every name, and never merges trust bundles.
+        Layout::Spiffe => &[
+            (Field::SvidFileName, raw.svid_file_name.is_some()),
+            (Field::SvidKeyFileName, raw.svid_key_file_name.is_some()),
+            (
+                Field::SvidBundleFileName,
+                raw.svid_bundle_file_name.is_some(),
+            ),
+            (
+                Field::CredentialBundleFileName,
+                raw.credential_bundle_file_name.is_some(),
+            ),
+            (Field::CertFileMode, raw.cert_file_mode.is_some()),
+            (
+                Field::FederatedBundles,
+                raw.federated_bundles == Some(FederatedBundles::Append),
+            ),
         ],
     };
     if let Some((field, _)) = unused.iter().find(|(_, given)| *given) {
@@ -102,7 +131,28 @@ pub(super) fn validate(raw: RawSpec, policy: &Policy) -> Result<IdentityRequest,
                 bundle: bundle.1,
             }
         }
+        Layout::Spiffe => {
+            let credentials = file(FileSpec {
+                name_field: Field::CredentialBundleFileName,
+                name: &None,
+                default_name: SPIFFE_CREDENTIAL_BUNDLE_FILE_NAME,
+                mode_field: Field::KeyFileMode,
+                mode: &raw.key_file_mode,
+                default_mode: DEFAULT_KEY_FILE_MODE,
+                content: FileContent::KeyAndChain,
+            })?;
+            let bundle_mode = match &raw.bundle_file_mode {
+                Some(text) => file_mode(text, false)
+                    .map_err(|p| AnnotationError::field(Field::BundleFileMode, p))?,
+                None => DEFAULT_BUNDLE_FILE_MODE,
+            };
+            FileSet::Spiffe {
+                credentials: credentials.1,
+                bundle_mode,
+            }
+        }
     };
+    let jwt = jwt_request(&raw, &files, federated_bundles)?;
 
     let hint = raw
         .hint
@@ -133,7 +183,108 @@ pub(super) fn validate(raw: RawSpec, policy: &Policy) -> Result<IdentityRequest,
         federated_bundles,
         attestation: raw.attestation,
         copy_once: raw.copy_once.unwrap_or(false),
+        jwt,
     })
+}
+
+/// The JWT-SVID files, when `jwt_audience` asks for them. Their names must not clash with the
+/// X.509 files (nor, in `separate` and `spiffe` modes, look like a trust bundle).
+fn jwt_request(
+    raw: &RawSpec,
+    files: &FileSet,
+    federated: FederatedBundles,
+) -> Result<Option<JwtRequest>, AnnotationError> {
+    let Some(audience) = &raw.jwt_audience else {
+        for (field, given) in [
+            (Field::JwtSvidFileName, raw.jwt_svid_file_name.is_some()),
+            (Field::JwtBundleFileName, raw.jwt_bundle_file_name.is_some()),
+        ] {
+            if given {
+                return Err(AnnotationError::field(
+                    field,
+                    FieldProblem::NeedsJwtAudience,
+                ));
+            }
+        }
+        return Ok(None);
+    };
+    let problem = |p| AnnotationError::field(Field::JwtAudience, p);
+    if audience.is_empty() {
+        return Err(problem(FieldProblem::Empty));
+    }
+    if audience.len() > MAX_JWT_AUDIENCES {
+        return Err(problem(FieldProblem::TooManyAudiences {
+            max: MAX_JWT_AUDIENCES,
+        }));
+    }
+    for (index, a) in audience.iter().enumerate() {
+        text(a, MAX_JWT_AUDIENCE_BYTES).map_err(|p| {
+            problem(FieldProblem::InvalidAudience {
+                index,
+                problem: Box::new(p),
+            })
+        })?;
+        if audience[..index].contains(a) {
+            return Err(problem(FieldProblem::DuplicateAudience {
+                audience: a.clone(),
+            }));
+        }
+    }
+    // Trust bundles of the spiffe layout are `*.x509.pem` whatever `federated_bundles` says.
+    let federated = match files {
+        FileSet::Spiffe { .. } => FederatedBundles::Separate,
+        _ => federated,
+    };
+    let token = output_file(
+        FileSpec {
+            name_field: Field::JwtSvidFileName,
+            name: &raw.jwt_svid_file_name,
+            default_name: DEFAULT_JWT_SVID_FILE_NAME,
+            mode_field: Field::KeyFileMode,
+            mode: &raw.key_file_mode,
+            default_mode: DEFAULT_KEY_FILE_MODE,
+            content: FileContent::JwtSvid,
+        },
+        federated,
+    )?;
+    let bundle = output_file(
+        FileSpec {
+            name_field: Field::JwtBundleFileName,
+            name: &raw.jwt_bundle_file_name,
+            default_name: DEFAULT_JWT_BUNDLE_FILE_NAME,
+            mode_field: Field::BundleFileMode,
+            mode: &raw.bundle_file_mode,
+            default_mode: DEFAULT_BUNDLE_FILE_MODE,
+            content: FileContent::JwtBundle,
+        },
+        federated,
+    )?;
+    let x509: Vec<(Field, OutputFile)> = match files {
+        FileSet::SpiffeHelper { svid, key, bundle } => vec![
+            (Field::SvidFileName, svid.clone()),
+            (Field::SvidKeyFileName, key.clone()),
+            (Field::SvidBundleFileName, bundle.clone()),
+        ],
+        FileSet::Combined {
+            credentials,
+            bundle,
+        } => vec![
+            (Field::CredentialBundleFileName, credentials.clone()),
+            (Field::SvidBundleFileName, bundle.clone()),
+        ],
+        FileSet::Spiffe { credentials, .. } => {
+            vec![(Field::CredentialBundleFileName, credentials.clone())]
+        }
+    };
+    let mut all: Vec<&(Field, OutputFile)> = x509.iter().collect();
+    all.push(&token);
+    all.push(&bundle);
+    reject_duplicates(&all)?;
+    Ok(Some(JwtRequest {
+        audience: audience.clone(),
+        token: token.1,
+        bundle: bundle.1,
+    }))
 }
 
 /// One file of a layout: the fields that name it and set its mode, and their defaults.
@@ -155,7 +306,7 @@ fn output_file(
     file_name(name, federated).map_err(|p| AnnotationError::field(spec.name_field, p))?;
     let holds_key = matches!(
         spec.content,
-        FileContent::PrivateKey | FileContent::KeyAndChain
+        FileContent::PrivateKey | FileContent::KeyAndChain | FileContent::JwtSvid
     );
     let mode = match spec.mode {
         Some(text) => {

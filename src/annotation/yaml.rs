@@ -13,7 +13,7 @@ use super::{
     OnFailure, YamlLimit,
 };
 
-// YAML budget. A valid value has 2 levels (list, mapping) and at most 32 nodes; the limits
+// YAML budget. A valid value has 3 levels (list, mapping, audience list) and at most 48 nodes; the limits
 // leave room for a wrong-typed value (so it is reported as a type error) and for a few anchors
 // used for deduplication, but nothing that can amplify work.
 const YAML_MAX_DEPTH: usize = 8;
@@ -142,6 +142,9 @@ pub(super) struct RawSpec {
     pub(super) federated_bundles: Option<FederatedBundles>,
     pub(super) attestation: Option<Attestation>,
     pub(super) copy_once: Option<bool>,
+    pub(super) jwt_audience: Option<Vec<String>>,
+    pub(super) jwt_svid_file_name: Option<String>,
+    pub(super) jwt_bundle_file_name: Option<String>,
 }
 
 /// Where the deserializer was when it failed. serde errors carry no field path, and the
@@ -340,6 +343,9 @@ impl<'de> Visitor<'de> for SpecVisitor<'_> {
                 Field::FederatedBundles => raw.federated_bundles = map.next_value()?,
                 Field::Attestation => raw.attestation = map.next_value()?,
                 Field::CopyOnce => raw.copy_once = map.next_value()?,
+                Field::JwtAudience => raw.jwt_audience = map.next_value()?,
+                Field::JwtSvidFileName => raw.jwt_svid_file_name = map.next_value()?,
+                Field::JwtBundleFileName => raw.jwt_bundle_file_name = map.next_value()?,
             }
             t.field = None;
         }

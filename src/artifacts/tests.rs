@@ -36,6 +36,7 @@ fn material(federated: &[&str]) -> Material {
     let intermediate = self_signed("intermediate.example.org");
     let root = self_signed("root.example.org");
     Material {
+        trust_domain: TrustDomain::parse("example.org").unwrap(),
         chain: vec![leaf.cert.der().to_vec(), intermediate.cert.der().to_vec()],
         key: Zeroizing::new(leaf.signing_key.serialize_der()),
         own_bundle: vec![root.cert.der().to_vec()],
@@ -966,4 +967,85 @@ fn real_rotations_leave_exactly_the_file_set() {
         .collect();
     names.sort();
     assert_eq!(names, vec!["credential-bundle.pem", "svid_bundle.pem"]);
+}
+
+#[test]
+fn spiffe_layout_writes_one_bundle_per_trust_domain_and_the_credentials_last() {
+    let req = request("layout: spiffe\n");
+    let m = material(&["other.org"]);
+    let files = RenderedFiles::for_request(&req, &m).unwrap();
+    assert_eq!(
+        names_of(&files),
+        [
+            "other.org.x509.pem",
+            "example.org.x509.pem",
+            "credential-bundle.private-key.pem"
+        ]
+    );
+    let own = files.get("example.org.x509.pem").unwrap();
+    assert_eq!(own.kind(), &RenderedKind::TrustBundle);
+    assert_eq!(blocks(own.contents()), certs(&m.own_bundle), "never merged");
+    let creds = files.get("credential-bundle.private-key.pem").unwrap();
+    let got = blocks(creds.contents());
+    assert_eq!(got[0], ("PRIVATE KEY".to_owned(), m.key.to_vec()));
+    assert_eq!(got[1..], certs(&m.chain));
+    assert_eq!(creds.mode(), 0o600);
+
+    // De-federation deletes the bundle file; the own trust domain's stays.
+    let (host, writer) = fake_writer();
+    let dir = writer.create_dir(POD, CTR, None).unwrap();
+    writer.deliver(&dir, &req, &m, None).unwrap();
+    writer.deliver(&dir, &req, &material(&[]), None).unwrap();
+    assert_eq!(
+        host.names(ctr_path()),
+        ["credential-bundle.private-key.pem", "example.org.x509.pem"]
+    );
+}
+
+#[test]
+fn jwt_files_are_written_atomically_and_leave_the_x509_files_alone() {
+    let (host, writer) = fake_writer();
+    let dir = writer.create_dir(POD, CTR, None).unwrap();
+    let req = request("cert_dir: /c\njwt_audience: [a]\n");
+    writer
+        .deliver(&dir, &req, &material(&["other.org"]), None)
+        .unwrap();
+    let jwt = req.jwt.as_ref().unwrap();
+    host.take_ops();
+    let files = RenderedFiles::jwt(
+        Some((&jwt.token, "aGVh.cGF5.c2ln")),
+        Some((&jwt.bundle, br#"{"keys":[]}"#)),
+    )
+    .unwrap();
+    assert!(files.files()[0].kind().is_secret());
+    writer
+        .deliver_jwt(&dir, &files, Some(Owner { uid: 7, gid: 7 }))
+        .unwrap();
+    let ops = host.take_ops();
+    assert!(
+        ops.iter()
+            .any(|op| matches!(op, Op::Rename { to, .. } if to == "jwt_svid.token")),
+        "{ops:?}"
+    );
+    assert_eq!(
+        host.names(ctr_path()),
+        [
+            "jwt_bundle.json",
+            "jwt_svid.token",
+            "other.org.x509.pem",
+            "svid.pem",
+            "svid_bundle.pem",
+            "svid_key.pem"
+        ]
+    );
+    let token = host.node(ctr_path().join("jwt_svid.token")).unwrap();
+    assert_eq!((token.mode(), token.owner()), (Some(0o600), Some((7, 7))));
+    assert_eq!(
+        host.contents(ctr_path().join("jwt_svid.token")).unwrap(),
+        b"aGVh.cGF5.c2ln"
+    );
+
+    writer.remove_file(&dir, "jwt_svid.token").unwrap();
+    writer.remove_file(&dir, "jwt_svid.token").unwrap();
+    assert!(host.node(ctr_path().join("jwt_svid.token")).is_none());
 }

@@ -46,6 +46,19 @@ pub enum EngineError {
     },
     #[error("no trust bundle from the SPIRE agent at {agent} within {budget:?}")]
     NoBundle { agent: PathBuf, budget: Duration },
+    #[error("no JWT bundle for {} from the SPIRE agent at {} within {budget:?}", trust_domain.id(), agent.display())]
+    NoJwtBundle {
+        agent: PathBuf,
+        trust_domain: TrustDomain,
+        budget: Duration,
+    },
+    #[error("the SPIRE agent at {} minted no JWT-SVID for {spiffe_id} (audience {audience:?}){}", agent.display(), if *.timed_out { " in time" } else { "" })]
+    NoJwt {
+        agent: PathBuf,
+        spiffe_id: String,
+        audience: Vec<String>,
+        timed_out: bool,
+    },
     #[error("no SVID with hint {hint:?} among {available:?}")]
     NoSuchHint {
         hint: String,
@@ -85,6 +98,8 @@ impl EngineError {
             EngineError::Agent { error, .. } => error.kind(),
             EngineError::NoIdentity { .. } => "no_identity",
             EngineError::NoBundle { .. } => "no_bundle",
+            EngineError::NoJwtBundle { .. } => "no_jwt_bundle",
+            EngineError::NoJwt { .. } => "no_jwt",
             EngineError::NoSuchHint { .. } => "no_such_hint",
             EngineError::UnexpectedSpiffeId { .. } => "unexpected_spiffe_id",
             EngineError::MissingTrustDomain { .. } => "missing_trust_domain",

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use tokio_stream::StreamExt;
 use tracing::{debug, info};
 
+use super::jwt::{JwtProgress, wait_jwks};
 use super::maintain::{Delivered, WorkloadCtx};
 use super::{Engine, EngineError, blocking_here};
 use crate::annotation::IdentityRequest;
@@ -165,6 +166,35 @@ impl<S: IdentitySource> Engine<S> {
         let material = material(&svid, &federates_with, &bundle_set)?;
         let dir = self.dir_of(pod, c)?;
         watch.lap(Phase::Checks);
+        let mut ctx = WorkloadCtx {
+            container_id: c.id.clone(),
+            dir: dir.clone(),
+            request: request.clone(),
+            workload,
+            owner,
+            pidfd,
+            jwt: None,
+        };
+        // The JWT files first: the X.509 files' last one is what a start guard waits for.
+        if let Some(jwt) = &request.jwt {
+            let jwt_bundles = self.jwt_bundles_for(&agent);
+            let token = self
+                .fetch_jwt(&ctx, jwt, Some(&svid.spiffe_id), until)
+                .await?;
+            let td = token.spiffe_id.trust_domain();
+            let jwks = wait_jwks(jwt_bundles, td, until).await.ok_or_else(|| {
+                EngineError::NoJwtBundle {
+                    agent: agent.clone(),
+                    trust_domain: td.clone(),
+                    budget,
+                }
+            })?;
+            self.write_jwt(&ctx, jwt, Some(&token), Some(&jwks)).await?;
+            inner.metrics.jwt_refreshed();
+            info!(spiffe_id = %token.spiffe_id, audience = ?jwt.audience, expires_at = token.expires_at, "JWT-SVID written");
+            ctx.jwt = Some(JwtProgress::delivered(&token, jwks));
+        }
+        watch.lap(Phase::Jwt);
         let (writer, target, req) = (inner.writer.clone(), dir.clone(), request.clone());
         blocking_here(move || Ok(writer.deliver(&target, &req, &material, owner)?)).await?;
         watch.lap(Phase::Written);
@@ -176,14 +206,6 @@ impl<S: IdentitySource> Engine<S> {
             federates_with,
             bundles: Some(bundle_set),
         };
-        let ctx = WorkloadCtx {
-            container_id: c.id.clone(),
-            dir,
-            request,
-            workload,
-            owner,
-            pidfd,
-        };
         self.spawn_maintenance(ctx, Some(stream), Some(delivered), tracing::Span::current());
         watch.lap(Phase::Reply);
         let t = watch.times;
@@ -192,7 +214,7 @@ impl<S: IdentitySource> Engine<S> {
         info!(%spiffe_id, attestation = %plan.attestation, elapsed_ms = ms_of(t.total()),
             workload_named_ms = ms(Phase::Named), stream_open_ms = ms(Phase::StreamOpen),
             first_svid_ms = ms(Phase::FirstSvid), bundle_ready_ms = ms(Phase::Bundle),
-            checks_ms = ms(Phase::Checks), files_written_ms = ms(Phase::Written),
+            checks_ms = ms(Phase::Checks), jwt_ms = ms(Phase::Jwt), files_written_ms = ms(Phase::Written),
             reply_ms = ms(Phase::Reply), "identity delivered");
         Ok(())
     }
@@ -288,6 +310,7 @@ pub(super) fn material(
         .filter_map(|td| Some((td.clone(), bundles.bundles.get(td)?.clone())))
         .collect();
     Ok(Material {
+        trust_domain: own.clone(),
         chain: svid.cert_chain.clone(),
         key: svid.private_key.clone(),
         own_bundle,

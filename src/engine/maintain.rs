@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::first::{material, owner_of, pick};
+use super::jwt::JwtProgress;
 use super::retry::{self, Retry};
 use super::{Engine, Report, active_tasks, blocking, lock};
 use crate::annotation::IdentityRequest;
@@ -29,6 +30,9 @@ pub(super) struct WorkloadCtx {
     pub(super) workload: Workload,
     pub(super) owner: Option<Owner>,
     pub(super) pidfd: Option<Arc<Pidfd>>,
+    /// The JWT-SVID file as the first delivery left it; `None`: ask at once (when the
+    /// request wants one).
+    pub(super) jwt: Option<JwtProgress>,
 }
 
 /// What was last written for a workload, to skip identical updates.
@@ -114,6 +118,7 @@ impl<S: IdentitySource> Engine<S> {
                 workload,
                 owner,
                 pidfd,
+                jwt: None,
             };
             engine.maintain(ctx, None, None, cancel).await;
         });
@@ -161,7 +166,7 @@ impl<S: IdentitySource> Engine<S> {
     /// the container goes.
     async fn maintain(
         &self,
-        ctx: WorkloadCtx,
+        mut ctx: WorkloadCtx,
         mut stream: Option<SvidStream>,
         mut delivered: Option<Delivered>,
         cancel: CancellationToken,
@@ -180,6 +185,17 @@ impl<S: IdentitySource> Engine<S> {
         tokio::pin!(exited);
         let mut failures = Failures::new(&ctx.container_id);
         let mut latest: Option<(X509Svid, Vec<TrustDomain>)> = None;
+        // The JWT-SVID is due on its own timer, also while the X.509 stream is down: an
+        // expired token must go even when the agent is away.
+        let jwt = ctx.request.jwt.clone();
+        let mut jwt_progress = ctx.jwt.take().unwrap_or_else(JwtProgress::resumed);
+        let mut jwt_bundles = jwt.as_ref().map(|_| self.jwt_bundles_for(&agent));
+        macro_rules! jwt_due {
+            () => {
+                jwt_progress.due.unwrap_or_else(Instant::now)
+            };
+        }
+        let jwt_on = jwt.is_some();
         // A write that failed is tried again after a backoff, not only at the next update:
         // with short-lived SVIDs the next update may come after the files expired.
         let mut write_retry: Option<Instant> = None;
@@ -194,11 +210,19 @@ impl<S: IdentitySource> Engine<S> {
                 match subscribed {
                     Ok(s) => stream = Some(s),
                     Err(error) => {
-                        let wait = self.after_failure(&mut failures, error);
-                        tokio::select! {
-                            _ = wait => {}
-                            _ = cancel.cancelled() => return,
-                            _ = &mut exited => { debug!("process exited; stream closed"); return; }
+                        let mut wait = self.after_failure(&mut failures, error);
+                        loop {
+                            tokio::select! {
+                                _ = &mut wait => break,
+                                _ = cancel.cancelled() => return,
+                                _ = &mut exited => { debug!("process exited; stream closed"); return; }
+                                _ = tokio::time::sleep_until(jwt_due!()), if jwt_on => {
+                                    if let (Some(j), Some(rx)) = (&jwt, &jwt_bundles) {
+                                        let id = latest.as_ref().map(|(s, _)| s.spiffe_id.clone());
+                                        self.refresh_jwt(&ctx, j, &mut jwt_progress, id.as_ref(), rx).await;
+                                    }
+                                }
+                            }
                         }
                     }
                 }
@@ -236,11 +260,19 @@ impl<S: IdentitySource> Engine<S> {
                             failures.in_a_row = 1;
                             continue;
                         }
-                        let wait = self.after_failure(&mut failures, error);
-                        tokio::select! {
-                            _ = wait => {}
-                            _ = cancel.cancelled() => return,
-                            _ = &mut exited => { debug!("process exited; stream closed"); return; }
+                        let mut wait = self.after_failure(&mut failures, error);
+                        loop {
+                            tokio::select! {
+                                _ = &mut wait => break,
+                                _ = cancel.cancelled() => return,
+                                _ = &mut exited => { debug!("process exited; stream closed"); return; }
+                                _ = tokio::time::sleep_until(jwt_due!()), if jwt_on => {
+                                    if let (Some(j), Some(rx)) = (&jwt, &jwt_bundles) {
+                                        let id = latest.as_ref().map(|(s, _)| s.spiffe_id.clone());
+                                        self.refresh_jwt(&ctx, j, &mut jwt_progress, id.as_ref(), rx).await;
+                                    }
+                                }
+                            }
                         }
                         continue;
                     }
@@ -257,6 +289,22 @@ impl<S: IdentitySource> Engine<S> {
                 }
                 _ = tokio::time::sleep_until(retry_at), if write_retry.is_some() => {
                     write_retry = None;
+                }
+                _ = tokio::time::sleep_until(jwt_due!()), if jwt_on => {
+                    if let (Some(j), Some(rx)) = (&jwt, &jwt_bundles) {
+                        let id = latest.as_ref().map(|(s, _)| s.spiffe_id.clone());
+                        self.refresh_jwt(&ctx, j, &mut jwt_progress, id.as_ref(), rx).await;
+                    }
+                    continue;
+                }
+                changed = changed_or_pending(&mut jwt_bundles) => {
+                    if changed.is_err() {
+                        jwt_bundles = Some(self.jwt_bundles_for(&agent));
+                    } else if let (Some(j), Some(rx)) = (&jwt, &jwt_bundles) {
+                        let set = rx.borrow().clone();
+                        self.follow_jwks(&ctx, j, &mut jwt_progress, set).await;
+                    }
+                    continue;
                 }
             }
             let Some((svid, federates_with)) = latest.as_ref() else {
@@ -439,6 +487,16 @@ impl<S: IdentitySource> Engine<S> {
                 _ = wait => {}
             }
         }
+    }
+}
+
+/// The next change of an optional watch; never, without one.
+async fn changed_or_pending<T>(
+    rx: &mut Option<watch::Receiver<T>>,
+) -> Result<(), watch::error::RecvError> {
+    match rx {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
     }
 }
 

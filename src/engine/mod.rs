@@ -11,11 +11,13 @@
 //! * this module: the lifecycle (create, start, stop, remove, synchronize);
 //! * [`first`]: the first delivery, inside a runtime event's deadline;
 //! * [`maintain`]: keeping files fresh afterwards, and following trust bundles;
+//! * [`jwt`]: JWT-SVID files, refreshed at half their lifetime, and the JWT bundle;
 //! * [`retry`]: when to ask the agent again after a failure, and the agent's status as the
 //!   readiness probe finds it.
 
 mod error;
 mod first;
+mod jwt;
 mod maintain;
 mod retry;
 #[cfg(test)]
@@ -47,7 +49,7 @@ use crate::k8s::{KubeletPods, LookupError};
 use crate::limits::{Admissions, IdentityLimits};
 use crate::metrics::Metrics;
 use crate::selinux::{LabelPolicy, LabelSource};
-use crate::spire::{BundleSet, IdentitySource, SourceError};
+use crate::spire::{BundleSet, IdentitySource, JwtBundleSet, SourceError};
 use retry::{AgentState, RetryPolicy};
 
 /// Engine settings, taken from the daemon configuration.
@@ -148,6 +150,7 @@ struct Inner<S> {
     /// Counted at CreateContainer, before anything is written.
     admissions: Admissions,
     bundles: Mutex<HashMap<PathBuf, watch::Receiver<Option<Arc<BundleSet>>>>>,
+    jwt_bundles: Mutex<HashMap<PathBuf, watch::Receiver<Option<Arc<JwtBundleSet>>>>>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     tasks: tokio_util::task::TaskTracker,
@@ -197,6 +200,7 @@ impl<S: IdentitySource> Engine<S> {
                 guard_binary: OnceLock::new(),
                 tracked: Mutex::new(HashMap::new()),
                 bundles: Mutex::new(HashMap::new()),
+                jwt_bundles: Mutex::new(HashMap::new()),
                 metrics,
                 shutdown: CancellationToken::new(),
                 tasks: tokio_util::task::TaskTracker::new(),

@@ -16,7 +16,9 @@ use super::*;
 use crate::annotation::POD_KEY;
 use crate::host::{FakeNode, Op, RecordingHost};
 use crate::spiffe::{SpiffeId, TrustDomain};
-use crate::spire::{BundleStream, SourceError, SvidStream, SvidUpdate, Workload, X509Svid};
+use crate::spire::{
+    BundleStream, JwtBundleStream, JwtSvid, SourceError, SvidStream, SvidUpdate, Workload, X509Svid,
+};
 
 const ROOT: &str = "/run/nri-identity-injector";
 const AGENT: &str = "/run/spire/admin/admin.sock";
@@ -35,6 +37,14 @@ struct Script {
     streams: Vec<(Workload, SvidSender)>,
     /// Senders of the bundle streams, held so the streams stay open.
     bundle_streams: Vec<mpsc::UnboundedSender<Result<BundleSet, SourceError>>>,
+    /// Lifetime of minted JWT-SVIDs, seconds.
+    jwt_ttl: i64,
+    /// Every JWT-SVID fetch is refused with this code.
+    jwt_refuse: Option<tonic::Code>,
+    /// Audiences of every JWT-SVID fetch, oldest first.
+    jwt_fetches: Vec<Vec<String>>,
+    jwt_bundles: JwtBundleSet,
+    jwt_bundle_streams: Vec<mpsc::UnboundedSender<Result<JwtBundleSet, SourceError>>>,
 }
 
 /// An [`IdentitySource`] whose answers the test scripts and whose streams it feeds.
@@ -87,6 +97,45 @@ impl IdentitySource for ScriptedSource {
         Ok(Box::pin(UnboundedReceiverStream::new(rx)))
     }
 
+    async fn fetch_jwt_svids(
+        &self,
+        _agent: &Path,
+        workload: &Workload,
+        audience: &[String],
+    ) -> Result<Vec<JwtSvid>, SourceError> {
+        let mut s = self.script();
+        s.jwt_fetches.push(audience.to_vec());
+        if let Some(code) = s.jwt_refuse {
+            return Err(SourceError::Status {
+                code,
+                message: "refused by the script".into(),
+            });
+        }
+        let now = jwt::now_unix();
+        let ttl = s.jwt_ttl;
+        let minted = s.svids.get(workload).map(|u| {
+            u.svids
+                .iter()
+                .map(|x| JwtSvid {
+                    spiffe_id: x.spiffe_id.clone(),
+                    token: Zeroizing::new(format!("aGVhZA.{}.c2ln", s.jwt_fetches.len())),
+                    expires_at: now + ttl,
+                    issued_at: now,
+                    hint: x.hint.clone(),
+                })
+                .collect()
+        });
+        Ok(minted.unwrap_or_default())
+    }
+
+    async fn subscribe_jwt_bundles(&self, _agent: &Path) -> Result<JwtBundleStream, SourceError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut s = self.script();
+        let _ = tx.send(Ok(s.jwt_bundles.clone()));
+        s.jwt_bundle_streams.push(tx);
+        Ok(Box::pin(UnboundedReceiverStream::new(rx)))
+    }
+
     async fn probe(&self, _agent: &Path) -> Result<(), SourceError> {
         Ok(())
     }
@@ -125,8 +174,12 @@ impl Bed {
         let source = ScriptedSource::default();
         let td = TrustDomain::parse("example.org").unwrap();
         source.script().bundles = BundleSet {
-            bundles: BTreeMap::from([(td, vec![vec![0x30, 0x03, 0x02, 0x01, 0xca]])]),
+            bundles: BTreeMap::from([(td.clone(), vec![vec![0x30, 0x03, 0x02, 0x01, 0xca]])]),
         };
+        source.script().jwt_bundles = JwtBundleSet {
+            bundles: BTreeMap::from([(td, br#"{"keys":[]}"#.to_vec())]),
+        };
+        source.script().jwt_ttl = 300;
         let host = Arc::new(RecordingHost::new());
         host.plant_dir(ROOT, 0o700, 0);
         let metrics = Arc::new(Metrics::default());
@@ -405,6 +458,15 @@ async fn rotations_rewrite_the_files_and_identical_updates_do_not() {
         bed.file(&p, &c, "svid.pem") != first
     })
     .await;
+    // The counter moves after the write returns: wait for it, then check nothing more came.
+    eventually("the rotation counted", || {
+        bed.metrics
+            .render(0)
+            .lines()
+            .any(|l| l == "nri_identity_rotations_total 1")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(bed.metrics.identities_served(), 1);
     let rotations = bed.metrics.render(0);
     assert!(
@@ -542,4 +604,144 @@ async fn synchronize_resumes_running_containers_and_sweeps_what_is_gone() {
         )),
         "the live container's directory stays"
     );
+}
+
+const JWT_POD: &str = "cert_dir: /var/certs\njwt_audience: [api, db]\n";
+
+#[tokio::test]
+async fn the_first_delivery_writes_the_jwt_svid_and_its_jwks_before_the_x509_files() {
+    let bed = Bed::new();
+    let p = pod("j1", JWT_POD);
+    let mut c = container("ctr-j1", 301);
+    bed.process(&c);
+    bed.serve(&c, svid("/web", 1));
+    bed.create_and_start(&p, &mut c).await.unwrap();
+
+    assert_eq!(
+        bed.files(&p, &c),
+        [
+            "jwt_bundle.json",
+            "jwt_svid.token",
+            "svid.pem",
+            "svid_bundle.pem",
+            "svid_key.pem"
+        ]
+    );
+    assert_eq!(bed.file(&p, &c, "jwt_svid.token"), b"aGVhZA.1.c2ln");
+    assert_eq!(bed.file(&p, &c, "jwt_bundle.json"), br#"{"keys":[]}"#);
+    let token = bed
+        .host
+        .node(bed.dir(&p, &c).join("jwt_svid.token"))
+        .unwrap();
+    assert_eq!(
+        (token.mode(), token.owner()),
+        (Some(0o600), Some((1001, 1001)))
+    );
+    assert_eq!(
+        bed.source.script().jwt_fetches,
+        [vec!["api".to_owned(), "db".to_owned()]]
+    );
+    assert_eq!(bed.metrics.jwt_refreshes(), 1);
+    // The token went in before the X.509 files, whose last one releases a start guard.
+    let renames: Vec<String> = bed
+        .host
+        .ops()
+        .into_iter()
+        .filter_map(|op| match op {
+            Op::Rename { to, .. } => Some(to),
+            _ => None,
+        })
+        .collect();
+    let token_at = renames.iter().position(|n| n == "jwt_svid.token").unwrap();
+    let bundle_at = renames.iter().position(|n| n == "svid_bundle.pem").unwrap();
+    assert!(token_at < bundle_at, "{renames:?}");
+}
+
+#[tokio::test]
+async fn a_refused_jwt_svid_keeps_the_container_from_starting() {
+    let bed = Bed::new();
+    bed.source.script().jwt_refuse = Some(tonic::Code::PermissionDenied);
+    let p = pod("j2", JWT_POD);
+    let mut c = container("ctr-j2", 302);
+    bed.process(&c);
+    bed.serve(&c, svid("/web", 1));
+    let err = bed.create_and_start(&p, &mut c).await.unwrap_err();
+    assert!(
+        err.to_string().contains("pod default/pod-j2 container app"),
+        "{err}"
+    );
+    assert!(
+        bed.files(&p, &c).is_empty(),
+        "nothing half-delivered: {:?}",
+        bed.files(&p, &c)
+    );
+}
+
+#[tokio::test]
+async fn the_jwt_svid_is_refreshed_at_half_its_lifetime() {
+    let bed = Bed::new();
+    bed.source.script().jwt_ttl = 2;
+    let p = pod("j3", JWT_POD);
+    let mut c = container("ctr-j3", 303);
+    bed.process(&c);
+    bed.serve(&c, svid("/web", 1));
+    bed.create_and_start(&p, &mut c).await.unwrap();
+    // Issued now with a 2 s lifetime: asked again after about 1 s, well before it expires.
+    let started = std::time::Instant::now();
+    eventually("a second token", || {
+        bed.file(&p, &c, "jwt_svid.token") == b"aGVhZA.2.c2ln"
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(bed.metrics.jwt_refreshes() >= 2);
+}
+
+#[tokio::test]
+async fn an_expired_jwt_svid_is_removed_when_the_refresh_keeps_failing() {
+    let bed = Bed::new();
+    bed.source.script().jwt_ttl = 1;
+    let p = pod("j4", JWT_POD);
+    let mut c = container("ctr-j4", 304);
+    bed.process(&c);
+    bed.serve(&c, svid("/web", 1));
+    bed.create_and_start(&p, &mut c).await.unwrap();
+    bed.source.script().jwt_refuse = Some(tonic::Code::Unavailable);
+    eventually("the expired token removed", || {
+        !bed.files(&p, &c).contains(&"jwt_svid.token".to_owned())
+    })
+    .await;
+    assert_eq!(bed.metrics.jwt_expired_removals(), 1);
+    assert_eq!(bed.metrics.failures("jwt_expired"), 1);
+    // The X.509 files and the JWKS stay; a token comes back when the agent answers again.
+    assert!(bed.files(&p, &c).contains(&"svid.pem".to_owned()));
+    bed.source.script().jwt_refuse = None;
+    eventually("a token again", || {
+        bed.files(&p, &c).contains(&"jwt_svid.token".to_owned())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_new_jwks_is_written_next_to_the_token() {
+    let bed = Bed::new();
+    let p = pod("j5", JWT_POD);
+    let mut c = container("ctr-j5", 305);
+    bed.process(&c);
+    bed.serve(&c, svid("/web", 1));
+    bed.create_and_start(&p, &mut c).await.unwrap();
+    let td = TrustDomain::parse("example.org").unwrap();
+    let next = JwtBundleSet {
+        bundles: BTreeMap::from([(td, br#"{"keys":[{"kid":"k2"}]}"#.to_vec())]),
+    };
+    for tx in &bed.source.script().jwt_bundle_streams {
+        let _ = tx.send(Ok(next.clone()));
+    }
+    eventually("the new jwks", || {
+        bed.file(&p, &c, "jwt_bundle.json") == br#"{"keys":[{"kid":"k2"}]}"#
+    })
+    .await;
 }

@@ -45,8 +45,8 @@ use super::spiffe_proto::workload::{
     X509svidRequest, spiffe_workload_api_client::SpiffeWorkloadApiClient,
 };
 use super::{
-    BundleSet, BundleStream, DecodeError, DelegateRefusal, IdentitySource, SourceError, SvidStream,
-    SvidUpdate, Workload, X509Svid, split_der_certificates,
+    BundleSet, BundleStream, DecodeError, DelegateRefusal, IdentitySource, JwtBundleStream,
+    JwtSvid, SourceError, SvidStream, SvidUpdate, Workload, X509Svid, split_der_certificates,
 };
 use crate::spiffe::{SpiffeId, TrustDomain};
 
@@ -181,6 +181,17 @@ impl BrokerApi {
     }
 }
 
+/// The Broker API defines JWT-SVIDs too, but this client speaks only its X.509 calls: a
+/// container asking for a JWT is refused, with the way out, rather than started without it.
+fn jwt_not_served() -> SourceError {
+    SourceError::Status {
+        code: tonic::Code::Unimplemented,
+        message: "JWT-SVIDs are not fetched through the Broker API yet; \
+                  set identity_api = delegated to serve jwt_audience"
+            .to_owned(),
+    }
+}
+
 impl IdentitySource for BrokerApi {
     async fn subscribe_svids(
         &self,
@@ -220,6 +231,19 @@ impl IdentitySource for BrokerApi {
 
     /// The bundle stream's first message: it proves the daemon's SVID, the agent's broker
     /// allowlist and the PID reference type in one call.
+    async fn fetch_jwt_svids(
+        &self,
+        _agent: &Path,
+        _workload: &Workload,
+        _audience: &[String],
+    ) -> Result<Vec<JwtSvid>, SourceError> {
+        Err(jwt_not_served())
+    }
+
+    async fn subscribe_jwt_bundles(&self, _agent: &Path) -> Result<JwtBundleStream, SourceError> {
+        Err(jwt_not_served())
+    }
+
     async fn probe(&self, agent: &Path) -> Result<(), SourceError> {
         let timeout = self.config.connect_timeout;
         let first = async {

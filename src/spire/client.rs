@@ -15,15 +15,17 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use zeroize::Zeroizing;
 
 use super::proto::api::agent::delegatedidentity::v1::{
-    SubscribeToX509BundlesRequest, SubscribeToX509BundlesResponse, SubscribeToX509sviDsRequest,
-    SubscribeToX509sviDsResponse, delegated_identity_client::DelegatedIdentityClient,
+    FetchJwtsviDsRequest, FetchJwtsviDsResponse, SubscribeToJwtBundlesRequest,
+    SubscribeToJwtBundlesResponse, SubscribeToX509BundlesRequest, SubscribeToX509BundlesResponse,
+    SubscribeToX509sviDsRequest, SubscribeToX509sviDsResponse,
+    delegated_identity_client::DelegatedIdentityClient,
 };
 use super::proto::api::types;
 use crate::spiffe::{SpiffeId, TrustDomain};
 
 use super::{
-    BundleSet, BundleStream, DecodeError, IdentitySource, SourceError, SvidStream, SvidUpdate,
-    Workload, X509Svid, split_der_certificates,
+    BundleSet, BundleStream, DecodeError, IdentitySource, JwtBundleSet, JwtBundleStream, JwtSvid,
+    MAX_JWT_BYTES, SourceError, SvidStream, SvidUpdate, Workload, X509Svid, split_der_certificates,
 };
 
 /// Tuning of [`DelegatedIdentityApi`].
@@ -132,6 +134,32 @@ impl IdentitySource for DelegatedIdentityApi {
         Ok(Box::pin(Updates::new(stream, bundle_set)))
     }
 
+    async fn fetch_jwt_svids(
+        &self,
+        agent: &Path,
+        workload: &Workload,
+        audience: &[String],
+    ) -> Result<Vec<JwtSvid>, SourceError> {
+        let request = jwt_request(workload, audience)?;
+        let mut client = self.client(agent).await?;
+        let response = client
+            .fetch_jwtsvi_ds(request)
+            .await
+            .map_err(|status| self.call_failed(agent, status))?
+            .into_inner();
+        Ok(jwt_svids(response))
+    }
+
+    async fn subscribe_jwt_bundles(&self, agent: &Path) -> Result<JwtBundleStream, SourceError> {
+        let mut client = self.client(agent).await?;
+        let stream = client
+            .subscribe_to_jwt_bundles(SubscribeToJwtBundlesRequest {})
+            .await
+            .map_err(|status| self.call_failed(agent, status))?
+            .into_inner();
+        Ok(Box::pin(Updates::new(stream, jwt_bundle_set)))
+    }
+
     async fn probe(&self, agent: &Path) -> Result<(), SourceError> {
         // The cheapest call that the agent authorizes like every other: it attests the
         // daemon, checks it against its entries and authorized_delegates, and answers with
@@ -210,6 +238,97 @@ fn svid_request(workload: &Workload) -> Result<SubscribeToX509sviDsRequest, Sour
             pid: 0,
         }),
     }
+}
+
+fn jwt_request(
+    workload: &Workload,
+    audience: &[String],
+) -> Result<FetchJwtsviDsRequest, SourceError> {
+    if audience.is_empty() {
+        return Err(SourceError::InvalidWorkload("JWT audience is empty"));
+    }
+    let by = svid_request(workload)?;
+    Ok(FetchJwtsviDsRequest {
+        audience: audience.to_vec(),
+        selectors: by.selectors,
+        pid: by.pid,
+    })
+}
+
+/// Converts a JWT-SVID answer, dropping tokens that cannot be used (the agent never sends
+/// them) like [`svid_update`] does.
+fn jwt_svids(response: FetchJwtsviDsResponse) -> Vec<JwtSvid> {
+    let mut out = Vec::with_capacity(response.svids.len());
+    for svid in response.svids {
+        let token = Zeroizing::new(svid.token);
+        let Some(id) = svid.id else {
+            tracing::warn!("SPIRE agent sent a JWT-SVID without a SPIFFE ID; ignored");
+            continue;
+        };
+        let spiffe_id = match SpiffeId::from_parts(&id.trust_domain, &id.path) {
+            Ok(id) => id,
+            Err(error) => {
+                tracing::warn!(trust_domain = %id.trust_domain, path = %id.path, %error,
+                    "SPIRE agent sent a JWT-SVID with an invalid SPIFFE ID; ignored");
+                continue;
+            }
+        };
+        if !compact_jws(&token) {
+            tracing::warn!(%spiffe_id, len = token.len(), "SPIRE agent sent a JWT-SVID that is not a compact JWS; ignored");
+            continue;
+        }
+        if svid.expires_at <= svid.issued_at {
+            tracing::warn!(%spiffe_id, "SPIRE agent sent a JWT-SVID that expires before it was issued; ignored");
+            continue;
+        }
+        out.push(JwtSvid {
+            spiffe_id,
+            token,
+            expires_at: svid.expires_at,
+            issued_at: svid.issued_at,
+            hint: svid.hint,
+        });
+    }
+    out
+}
+
+/// Three non-empty base64url parts separated by dots, within [`MAX_JWT_BYTES`]: what the file
+/// may hold, so that no byte of it can break the reader's line or the file's meaning.
+fn compact_jws(token: &str) -> bool {
+    let parts: Vec<&str> = token.split('.').collect();
+    token.len() <= MAX_JWT_BYTES
+        && parts.len() == 3
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+fn jwt_bundle_set(response: SubscribeToJwtBundlesResponse) -> Result<JwtBundleSet, SourceError> {
+    let mut bundles = std::collections::BTreeMap::new();
+    for (key, jwks) in response.bundles {
+        let Some(trust_domain) = trust_domain(&key, "a JWT bundle") else {
+            continue;
+        };
+        let problem = match serde_json::from_slice::<serde_json::Value>(&jwks) {
+            Ok(serde_json::Value::Object(doc)) => match doc.get("keys") {
+                Some(serde_json::Value::Array(_)) => None,
+                _ => Some("no `keys` array"),
+            },
+            Ok(_) => Some("not a JSON object"),
+            Err(_) => Some("not JSON"),
+        };
+        if let Some(problem) = problem {
+            return Err(DecodeError::JwtBundle {
+                trust_domain: key,
+                problem,
+            }
+            .into());
+        }
+        bundles.insert(trust_domain, jwks);
+    }
+    Ok(JwtBundleSet { bundles })
 }
 
 /// Converts one SVID message. Unusable SVIDs are dropped rather than failing the message: the
@@ -305,6 +424,19 @@ pub mod fuzzing {
     pub fn svid_message(bytes: &[u8]) -> Result<SvidUpdate, String> {
         let response = SubscribeToX509sviDsResponse::decode(bytes).map_err(|e| e.to_string())?;
         super::svid_update(response).map_err(|e: SourceError| e.to_string())
+    }
+
+    /// One `FetchJWTSVIDs` answer: protobuf, then validation.
+    pub fn jwt_message(bytes: &[u8]) -> Result<Vec<super::JwtSvid>, String> {
+        let response = super::FetchJwtsviDsResponse::decode(bytes).map_err(|e| e.to_string())?;
+        Ok(super::jwt_svids(response))
+    }
+
+    /// One `SubscribeToJWTBundles` message: protobuf, then the JWKS check of each bundle.
+    pub fn jwt_bundle_message(bytes: &[u8]) -> Result<super::JwtBundleSet, String> {
+        let response =
+            super::SubscribeToJwtBundlesResponse::decode(bytes).map_err(|e| e.to_string())?;
+        super::jwt_bundle_set(response).map_err(|e| e.to_string())
     }
 
     /// One `SubscribeToX509Bundles` message: protobuf, then the DER split of each bundle.
@@ -440,6 +572,78 @@ mod tests {
             .collect();
         assert_eq!(federated, ["other.org", "bare.org"]);
         assert!(!format!("{:?}", update.svids[0]).contains("107, 101, 121"));
+    }
+
+    fn wire_jwt(path: &str, token: &str, iat: i64, exp: i64) -> types::Jwtsvid {
+        types::Jwtsvid {
+            token: token.into(),
+            id: Some(types::Spiffeid {
+                trust_domain: "example.org".into(),
+                path: path.into(),
+            }),
+            expires_at: exp,
+            issued_at: iat,
+            hint: String::new(),
+        }
+    }
+
+    #[test]
+    fn jwt_requests_need_an_audience_and_a_valid_workload() {
+        let err = jwt_request(&Workload::Pid(7), &[]).unwrap_err();
+        assert_eq!(err.kind(), "invalid_workload");
+        let err = jwt_request(&Workload::Pid(0), &["a".into()]).unwrap_err();
+        assert_eq!(err.kind(), "invalid_workload");
+        let request = jwt_request(&Workload::Pid(7), &["a".into(), "b".into()]).unwrap();
+        assert_eq!((request.pid, request.audience.len()), (7, 2));
+    }
+
+    #[test]
+    fn jwt_svids_that_are_not_compact_jws_are_dropped() {
+        let response = FetchJwtsviDsResponse {
+            svids: vec![
+                wire_jwt("/web", "aGVh.cGF5.c2ln", 100, 200),
+                wire_jwt("/nl", "aGVh.cGF5\n.c2ln", 100, 200),
+                wire_jwt("/two", "aGVh.cGF5", 100, 200),
+                wire_jwt("/empty", "aGVh..c2ln", 100, 200),
+                wire_jwt("/padded", "aGVh.cGF5=.c2ln", 100, 200),
+                wire_jwt("/backwards", "aGVh.cGF5.c2ln", 200, 100),
+                wire_jwt(
+                    "/huge",
+                    &format!("a.{}.c", "b".repeat(MAX_JWT_BYTES)),
+                    100,
+                    200,
+                ),
+            ],
+        };
+        let svids = jwt_svids(response);
+        let ids: Vec<_> = svids.iter().map(|s| s.spiffe_id.as_str()).collect();
+        assert_eq!(ids, ["spiffe://example.org/web"]);
+        assert_eq!((svids[0].issued_at, svids[0].expires_at), (100, 200));
+        assert!(!format!("{:?}", svids[0]).contains("aGVh"));
+    }
+
+    #[test]
+    fn jwt_bundles_must_be_jwks_documents() {
+        let mut bundles = std::collections::BTreeMap::new();
+        bundles.insert(
+            "spiffe://example.org".to_owned(),
+            br#"{"keys":[]}"#.to_vec(),
+        );
+        bundles.insert("spiffe://../x".to_owned(), b"{}".to_vec());
+        let set = jwt_bundle_set(SubscribeToJwtBundlesResponse { bundles }).unwrap();
+        let names: Vec<_> = set.bundles.keys().map(TrustDomain::name).collect();
+        assert_eq!(names, ["example.org"]);
+        for bad in [&b"nope"[..], b"[]", br#"{"keys":{}}"#] {
+            let mut bundles = std::collections::BTreeMap::new();
+            bundles.insert("spiffe://example.org".to_owned(), bad.to_vec());
+            let err = jwt_bundle_set(SubscribeToJwtBundlesResponse { bundles }).unwrap_err();
+            assert_eq!(err.kind(), "decode");
+            assert!(
+                err.to_string()
+                    .contains("jwt bundle of spiffe://example.org"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -19,6 +19,11 @@
 //!   deployment mistakes ([`FakeAgent::refuse_delegate`]): new calls fail, and open streams
 //!   end with the refusal, as the agent re-checks its caller before every update.
 //!
+//! - JWT-SVIDs minted on each `FetchJWTSVIDs` for every X.509 identity the workload matches
+//!   (same SPIFFE ID and hint), with the requested audiences and a scripted lifetime
+//!   ([`FakeAgent::set_jwt_ttl`]); the tokens are well-formed but unsigned (`alg: none`).
+//!   JWT bundles are scripted JWKS documents ([`FakeAgent::set_jwt_bundle`]).
+//!
 //! [`TestCa`] mints real certificates (rcgen) with SPIFFE URI SANs and PKCS#8 keys.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -36,8 +41,9 @@ use tonic::{Code, Request, Response, Status};
 use zeroize::Zeroizing;
 
 use super::proto::api::agent::delegatedidentity::v1::{
-    SubscribeToX509BundlesRequest, SubscribeToX509BundlesResponse, SubscribeToX509sviDsRequest,
-    SubscribeToX509sviDsResponse, X509svidWithKey,
+    FetchJwtsviDsRequest, FetchJwtsviDsResponse, SubscribeToJwtBundlesRequest,
+    SubscribeToJwtBundlesResponse, SubscribeToX509BundlesRequest, SubscribeToX509BundlesResponse,
+    SubscribeToX509sviDsRequest, SubscribeToX509sviDsResponse, X509svidWithKey,
     delegated_identity_server::{DelegatedIdentity, DelegatedIdentityServer},
 };
 use super::proto::api::types;
@@ -87,6 +93,10 @@ pub struct Stats {
     pub bundle_subscriptions: usize,
     /// Connections accepted since the fake was created.
     pub connections: usize,
+    /// The audience of every `FetchJWTSVIDs` call received, in order, including refused ones.
+    pub jwt_fetches: Vec<Vec<String>>,
+    /// JWT bundle streams currently open.
+    pub open_jwt_bundle_streams: usize,
 }
 
 #[derive(Default)]
@@ -95,6 +105,10 @@ struct State {
     call_errors: BTreeMap<WorkloadKey, Status>,
     deny_all: Option<Status>,
     bundles: BTreeMap<String, Vec<u8>>,
+    jwt_bundles: BTreeMap<String, Vec<u8>>,
+    /// Lifetime of minted JWT-SVIDs; `None` is 5 minutes.
+    jwt_ttl: Option<Duration>,
+    jwt_error: Option<Status>,
     initial_delay: Duration,
     /// Streams opened before this epoch end (with `close_status`, if any) on their next wake.
     close_epoch: u64,
@@ -323,6 +337,27 @@ impl FakeAgent {
         });
     }
 
+    /// Lifetime of the JWT-SVIDs minted from now on (default 5 minutes; at least a second).
+    pub fn set_jwt_ttl(&self, ttl: Duration) {
+        self.shared.change(|s| s.jwt_ttl = Some(ttl));
+    }
+
+    /// Makes every new `FetchJWTSVIDs` call fail with this status; `None` clears it.
+    pub fn set_jwt_error(&self, error: Option<(Code, &str)>) {
+        self.shared.change(|s| {
+            s.jwt_error = error.map(|(code, message)| Status::new(code, message));
+        });
+    }
+
+    /// Sets one trust domain's JWT bundle (key as the agent sends it, `spiffe://<td>`) to
+    /// these bytes (a JWKS document, or anything, to send a malformed one).
+    pub fn set_jwt_bundle(&self, trust_domain: &str, jwks: &[u8]) {
+        let (key, jwks) = (trust_domain.to_owned(), jwks.to_vec());
+        self.shared.change(|s| {
+            s.jwt_bundles.insert(key, jwks);
+        });
+    }
+
     /// Resends the current set to every open SVID and bundle stream even if unchanged, as the
     /// agent does to all SVID subscribers when its local bundle changes.
     pub fn notify_all(&self) {
@@ -406,11 +441,77 @@ struct FakeService {
 
 type SvidItem = Result<SubscribeToX509sviDsResponse, Status>;
 type BundleItem = Result<SubscribeToX509BundlesResponse, Status>;
+type JwtBundleItem = Result<SubscribeToJwtBundlesResponse, Status>;
 
 #[tonic::async_trait]
 impl DelegatedIdentity for FakeService {
     type SubscribeToX509SVIDsStream = ReceiverStream<SvidItem>;
     type SubscribeToX509BundlesStream = ReceiverStream<BundleItem>;
+    type SubscribeToJWTBundlesStream = ReceiverStream<JwtBundleItem>;
+
+    async fn fetch_jwtsvi_ds(
+        &self,
+        request: Request<FetchJwtsviDsRequest>,
+    ) -> Result<Response<FetchJwtsviDsResponse>, Status> {
+        let request = request.into_inner();
+        let selectors: Vec<Selector> = request
+            .selectors
+            .iter()
+            .map(|s| Selector::new(&s.r#type, &s.value))
+            .collect();
+        let (response, delay) = {
+            let mut state = self.shared.lock();
+            state.stats.jwt_fetches.push(request.audience.clone());
+            if let Some(status) = &state.deny_all {
+                return Err(status.clone());
+            }
+            if request.audience.is_empty() {
+                return Err(Status::invalid_argument("audience must be specified"));
+            }
+            let key = check_request(request.pid, selectors)?;
+            if let Some(status) = state.call_errors.get(&key).or(state.jwt_error.as_ref()) {
+                return Err(status.clone());
+            }
+            let ttl = state.jwt_ttl.unwrap_or(Duration::from_secs(300));
+            let svids = svid_response(&state, &key)
+                .x509_svids
+                .iter()
+                .filter_map(|s| s.x509_svid.as_ref())
+                .map(|s| mint_jwt(s, &request.audience, ttl))
+                .collect();
+            (FetchJwtsviDsResponse { svids }, state.initial_delay)
+        };
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Ok(Response::new(response))
+    }
+
+    async fn subscribe_to_jwt_bundles(
+        &self,
+        _request: Request<SubscribeToJwtBundlesRequest>,
+    ) -> Result<Response<Self::SubscribeToJWTBundlesStream>, Status> {
+        let delay = {
+            let state = self.shared.lock();
+            if let Some(status) = &state.deny_all {
+                return Err(status.clone());
+            }
+            state.initial_delay
+        };
+        let stream = open_stream(
+            Arc::clone(&self.shared),
+            delay,
+            |state| SubscribeToJwtBundlesResponse {
+                bundles: state.jwt_bundles.clone(),
+            },
+            |stats, delta| {
+                stats.open_jwt_bundle_streams =
+                    stats.open_jwt_bundle_streams.wrapping_add_signed(delta)
+            },
+        )
+        .await;
+        Ok(Response::new(stream))
+    }
 
     async fn subscribe_to_x509svi_ds(
         &self,
@@ -473,6 +574,32 @@ impl DelegatedIdentity for FakeService {
         )
         .await;
         Ok(Response::new(stream))
+    }
+}
+
+/// An unsigned compact JWS with the claims a JWT-SVID carries, for the SVID's identity.
+fn mint_jwt(svid: &types::X509svid, audience: &[String], ttl: Duration) -> types::Jwtsvid {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let exp = now + (ttl.as_secs() as i64).max(1);
+    let id = svid.id.clone().unwrap_or_default();
+    let sub = format!("spiffe://{}{}", id.trust_domain, id.path);
+    let claims = serde_json::json!({ "sub": sub, "aud": audience, "iat": now, "exp": exp });
+    let token = format!(
+        "{}.{}.{}",
+        B64.encode(br#"{"alg":"none","typ":"JWT"}"#),
+        B64.encode(claims.to_string()),
+        B64.encode(b"unsigned"),
+    );
+    types::Jwtsvid {
+        token,
+        id: Some(id),
+        expires_at: exp,
+        issued_at: now,
+        hint: svid.hint.clone(),
     }
 }
 

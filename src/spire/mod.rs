@@ -1,12 +1,13 @@
 //! The SPIRE identity source: X.509 SVIDs and trust bundles from the node's SPIRE agent.
 //!
-//! The engine sees only the seam defined here: [`IdentitySource`] with its two subscriptions
-//! and a readiness [`probe`](IdentitySource::probe), the plain data types [`SvidUpdate`] and
-//! [`BundleSet`], and [`SourceError`] with its retry classification, which tells the agent
-//! refusing the daemon itself ([`DelegateRefusal`]) from everything else. There are two
-//! production implementations, chosen by configuration: [`DelegatedIdentityApi`], a thin gRPC
-//! client of the agent's Delegated Identity API on its admin socket (the default), and
-//! [`BrokerApi`], a client of the SPIFFE Broker API that the agent serves over mutual TLS,
+//! The engine sees only the seam defined here: [`IdentitySource`] with its two X.509
+//! subscriptions, the JWT-SVID fetch and the JWT bundle subscription, and a readiness
+//! [`probe`](IdentitySource::probe), the plain data types [`SvidUpdate`], [`BundleSet`],
+//! [`JwtSvid`] and [`JwtBundleSet`], and [`SourceError`] with its retry classification, which
+//! tells the agent refusing the daemon itself ([`DelegateRefusal`]) from everything else. There
+//! are two production implementations, chosen by configuration: [`DelegatedIdentityApi`], a
+//! thin gRPC client of the agent's Delegated Identity API on its admin socket (the default),
+//! and [`BrokerApi`], a client of the SPIFFE Broker API that the agent serves over mutual TLS,
 //! authenticated by the daemon's own X.509 SVID from the agent's Workload API. A scriptable
 //! stand-in for the Delegated Identity API lives in `fake` (compiled for tests and with the
 //! `testing` feature); the Broker API client is tested against a real SPIRE agent
@@ -189,11 +190,53 @@ pub struct BundleSet {
     pub bundles: BTreeMap<TrustDomain, Vec<Vec<u8>>>,
 }
 
+/// One JWT-SVID as the agent minted it for a workload and an audience set.
+#[derive(Clone, PartialEq, Eq)]
+pub struct JwtSvid {
+    pub spiffe_id: SpiffeId,
+    /// The compact JWS (`header.payload.signature`, base64url): checked to be printable ASCII
+    /// of three dot-separated parts, nothing more. Wiped from memory on drop.
+    pub token: Zeroizing<String>,
+    /// The `exp` claim, seconds since the Unix epoch.
+    pub expires_at: i64,
+    /// The `iat` claim, seconds since the Unix epoch.
+    pub issued_at: i64,
+    /// The registration entry's hint; empty when none was set.
+    pub hint: String,
+}
+
+/// Never prints the token: it is a bearer credential.
+impl fmt::Debug for JwtSvid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JwtSvid")
+            .field("spiffe_id", &self.spiffe_id)
+            .field("token", &"<redacted>")
+            .field("expires_at", &self.expires_at)
+            .field("issued_at", &self.issued_at)
+            .field("hint", &self.hint)
+            .finish()
+    }
+}
+
+/// One message of a JWT bundle subscription: every JWT bundle the agent knows.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JwtBundleSet {
+    /// Each trust domain's JWT authorities as a JWKS JSON document (checked to be a JSON
+    /// object with a `keys` array), as the agent sent it.
+    pub bundles: BTreeMap<TrustDomain, Vec<u8>>,
+}
+
+/// Largest JWT-SVID accepted from the agent. SPIRE's tokens are well under 2 KiB; the cap
+/// only bounds what is kept in memory and written.
+pub const MAX_JWT_BYTES: usize = 64 * 1024;
+
 /// Updates of one SVID subscription. Every `Err` is the last item: the stream ends after it,
 /// and it never ends without one (a clean end by the agent is [`SourceError::StreamEnded`]).
 pub type SvidStream = Pin<Box<dyn Stream<Item = Result<SvidUpdate, SourceError>> + Send>>;
 /// Updates of one bundle subscription, with the same error contract as [`SvidStream`].
 pub type BundleStream = Pin<Box<dyn Stream<Item = Result<BundleSet, SourceError>> + Send>>;
+/// Updates of one JWT bundle subscription, with the same error contract as [`SvidStream`].
+pub type JwtBundleStream = Pin<Box<dyn Stream<Item = Result<JwtBundleSet, SourceError>> + Send>>;
 
 /// Where workload identities come from. `agent` is the path of the agent's admin socket; one
 /// source may serve several agents.
@@ -218,6 +261,24 @@ pub trait IdentitySource: Send + Sync + 'static {
         &self,
         agent: &Path,
     ) -> impl Future<Output = Result<BundleStream, SourceError>> + Send;
+
+    /// Mints JWT-SVIDs for `workload` with `audience` (never empty) as their `aud` claim: one
+    /// per identity matching the workload, possibly none. A single answer, not a stream: the
+    /// caller asks again before the tokens expire. With [`Workload::Pid`] the caller must
+    /// discard the answer if the process exited meanwhile.
+    fn fetch_jwt_svids(
+        &self,
+        agent: &Path,
+        workload: &Workload,
+        audience: &[String],
+    ) -> impl Future<Output = Result<Vec<JwtSvid>, SourceError>> + Send;
+
+    /// Opens a stream of the agent's JWT bundles (JWKS per trust domain). The first item is
+    /// the full set.
+    fn subscribe_jwt_bundles(
+        &self,
+        agent: &Path,
+    ) -> impl Future<Output = Result<JwtBundleStream, SourceError>> + Send;
 
     /// Whether the agent serves the daemon: a real call, answered within a bound, so that an
     /// agent that accepts connections but refuses the daemon (a [`SourceError::Refused`]) or
@@ -365,6 +426,12 @@ pub enum DecodeError {
     Bundle {
         trust_domain: String,
         error: DerError,
+    },
+    /// A JWT bundle is not a JWKS document.
+    #[error("jwt bundle of {trust_domain}: {problem}")]
+    JwtBundle {
+        trust_domain: String,
+        problem: &'static str,
     },
 }
 

@@ -606,3 +606,53 @@ fn selectors_parse_and_print() {
         assert!(bad.parse::<Selector>().is_err(), "{bad}");
     }
 }
+
+#[tokio::test]
+async fn fetches_jwt_svids_for_the_audience_and_follows_jwt_bundles() {
+    let fake = FakeAgent::start().await.unwrap();
+    let ca = TestCa::new("example.org").unwrap();
+    let mut svid = ca.mint("/workload/j", TTL).unwrap();
+    svid.hint = "internal".into();
+    fake.set_svids(WorkloadKey::Pid(4343), update(vec![svid]));
+    fake.set_jwt_ttl(Duration::from_secs(120));
+    fake.set_jwt_bundle("spiffe://example.org", br#"{"keys":[{"kid":"a"}]}"#);
+    let api = api();
+    let audience = vec!["api".to_owned(), "db".to_owned()];
+
+    let tokens = api
+        .fetch_jwt_svids(fake.path(), &Workload::Pid(4343), &audience)
+        .await
+        .unwrap();
+    let [token] = <[_; 1]>::try_from(tokens).expect("one token per identity");
+    assert_eq!(token.spiffe_id.as_str(), "spiffe://example.org/workload/j");
+    assert_eq!(token.hint, "internal");
+    assert_eq!(token.expires_at - token.issued_at, 120);
+    assert_eq!(token.token.split('.').count(), 3);
+    assert_eq!(fake.stats().jwt_fetches, std::slice::from_ref(&audience));
+    // A workload without entries gets no token, not an error.
+    let none = api
+        .fetch_jwt_svids(fake.path(), &Workload::Pid(1), &audience)
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+
+    let mut bundles = api.subscribe_jwt_bundles(fake.path()).await.unwrap();
+    let first = next(&mut bundles).await.unwrap();
+    let td = TrustDomain::parse("example.org").unwrap();
+    assert_eq!(first.bundles[&td], br#"{"keys":[{"kid":"a"}]}"#);
+    fake.set_jwt_bundle("spiffe://example.org", br#"{"keys":[{"kid":"b"}]}"#);
+    let second = next(&mut bundles).await.unwrap();
+    assert_eq!(second.bundles[&td], br#"{"keys":[{"kid":"b"}]}"#);
+    // A malformed JWKS ends the stream with a retryable decode error.
+    fake.set_jwt_bundle("spiffe://example.org", b"not json");
+    let err = next(&mut bundles).await.unwrap_err();
+    assert_eq!(err.kind(), "decode");
+    assert!(err.is_retryable());
+
+    fake.set_jwt_error(Some((Code::Unavailable, "minting failed")));
+    let err = api
+        .fetch_jwt_svids(fake.path(), &Workload::Pid(4343), &audience)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::Unavailable));
+}

@@ -200,7 +200,7 @@ else:
 
 # Where the time goes: each phase of each delivery as the daemon logged it, next to the bare
 # client's. The p50s of the phases do not add up to the total's p50; the means do.
-names = ["workload_named", "stream_open", "first_svid", "bundle_ready", "checks", "files_written", "reply"]
+names = ["workload_named", "stream_open", "first_svid", "bundle_ready", "checks", "jwt", "files_written", "reply"]
 print(f"\nphases of a first delivery, {n} each (ms)  daemon p50     p99    mean |  bare p50     p99    mean")
 def cells(rows, k):
     v = [r[k] for r in rows if k in r]

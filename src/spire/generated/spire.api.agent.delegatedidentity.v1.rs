@@ -41,6 +41,37 @@ pub struct SubscribeToX509BundlesResponse {
         ::prost::alloc::vec::Vec<u8>,
     >,
 }
+/// Names the workload like SubscribeToX509SVIDsRequest (selectors or a PID, never both), plus the
+/// audiences every returned token is minted for.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct FetchJwtsviDsRequest {
+    /// Required, non-empty: the token's `aud` claim.
+    #[prost(string, repeated, tag = "1")]
+    pub audience: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(message, repeated, tag = "2")]
+    pub selectors: ::prost::alloc::vec::Vec<super::super::super::types::Selector>,
+    /// The caller must discard the answer if the process exited meanwhile (PID reuse).
+    #[prost(int32, tag = "3")]
+    pub pid: i32,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct FetchJwtsviDsResponse {
+    /// One token per identity matching the workload.
+    #[prost(message, repeated, tag = "1")]
+    pub svids: ::prost::alloc::vec::Vec<super::super::super::types::Jwtsvid>,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SubscribeToJwtBundlesRequest {}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SubscribeToJwtBundlesResponse {
+    /// Trust domain (in the form "spiffe://example.org") to its JWT authorities as a JWKS JSON
+    /// document.
+    #[prost(btree_map = "string, bytes", tag = "1")]
+    pub bundles: ::prost::alloc::collections::BTreeMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::vec::Vec<u8>,
+    >,
+}
 /// Generated client implementations.
 pub mod delegated_identity_client {
     #![allow(
@@ -186,6 +217,69 @@ pub mod delegated_identity_client {
                 );
             self.inner.server_streaming(req, path, codec).await
         }
+        /// Mints JWT-SVIDs for one workload and one audience set (a unary call: no stream follows
+        /// the workload, so the caller asks again before the tokens expire).
+        pub async fn fetch_jwtsvi_ds(
+            &mut self,
+            request: impl tonic::IntoRequest<super::FetchJwtsviDsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::FetchJwtsviDsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/spire.api.agent.delegatedidentity.v1.DelegatedIdentity/FetchJWTSVIDs",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "spire.api.agent.delegatedidentity.v1.DelegatedIdentity",
+                        "FetchJWTSVIDs",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Streams the agent's JWT bundles (local and federated), again after every change.
+        pub async fn subscribe_to_jwt_bundles(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SubscribeToJwtBundlesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<
+                tonic::codec::Streaming<super::SubscribeToJwtBundlesResponse>,
+            >,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/spire.api.agent.delegatedidentity.v1.DelegatedIdentity/SubscribeToJWTBundles",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "spire.api.agent.delegatedidentity.v1.DelegatedIdentity",
+                        "SubscribeToJWTBundles",
+                    ),
+                );
+            self.inner.server_streaming(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -233,6 +327,32 @@ pub mod delegated_identity_server {
             request: tonic::Request<super::SubscribeToX509BundlesRequest>,
         ) -> std::result::Result<
             tonic::Response<Self::SubscribeToX509BundlesStream>,
+            tonic::Status,
+        >;
+        /// Mints JWT-SVIDs for one workload and one audience set (a unary call: no stream follows
+        /// the workload, so the caller asks again before the tokens expire).
+        async fn fetch_jwtsvi_ds(
+            &self,
+            request: tonic::Request<super::FetchJwtsviDsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::FetchJwtsviDsResponse>,
+            tonic::Status,
+        >;
+        /// Server streaming response type for the SubscribeToJWTBundles method.
+        type SubscribeToJWTBundlesStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<
+                    super::SubscribeToJwtBundlesResponse,
+                    tonic::Status,
+                >,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Streams the agent's JWT bundles (local and federated), again after every change.
+        async fn subscribe_to_jwt_bundles(
+            &self,
+            request: tonic::Request<super::SubscribeToJwtBundlesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<Self::SubscribeToJWTBundlesStream>,
             tonic::Status,
         >;
     }
@@ -400,6 +520,103 @@ pub mod delegated_identity_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = SubscribeToX509BundlesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/spire.api.agent.delegatedidentity.v1.DelegatedIdentity/FetchJWTSVIDs" => {
+                    #[allow(non_camel_case_types)]
+                    struct FetchJWTSVIDsSvc<T: DelegatedIdentity>(pub Arc<T>);
+                    impl<
+                        T: DelegatedIdentity,
+                    > tonic::server::UnaryService<super::FetchJwtsviDsRequest>
+                    for FetchJWTSVIDsSvc<T> {
+                        type Response = super::FetchJwtsviDsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::FetchJwtsviDsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as DelegatedIdentity>::fetch_jwtsvi_ds(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = FetchJWTSVIDsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/spire.api.agent.delegatedidentity.v1.DelegatedIdentity/SubscribeToJWTBundles" => {
+                    #[allow(non_camel_case_types)]
+                    struct SubscribeToJWTBundlesSvc<T: DelegatedIdentity>(pub Arc<T>);
+                    impl<
+                        T: DelegatedIdentity,
+                    > tonic::server::ServerStreamingService<
+                        super::SubscribeToJwtBundlesRequest,
+                    > for SubscribeToJWTBundlesSvc<T> {
+                        type Response = super::SubscribeToJwtBundlesResponse;
+                        type ResponseStream = T::SubscribeToJWTBundlesStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SubscribeToJwtBundlesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as DelegatedIdentity>::subscribe_to_jwt_bundles(
+                                        &inner,
+                                        request,
+                                    )
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SubscribeToJWTBundlesSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

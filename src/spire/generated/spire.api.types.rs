@@ -37,3 +37,22 @@ pub struct X509svid {
     #[prost(string, tag = "4")]
     pub hint: ::prost::alloc::string::String,
 }
+/// A JWT-SVID as the agent minted it.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Jwtsvid {
+    /// The compact JWS serialization.
+    #[prost(string, tag = "1")]
+    pub token: ::prost::alloc::string::String,
+    /// The SPIFFE ID in the token's `sub` claim.
+    #[prost(message, optional, tag = "2")]
+    pub id: ::core::option::Option<Spiffeid>,
+    /// The `exp` claim, seconds since the Unix epoch.
+    #[prost(int64, tag = "3")]
+    pub expires_at: i64,
+    /// The `iat` claim, seconds since the Unix epoch.
+    #[prost(int64, tag = "4")]
+    pub issued_at: i64,
+    /// Operator-chosen label from the registration entry.
+    #[prost(string, tag = "5")]
+    pub hint: ::prost::alloc::string::String,
+}
