@@ -11,7 +11,7 @@ export PATH := $(HOME)/.cargo/bin:/usr/local/go/bin:$(PATH)
 export GOTOOLCHAIN := local
 export CARGO_TERM_COLOR := never
 
-.PHONY: release demo test check lint lint-rust lint-deny lint-shell unit fuzz-smoke fuzz conformance e2e e2e-churn chaos soak e2e-crio e2e-k8s e2e-k8s-api e2e-deploy e2e-openshift e2e-openshift-crio e2e-kata e2e-vm e2e-selinux manifests bench bench-nri bench-e2e bench-e2e-crio bench-k8s bench-daemon codegen build
+.PHONY: release demo test check lint lint-rust lint-deny lint-shell unit fuzz-smoke fuzz conformance e2e e2e-broker e2e-churn chaos soak e2e-crio e2e-k8s e2e-k8s-api e2e-deploy e2e-openshift e2e-openshift-crio e2e-kata e2e-vm e2e-selinux manifests bench bench-nri bench-e2e bench-e2e-crio bench-k8s bench-daemon codegen build
 
 # The shipped binary: statically linked (no shared libc pages: idle RSS about 1.3 MiB below a
 # dynamically linked build) and built for an explicit target, so the static flag reaches only the
@@ -37,7 +37,7 @@ check: lint
 		cargo test --workspace --all-features -- $(addprefix --skip ,$(ROOTLESS_SKIP)); \
 	fi
 
-test: lint unit fuzz-smoke conformance e2e e2e-crio e2e-k8s e2e-k8s-api e2e-deploy e2e-openshift e2e-openshift-crio e2e-kata e2e-selinux chaos
+test: lint unit fuzz-smoke conformance e2e e2e-broker e2e-crio e2e-k8s e2e-k8s-api e2e-deploy e2e-openshift e2e-openshift-crio e2e-kata e2e-selinux chaos
 
 build:
 	cargo build --workspace --all-targets
@@ -150,6 +150,11 @@ e2e-openshift-crio:
 # charts/nri-identity-injector, then run this.
 manifests:
 	charts/render.sh
+
+# The SPIFFE Broker API source against a real SPIRE v1.15.3 server and agent (its own scratch
+# directory and port: no bed lock).
+e2e-broker:
+	tests/e2e/broker.sh
 
 # Kata/VM guests: pods of Kata runtime handlers on real containerd, the daemon's mount carried
 # into a Kata-style virtio-fs guest (cache auto and never), checked from inside the guest.

@@ -15,4 +15,4 @@ exec {lock}>"$NII_CACHE/.build.lock"
 flock "$lock"
 _nii_build "spire $NII_SPIRE_VERSION" "$NII_SPIRE_DIR" "spire-server spire-agent" _nii_build_spire
 exec {lock}>&-
-NII_SPIRE_BROKER_DIR=$NII_SPIRE_DIR cargo test --features testing --test integration broker_spire -- --ignored
+NII_SPIRE_BROKER_DIR=$NII_SPIRE_DIR cargo test --all-features --test integration broker_spire -- --ignored

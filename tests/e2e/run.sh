@@ -710,12 +710,12 @@ scenario_spiffe_layout() {
 }
 
 ALL=(proposal selectors rotation runtime_restart hostile agent_down labels)
-# Not in the default list: run them by name (tests/e2e/run.sh jwt spiffe_layout).
 # The start guard holds PID-mode workloads until their files are in place; selectors mode
 # delivers inside CreateContainer and adds no guard.
 [[ $MODE != pid ]] || ALL+=(guard_restart guard_timeout scratch churn)
-# The agent refusing the daemon: checked once, on the runtime that enforces a failed start.
-[[ $MODE != pid || ${E2E_RUNTIME:-containerd} != containerd ]] || ALL+=(delegate_mistakes)
+# The agent refusing the daemon, JWT-SVIDs and the SPIFFE layout: checked once, on the runtime
+# that enforces a failed start (what they prove does not depend on the runtime).
+[[ $MODE != pid || ${E2E_RUNTIME:-containerd} != containerd ]] || ALL+=(delegate_mistakes jwt spiffe_layout)
 (($#)) || set -- "${ALL[@]}"
 
 trap 'nii_finish e2e' EXIT
