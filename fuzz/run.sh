@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 SECONDS_EACH=${1:-15}
 shift || true
-ALL=(annotation annotation_structured nri_frames nri_session kubelet_http kubelet_pods spire_response spire_der guard_files config)
+ALL=(annotation annotation_structured nri_frames nri_session kubelet_http kubelet_pods spire_response spire_jwt broker_response spire_der guard_files config)
 TARGETS=("$@")
 [[ ${#TARGETS[@]} -gt 0 ]] || TARGETS=("${ALL[@]}")
 JOBS=${JOBS:-1}
@@ -33,8 +33,8 @@ dict_of() {
 	annotation | annotation_structured) echo dict/annotation.dict ;;
 	nri_frames | nri_session) echo dict/nri.dict ;;
 	kubelet_http) echo dict/http.dict ;;
-	kubelet_pods) echo dict/json.dict ;;
-	spire_response | spire_der | guard_files) echo dict/der.dict ;;
+	kubelet_pods | spire_jwt) echo dict/json.dict ;;
+	spire_response | broker_response | spire_der | guard_files) echo dict/der.dict ;;
 	config) echo dict/config.dict ;;
 	*) return 1 ;;
 	esac

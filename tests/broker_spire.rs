@@ -1,6 +1,6 @@
 //! The Broker API source against a real SPIRE agent with its broker endpoint enabled: the
 //! daemon's client, authenticated by its own SVID from the agent's Workload API, gets a
-//! workload's identity by PID reference; a broker the agent does not list is refused in the
+//! workload's identity by PID reference (X.509 and JWT); a broker the agent does not list is refused in the
 //! TLS handshake, and a listed broker using a reference type it may not use is refused too,
 //! each with the refusal that names the fix.
 //!
@@ -289,6 +289,34 @@ async fn a_listed_broker_gets_a_workloads_identity_and_others_are_refused() {
         svid.expires_at > 1_700_000_000,
         "NotAfter read from the leaf"
     );
+
+    // The workload's JWT-SVID for an audience, its times read from the token, and the JWKS of
+    // its trust domain.
+    let audience = ["e2e-api".to_owned()];
+    let jwts = eventually("the workload's JWT-SVID", async || {
+        let svids = api
+            .fetch_jwt_svids(broker_socket, &Workload::Pid(pid), &audience)
+            .await?;
+        Ok((!svids.is_empty()).then_some(svids))
+    })
+    .await;
+    assert_eq!(jwts[0].spiffe_id.as_str(), WORKLOAD);
+    assert!(
+        jwts[0].issued_at > 1_700_000_000 && jwts[0].expires_at > jwts[0].issued_at,
+        "iat {} exp {}",
+        jwts[0].issued_at,
+        jwts[0].expires_at
+    );
+    assert_eq!(jwts[0].token.split('.').count(), 3);
+    let mut jwt_bundles = api.subscribe_jwt_bundles(broker_socket).await.unwrap();
+    let jwks = jwt_bundles.next().await.unwrap().unwrap();
+    let (_, doc) = jwks
+        .bundles
+        .iter()
+        .find(|(td, _)| td.name() == TD)
+        .expect("the JWKS of the workload's trust domain");
+    let doc: serde_json::Value = serde_json::from_slice(doc).unwrap();
+    assert!(doc["keys"].as_array().is_some_and(|k| !k.is_empty()), "{doc}");
 
     // A broker that is not listed: the agent rejects its certificate in the handshake.
     let intruder = source(&spire, INTRUDER);

@@ -1,10 +1,13 @@
-//! Our SPIRE schema subset (`proto/spire/`) must agree with upstream on every message, field,
-//! enum value and method we define: same numbers, types, cardinality and streaming. The protos
-//! are hand-written, so a wrong field number would otherwise decode silently as "absent".
+//! Our hand-written schema subsets must agree with upstream on every message, field, enum
+//! value and method we define: same numbers, types, cardinality and streaming. A wrong field
+//! number would otherwise decode silently as "absent".
 //!
-//! Upstream is spiffe/spire-api-sdk at the pseudo-version SPIRE v1.13.3 pins in its go.mod,
-//! fetched at test time with `go mod download` (read from the module cache, never committed).
-//! Set `SPIRE_API_SDK_DIR` to a checkout of the module to skip the download.
+//! - `proto/spire/` (the Delegated Identity API) against spiffe/spire-api-sdk at the
+//!   pseudo-version SPIRE v1.13.3 pins in its go.mod (`SPIRE_API_SDK_DIR` overrides);
+//! - `proto/spiffe/broker.proto` (the SPIFFE Broker API) against go-spiffe's copy of
+//!   `brokerapi.proto` at the version SPIRE v1.15.3 pins (`GO_SPIFFE_DIR` overrides).
+//!
+//! Fetched at test time with `go mod download` (read from the module cache, never committed).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,22 +20,23 @@ const SDK_VERSION: &str = "v1.2.5-0.20250109200630-101d5e7de758";
 const PACKAGES: &[&str] = &["spire.api.types", "spire.api.agent.delegatedidentity.v1"];
 const UPSTREAM_ENTRY: &str = "spire/api/agent/delegatedidentity/v1/delegatedidentity.proto";
 
-/// The module's `proto/` directory, which is also the include root for its imports.
-fn upstream_proto_root() -> PathBuf {
-    if let Ok(dir) = std::env::var("SPIRE_API_SDK_DIR") {
-        return Path::new(&dir).join("proto");
+/// Keep in step with the SPIRE version `make e2e-broker` runs (v1.15.3's go.mod).
+const GO_SPIFFE_MODULE: &str = "github.com/spiffe/go-spiffe/v2";
+const GO_SPIFFE_VERSION: &str = "v2.8.1";
+const BROKER_DIR: &str = "exp/proto/spiffe/broker";
+
+/// A Go module's directory in the module cache, downloaded if needed; `env` names a variable
+/// that points at a checkout instead.
+fn go_module_dir(module: &str, version: &str, env: &str) -> PathBuf {
+    if let Ok(dir) = std::env::var(env) {
+        return PathBuf::from(dir);
     }
     let output = Command::new("go")
-        .args([
-            "mod",
-            "download",
-            "-json",
-            &format!("{SDK_MODULE}@{SDK_VERSION}"),
-        ])
+        .args(["mod", "download", "-json", &format!("{module}@{version}")])
         .env("GOFLAGS", "-mod=mod")
         .current_dir(std::env::temp_dir())
         .output()
-        .expect("`go` is needed to read upstream spire-api-sdk (or set SPIRE_API_SDK_DIR)");
+        .unwrap_or_else(|e| panic!("`go` is needed to read upstream {module} (or set {env}): {e}"));
     let json = String::from_utf8_lossy(&output.stdout);
     let dir = json
         .lines()
@@ -47,7 +51,7 @@ fn upstream_proto_root() -> PathBuf {
                 String::from_utf8_lossy(&output.stderr)
             )
         });
-    Path::new(&dir).join("proto")
+    PathBuf::from(dir)
 }
 
 fn pool(files: &[&str], include: &Path) -> DescriptorPool {
@@ -110,17 +114,17 @@ fn compare_message(ours: &MessageDescriptor, theirs: &MessageDescriptor, errors:
     }
 }
 
-#[test]
-fn our_spire_schema_subset_matches_upstream() {
-    let ours_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("proto/spire");
-    let ours = pool(&["delegatedidentity.proto", "types.proto"], &ours_root);
-    let upstream_root = upstream_proto_root();
-    let theirs = pool(&[UPSTREAM_ENTRY], &upstream_root);
-
+/// Compares every message, enum and service of `ours` (all in `packages`) with the same names
+/// in `theirs`; returns the differences and how many fields, values and methods agreed.
+fn compare(
+    ours: &DescriptorPool,
+    theirs: &DescriptorPool,
+    packages: &[&str],
+) -> (Vec<String>, usize) {
     let mut errors = Vec::new();
     let mut checked = 0;
     for file in ours.files() {
-        if !PACKAGES.contains(&file.package_name()) {
+        if !packages.contains(&file.package_name()) {
             errors.push(format!(
                 "{} declares unexpected package {}",
                 file.name(),
@@ -191,6 +195,16 @@ fn our_spire_schema_subset_matches_upstream() {
             }
         }
     }
+    (errors, checked)
+}
+
+#[test]
+fn our_spire_schema_subset_matches_upstream() {
+    let ours_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("proto/spire");
+    let ours = pool(&["delegatedidentity.proto", "types.proto"], &ours_root);
+    let upstream_root = go_module_dir(SDK_MODULE, SDK_VERSION, "SPIRE_API_SDK_DIR").join("proto");
+    let theirs = pool(&[UPSTREAM_ENTRY], &upstream_root);
+    let (errors, checked) = compare(&ours, &theirs, PACKAGES);
     assert!(
         errors.is_empty(),
         "schema drift against {} ({SDK_VERSION}):\n{}",
@@ -201,6 +215,28 @@ fn our_spire_schema_subset_matches_upstream() {
     assert!(checked >= 17, "only {checked} items compared");
     eprintln!(
         "compared {checked} fields, enum values and methods with {}",
+        upstream_root.display()
+    );
+}
+
+#[test]
+fn our_broker_api_subset_matches_upstream() {
+    let ours_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("proto/spiffe");
+    let ours = pool(&["broker.proto"], &ours_root);
+    let upstream_root =
+        go_module_dir(GO_SPIFFE_MODULE, GO_SPIFFE_VERSION, "GO_SPIFFE_DIR").join(BROKER_DIR);
+    let theirs = pool(&["api.proto"], &upstream_root);
+    let (errors, checked) = compare(&ours, &theirs, &["spiffe.broker"]);
+    assert!(
+        errors.is_empty(),
+        "schema drift against {} ({GO_SPIFFE_VERSION}):\n{}",
+        upstream_root.display(),
+        errors.join("\n")
+    );
+    // 28 fields in 15 messages and 4 methods; fewer means something was not compared.
+    assert!(checked >= 32, "only {checked} items compared");
+    eprintln!(
+        "compared {checked} fields and methods with {}",
         upstream_root.display()
     );
 }

@@ -9,9 +9,11 @@ use std::time::Duration;
 use base64::Engine as _;
 use nri_identity_injector::spire::fake::TestCa;
 use nri_identity_injector::spire::proto::api::agent::delegatedidentity::v1::{
-    SubscribeToX509BundlesResponse, SubscribeToX509sviDsResponse, X509svidWithKey,
+    FetchJwtsviDsResponse, SubscribeToJwtBundlesResponse, SubscribeToX509BundlesResponse,
+    SubscribeToX509sviDsResponse, X509svidWithKey,
 };
-use nri_identity_injector::spire::proto::api::types::{Spiffeid, X509svid};
+use nri_identity_injector::spire::proto::api::types::{Jwtsvid, Spiffeid, X509svid};
+use nri_identity_injector::spire::spiffe_proto::broker;
 use nri_plugin::api::v1alpha1 as pb;
 use nri_plugin::fuzzing::{
     Kind, PLUGIN_CONN, RUNTIME_CONN, Request, Response, encode, encode_frames,
@@ -275,12 +277,121 @@ fn guard(dir: &Path) {
     }
 }
 
+/// Input layout of the agent message targets: file choice, the first message's length, the
+/// first message, the second.
+fn two_messages(files: u8, first: &[u8], second: &[u8]) -> Vec<u8> {
+    let mut seed = vec![files];
+    seed.extend_from_slice(&(first.len() as u16).to_be_bytes());
+    seed.extend_from_slice(first);
+    seed.extend_from_slice(second);
+    seed
+}
+
+fn jwt(dir: &Path) {
+    // Tokens shaped as SPIRE's (header.payload.signature, base64url); the signature is not
+    // checked by the daemon, which only passes the token on.
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let token = |sub: &str| {
+        format!(
+            "{}.{}.{}",
+            b64(r#"{"alg":"ES256","kid":"k1","typ":"JWT"}"#),
+            b64(&format!(r#"{{"aud":["a"],"exp":1900000000,"iat":1800000000,"sub":"{sub}"}}"#)),
+            b64("not a real signature, 64 bytes long......................!")
+        )
+    };
+    let wire = |path: &str| Jwtsvid {
+        token: token(&format!("spiffe://example.org{path}")),
+        id: Some(Spiffeid {
+            trust_domain: "example.org".into(),
+            path: path.into(),
+        }),
+        expires_at: 1_900_000_000,
+        issued_at: 1_800_000_000,
+        hint: String::new(),
+    };
+    let svids = FetchJwtsviDsResponse {
+        svids: vec![wire("/ns/default/sa/web"), wire("/db")],
+    }
+    .encode_to_vec();
+    let jwks = br#"{"keys":[{"kty":"EC","kid":"k1","crv":"P-256","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0","use":"jwt-svid"}]}"#;
+    let mut bundles = std::collections::BTreeMap::new();
+    bundles.insert("spiffe://example.org".to_string(), jwks.to_vec());
+    bundles.insert("spiffe://other.org".to_string(), br#"{"keys":[]}"#.to_vec());
+    let bundles = SubscribeToJwtBundlesResponse { bundles }.encode_to_vec();
+    write(dir, "two-svids", &two_messages(0, &svids, &bundles));
+    write(dir, "named-files", &two_messages(1, &svids, &bundles));
+    let none = FetchJwtsviDsResponse::default().encode_to_vec();
+    write(dir, "no-svid", &two_messages(2, &none, &bundles));
+    // The Broker API's answer (the high bit of the first byte): the ID as text, no times.
+    let wire = |path: &str| broker::Jwtsvid {
+        spiffe_id: format!("spiffe://example.org{path}"),
+        svid: token(&format!("spiffe://example.org{path}")),
+        hint: String::new(),
+    };
+    let svids = broker::FetchJwtsvidResponse {
+        svids: vec![wire("/ns/default/sa/web"), wire("/db")],
+    }
+    .encode_to_vec();
+    let mut jwks_by_td = std::collections::BTreeMap::new();
+    jwks_by_td.insert("spiffe://example.org".to_string(), jwks.to_vec());
+    let bundles = broker::SubscribeToJwtBundlesResponse { bundles: jwks_by_td }.encode_to_vec();
+    write(dir, "broker-two-svids", &two_messages(0x80, &svids, &bundles));
+}
+
+fn broker(dir: &Path) {
+    let ca = TestCa::new("example.org").unwrap();
+    let intermediate = ca.intermediate().unwrap();
+    let other = TestCa::new("other.org").unwrap();
+    let svid = ca
+        .mint("/ns/default/sa/web", Duration::from_secs(3600))
+        .unwrap();
+    let chained = intermediate.mint("/db", Duration::from_secs(3600)).unwrap();
+    let wire = |s: &nri_identity_injector::spire::X509Svid| broker::X509svid {
+        spiffe_id: s.spiffe_id.as_str().into(),
+        x509_svid: s.cert_chain.concat(),
+        x509_svid_key: s.private_key.to_vec(),
+        bundle: ca.cert_der().to_vec(),
+        hint: "web".into(),
+    };
+    let mut federated_bundles = std::collections::BTreeMap::new();
+    federated_bundles.insert(other.trust_domain_id(), other.cert_der().to_vec());
+    let svids = broker::SubscribeToX509svidResponse {
+        svids: vec![wire(&svid), wire(&chained)],
+        federated_bundles,
+    }
+    .encode_to_vec();
+    let mut bundles = std::collections::BTreeMap::new();
+    bundles.insert(ca.trust_domain_id(), ca.cert_der().to_vec());
+    bundles.insert(other.trust_domain_id(), other.cert_der().to_vec());
+    let bundles = broker::SubscribeToX509BundlesResponse { bundles }.encode_to_vec();
+    write(dir, "spiffe-helper", &two_messages(0, &svids, &bundles));
+    write(dir, "combined-append", &two_messages(3, &svids, &bundles));
+}
+
+/// Writes every generated seed, or only those of the targets named as arguments (the others'
+/// certificates and keys would otherwise be minted anew).
 fn main() {
     let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds");
-    nri(&seeds.join("nri_frames"));
-    spire(&seeds.join("spire_response"), &seeds.join("spire_der"));
-    let pod_list = std::fs::read(seeds.join("kubelet_pods/deployment-and-static")).unwrap();
-    http(&seeds.join("kubelet_http"), &pod_list);
-    guard(&seeds.join("guard_files"));
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    let wanted = |t: &str| only.is_empty() || only.iter().any(|o| o == t);
+    if wanted("nri_frames") {
+        nri(&seeds.join("nri_frames"));
+    }
+    if wanted("spire_response") || wanted("spire_der") {
+        spire(&seeds.join("spire_response"), &seeds.join("spire_der"));
+    }
+    if wanted("spire_jwt") {
+        jwt(&seeds.join("spire_jwt"));
+    }
+    if wanted("broker_response") {
+        broker(&seeds.join("broker_response"));
+    }
+    if wanted("kubelet_http") {
+        let pod_list = std::fs::read(seeds.join("kubelet_pods/deployment-and-static")).unwrap();
+        http(&seeds.join("kubelet_http"), &pod_list);
+    }
+    if wanted("guard_files") {
+        guard(&seeds.join("guard_files"));
+    }
     println!("seeds written under {}", seeds.display());
 }

@@ -10,49 +10,13 @@
 
 #![no_main]
 
-use std::collections::BTreeMap;
-
 use libfuzzer_sys::fuzz_target;
-use nri_identity_injector::annotation::{self, Policy};
-use nri_identity_injector::artifacts::{Material, RenderedFiles, RenderedKind};
-use nri_identity_injector::spiffe::{SpiffeId, TrustDomain};
 use nri_identity_injector::spire::client_fuzzing::{bundle_message, svid_message};
-use rustls_pki_types::pem::{PemObject, SectionKind};
 
-/// Layout (so that real agent messages are seeds): which annotation's files to render (u8),
-/// the length of the SVID message (u16, big endian), the SVID message, the bundle message.
-struct Input<'a> {
-    svids: &'a [u8],
-    bundles: &'a [u8],
-    files: u8,
-}
+#[path = "common/x509_files.rs"]
+mod x509_files;
 
-impl<'a> Input<'a> {
-    fn from_bytes(data: &'a [u8]) -> Option<Input<'a>> {
-        let (head, rest) = data.split_at_checked(3)?;
-        let n = usize::from(u16::from_be_bytes([head[1], head[2]])).min(rest.len());
-        let (svids, bundles) = rest.split_at(n);
-        Some(Input {
-            svids,
-            bundles,
-            files: head[0],
-        })
-    }
-}
-
-const ANNOTATIONS: &[&str] = &[
-    "cert_dir: /c",
-    "cert_dir: /c\nfederated_bundles: append",
-    "cert_dir: /c\nlayout: combined",
-    "cert_dir: /c\nlayout: combined\nfederated_bundles: append",
-    "layout: spiffe",
-];
-
-fn pem_items(pem: &[u8]) -> Vec<(SectionKind, Vec<u8>)> {
-    <(SectionKind, Vec<u8>)>::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .expect("our PEM parses")
-}
+use x509_files::{Input, check_converted, check_rendered};
 
 fuzz_target!(|data: &[u8]| {
     let Some(input) = Input::from_bytes(data) else {
@@ -60,111 +24,8 @@ fuzz_target!(|data: &[u8]| {
     };
     let update = svid_message(input.svids);
     let bundles = bundle_message(input.bundles);
-    if let Ok(update) = &update {
-        for s in &update.svids {
-            // What arrives is a parsed ID: its text parses again to the same ID.
-            assert_eq!(
-                SpiffeId::parse(s.spiffe_id.as_str()).as_ref(),
-                Ok(&s.spiffe_id)
-            );
-            assert!(!s.cert_chain.is_empty() && s.cert_chain.iter().all(|c| !c.is_empty()));
-            assert!(!s.private_key.is_empty());
-        }
-        for td in &update.federates_with {
-            assert_eq!(TrustDomain::parse(&td.id()).as_ref(), Ok(td));
-        }
-    }
-    if let Ok(set) = &bundles {
-        for (td, certs) in &set.bundles {
-            assert_eq!(TrustDomain::parse(&td.id()).as_ref(), Ok(td));
-            assert!(certs.iter().all(|c| c.first() == Some(&0x30)));
-        }
-    }
-    let (Ok(update), Ok(set)) = (update, bundles) else {
-        return;
-    };
-    let policy = Policy::new("/run/spire/admin/admin.sock");
-    let text = ANNOTATIONS[usize::from(input.files) % ANNOTATIONS.len()];
-    let request = annotation::parse(text, &policy).expect("fixed annotation");
-    for svid in &update.svids {
-        let own = svid.spiffe_id.trust_domain();
-        let Some(own_bundle) = set.bundles.get(own) else {
-            continue;
-        };
-        let federated: BTreeMap<TrustDomain, Vec<Vec<u8>>> = update
-            .federates_with
-            .iter()
-            .filter(|td| *td != own)
-            .filter_map(|td| Some((td.clone(), set.bundles.get(td)?.clone())))
-            .collect();
-        let material = Material {
-            trust_domain: own.clone(),
-            chain: svid.cert_chain.clone(),
-            key: svid.private_key.clone(),
-            own_bundle: own_bundle.clone(),
-            federated,
-        };
-        let Ok(files) = RenderedFiles::for_request(&request, &material) else {
-            continue;
-        };
-        for f in files.files() {
-            let name = f.name();
-            assert!(
-                !name.is_empty()
-                    && name.len() <= 255
-                    && !name.contains('/')
-                    && !name.contains('\0'),
-                "file name {name:?}"
-            );
-            assert!(
-                name != "." && name != ".." && !name.starts_with(".tmp-"),
-                "file name {name:?}"
-            );
-            assert_eq!(
-                f.kind().is_secret(),
-                matches!(
-                    f.kind(),
-                    RenderedKind::PrivateKey | RenderedKind::KeyAndChain
-                )
-            );
-            let items = pem_items(f.contents());
-            let certs = |ders: &[Vec<u8>]| -> Vec<(SectionKind, Vec<u8>)> {
-                ders.iter()
-                    .map(|d| (SectionKind::Certificate, d.clone()))
-                    .collect()
-            };
-            let expected = match f.kind() {
-                RenderedKind::PrivateKey => {
-                    vec![(SectionKind::PrivateKey, material.key.to_vec())]
-                }
-                RenderedKind::KeyAndChain => {
-                    let mut v = vec![(SectionKind::PrivateKey, material.key.to_vec())];
-                    v.extend(certs(&material.chain));
-                    v
-                }
-                RenderedKind::SvidChain => certs(&material.chain),
-                RenderedKind::TrustBundle => {
-                    let mut v = certs(&material.own_bundle);
-                    if files.federated_bundles()
-                        == nri_identity_injector::annotation::FederatedBundles::Append
-                    {
-                        for c in material.federated.values() {
-                            v.extend(certs(c));
-                        }
-                    }
-                    v
-                }
-                RenderedKind::FederatedBundle { trust_domain } => {
-                    assert_eq!(name, format!("{trust_domain}.x509.pem"));
-                    assert!(trust_domain.name().bytes().all(|b| matches!(b,
-                        b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_')));
-                    certs(&material.federated[trust_domain])
-                }
-                RenderedKind::JwtSvid | RenderedKind::JwtBundle => {
-                    unreachable!("the X.509 files never include a JWT file: {name}")
-                }
-            };
-            assert_eq!(items, expected, "PEM round trip of {name}");
-        }
+    check_converted(update.as_ref().ok(), bundles.as_ref().ok());
+    if let (Ok(update), Ok(set)) = (update, bundles) {
+        check_rendered(&update, &set, input.files);
     }
 });

@@ -77,7 +77,7 @@ impl<S: IdentitySource> Engine<S> {
         };
         watch.lap(Phase::Named);
         let agent = request.agent_address.clone();
-        let bundles = self.bundles_for(&agent);
+        let bundles = self.bundles_for::<BundleSet>(&agent);
         let agent_err = |error| EngineError::Agent {
             agent: agent.clone(),
             error,
@@ -177,7 +177,7 @@ impl<S: IdentitySource> Engine<S> {
         };
         // The JWT files first: the X.509 files' last one is what a start guard waits for.
         if let Some(jwt) = &request.jwt {
-            let jwt_bundles = self.jwt_bundles_for(&agent);
+            let jwt_bundles = self.bundles_for::<JwtBundleSet>(&agent);
             let token = self
                 .fetch_jwt(&ctx, jwt, Some(&svid.spiffe_id), until)
                 .await?;

@@ -173,7 +173,7 @@ impl<S: IdentitySource> Engine<S> {
     ) {
         let inner = &self.inner;
         let agent = ctx.request.agent_address.clone();
-        let mut bundles = self.bundles_for(&agent);
+        let mut bundles = self.bundles_for::<BundleSet>(&agent);
         let exited = async {
             match &ctx.pidfd {
                 Some(p) => {
@@ -189,7 +189,7 @@ impl<S: IdentitySource> Engine<S> {
         // expired token must go even when the agent is away.
         let jwt = ctx.request.jwt.clone();
         let mut jwt_progress = ctx.jwt.take().unwrap_or_else(JwtProgress::resumed);
-        let mut jwt_bundles = jwt.as_ref().map(|_| self.jwt_bundles_for(&agent));
+        let mut jwt_bundles = jwt.as_ref().map(|_| self.bundles_for::<JwtBundleSet>(&agent));
         macro_rules! jwt_due {
             () => {
                 jwt_progress.due.unwrap_or_else(Instant::now)
@@ -284,7 +284,7 @@ impl<S: IdentitySource> Engine<S> {
                 },
                 changed = bundles.changed() => {
                     if changed.is_err() {
-                        bundles = self.bundles_for(&agent);
+                        bundles = self.bundles_for::<BundleSet>(&agent);
                     }
                 }
                 _ = tokio::time::sleep_until(retry_at), if write_retry.is_some() => {
@@ -299,7 +299,7 @@ impl<S: IdentitySource> Engine<S> {
                 }
                 changed = changed_or_pending(&mut jwt_bundles) => {
                     if changed.is_err() {
-                        jwt_bundles = Some(self.jwt_bundles_for(&agent));
+                        jwt_bundles = Some(self.bundles_for::<JwtBundleSet>(&agent));
                     } else if let (Some(j), Some(rx)) = (&jwt, &jwt_bundles) {
                         let set = rx.borrow().clone();
                         self.follow_jwks(&ctx, j, &mut jwt_progress, set).await;
@@ -410,84 +410,6 @@ impl<S: IdentitySource> Engine<S> {
             }
         }
     }
-    /// The bundle watch of an agent, started on first use and kept for the daemon's life.
-    pub(super) fn bundles_for(&self, agent: &Path) -> watch::Receiver<Option<Arc<BundleSet>>> {
-        let mut map = lock(&self.inner.bundles);
-        if let Some(rx) = map.get(agent) {
-            return rx.clone();
-        }
-        let (tx, rx) = watch::channel(None);
-        map.insert(agent.to_owned(), rx.clone());
-        let engine = self.clone();
-        let agent = agent.to_owned();
-        let span = info_span!("bundles", agent = %agent.display());
-        self.inner
-            .tasks
-            .spawn(async move { engine.follow_bundles(agent, tx).await }.instrument(span));
-        rx
-    }
-
-    async fn follow_bundles(&self, agent: PathBuf, tx: watch::Sender<Option<Arc<BundleSet>>>) {
-        let inner = &self.inner;
-        let mut failures = 0u32;
-        let mut reported: Option<&'static str> = None;
-        loop {
-            let result = tokio::select! {
-                _ = inner.shutdown.cancelled() => return,
-                r = inner.source.subscribe_bundles(&agent) => r,
-            };
-            let error = match result {
-                Ok(mut stream) => loop {
-                    tokio::select! {
-                        _ = inner.shutdown.cancelled() => return,
-                        item = stream.next() => match item {
-                            Some(Ok(set)) => {
-                                if reported.take().is_some() {
-                                    info!("the SPIRE agent sends trust bundles again");
-                                }
-                                failures = 0;
-                                let changed = tx.borrow().as_deref() != Some(&set);
-                                if changed {
-                                    debug!(trust_domains = set.bundles.len(), "trust bundles updated");
-                                    tx.send_replace(Some(Arc::new(set)));
-                                }
-                            }
-                            Some(Err(error)) => break error,
-                            None => break SourceError::StreamEnded,
-                        }
-                    }
-                },
-                Err(error) => error,
-            };
-            // Reported once per kind of failure; the last bundles stay in use.
-            if reported != Some(error.kind()) {
-                warn!(%error, "cannot follow trust bundles; retrying");
-                reported = Some(error.kind());
-            }
-            let attempt = failures;
-            failures = failures.saturating_add(1);
-            let since = inner.agent.borrow().probes;
-            // Every workload of the agent needs its bundles, and a start waits for them: a
-            // refusal of the daemon is asked again after the backoff, or as soon as the probe
-            // finds the agent serving the daemon again, whichever comes first.
-            let delay = inner.retry.backoff(attempt);
-            let wait: Wait = match inner.retry.after(&error, attempt) {
-                Retry::After(delay) => Box::pin(tokio::time::sleep(delay)),
-                Retry::WhenAgentChanges => {
-                    let rx = inner.agent.subscribe();
-                    Box::pin(async move {
-                        let _ =
-                            tokio::time::timeout(delay, retry::agent_changed(rx, &error, since))
-                                .await;
-                    })
-                }
-            };
-            tokio::select! {
-                _ = inner.shutdown.cancelled() => return,
-                _ = wait => {}
-            }
-        }
-    }
 }
 
 /// The next change of an optional watch; never, without one.
@@ -501,7 +423,7 @@ async fn changed_or_pending<T>(
 }
 
 /// What a failed task waits for before asking the agent again.
-type Wait = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+pub(super) type Wait = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// A moment that never comes, for a timer that is off.
 fn far_future() -> Instant {

@@ -15,6 +15,7 @@
 //! * [`retry`]: when to ask the agent again after a failure, and the agent's status as the
 //!   readiness probe finds it.
 
+mod bundles;
 mod error;
 mod first;
 mod jwt;
@@ -149,8 +150,8 @@ struct Inner<S> {
     tracked: Mutex<HashMap<String, Tracked>>,
     /// Counted at CreateContainer, before anything is written.
     admissions: Admissions,
-    bundles: Mutex<HashMap<PathBuf, watch::Receiver<Option<Arc<BundleSet>>>>>,
-    jwt_bundles: Mutex<HashMap<PathBuf, watch::Receiver<Option<Arc<JwtBundleSet>>>>>,
+    bundles: bundles::Watches<BundleSet>,
+    jwt_bundles: bundles::Watches<JwtBundleSet>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     tasks: tokio_util::task::TaskTracker,

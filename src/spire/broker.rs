@@ -37,7 +37,8 @@ use zeroize::Zeroizing;
 
 use super::client::{Updates, connect_error, timeout_error, trust_domain};
 use super::spiffe_proto::broker::{
-    KubernetesObjectKey, KubernetesObjectReference, KubernetesObjectType,
+    FetchJwtsvidRequest, FetchJwtsvidResponse, KubernetesObjectKey, KubernetesObjectReference,
+    KubernetesObjectType, SubscribeToJwtBundlesRequest, SubscribeToJwtBundlesResponse,
     SubscribeToX509BundlesRequest, SubscribeToX509BundlesResponse, SubscribeToX509svidRequest,
     SubscribeToX509svidResponse, WorkloadPidReference, WorkloadReference, api_client::ApiClient,
 };
@@ -45,8 +46,9 @@ use super::spiffe_proto::workload::{
     X509svidRequest, spiffe_workload_api_client::SpiffeWorkloadApiClient,
 };
 use super::{
-    BundleSet, BundleStream, DecodeError, DelegateRefusal, IdentitySource, JwtBundleStream,
-    JwtSvid, SourceError, SvidStream, SvidUpdate, Workload, X509Svid, split_der_certificates,
+    BundleSet, BundleStream, DecodeError, DelegateRefusal, IdentitySource, JwtBundleSet,
+    JwtBundleStream, JwtSvid, SourceError, SvidStream, SvidUpdate, Workload, X509Svid,
+    split_der_certificates,
 };
 use crate::spiffe::{SpiffeId, TrustDomain};
 
@@ -181,17 +183,6 @@ impl BrokerApi {
     }
 }
 
-/// The Broker API defines JWT-SVIDs too, but this client speaks only its X.509 calls: a
-/// container asking for a JWT is refused, with the way out, rather than started without it.
-fn jwt_not_served() -> SourceError {
-    SourceError::Status {
-        code: tonic::Code::Unimplemented,
-        message: "JWT-SVIDs are not fetched through the Broker API yet; \
-                  set identity_api = delegated to serve jwt_audience"
-            .to_owned(),
-    }
-}
-
 impl IdentitySource for BrokerApi {
     async fn subscribe_svids(
         &self,
@@ -229,21 +220,47 @@ impl IdentitySource for BrokerApi {
         ))
     }
 
-    /// The bundle stream's first message: it proves the daemon's SVID, the agent's broker
-    /// allowlist and the PID reference type in one call.
     async fn fetch_jwt_svids(
         &self,
-        _agent: &Path,
-        _workload: &Workload,
-        _audience: &[String],
+        agent: &Path,
+        workload: &Workload,
+        audience: &[String],
     ) -> Result<Vec<JwtSvid>, SourceError> {
-        Err(jwt_not_served())
+        if audience.is_empty() {
+            return Err(SourceError::InvalidWorkload("JWT audience is empty"));
+        }
+        let reference = reference(workload)?;
+        let mut client = self.client(agent).await?;
+        let response = client
+            .fetch_jwtsvid(FetchJwtsvidRequest {
+                reference: Some(reference),
+                audience: audience.to_vec(),
+                spiffe_id: String::new(),
+            })
+            .await
+            .map_err(|status| self.call_failed(agent, status))?
+            .into_inner();
+        Ok(jwt_svids(response, unix_now()))
     }
 
-    async fn subscribe_jwt_bundles(&self, _agent: &Path) -> Result<JwtBundleStream, SourceError> {
-        Err(jwt_not_served())
+    /// Like [`Self::subscribe_bundles`]: the daemon names itself, the answer is every JWKS.
+    async fn subscribe_jwt_bundles(&self, agent: &Path) -> Result<JwtBundleStream, SourceError> {
+        let own = Workload::Pid(std::process::id() as i32);
+        let mut client = self.client(agent).await?;
+        let stream = client
+            .subscribe_to_jwt_bundles(SubscribeToJwtBundlesRequest {
+                reference: Some(reference(&own)?),
+            })
+            .await
+            .map_err(|status| self.call_failed(agent, status))?
+            .into_inner();
+        Ok(Box::pin(
+            Updates::new(stream, jwt_bundle_set).map(|item| item.map_err(stream_error)),
+        ))
     }
 
+    /// The bundle stream's first message: it proves the daemon's SVID, the agent's broker
+    /// allowlist and the PID reference type in one call.
     async fn probe(&self, agent: &Path) -> Result<(), SourceError> {
         let timeout = self.config.connect_timeout;
         let first = async {
@@ -494,6 +511,46 @@ fn bundle_set(response: SubscribeToX509BundlesResponse) -> Result<BundleSet, Sou
     Ok(BundleSet { bundles })
 }
 
+/// Converts a JWT-SVID answer, dropping unusable tokens as [`svid_update`] drops SVIDs. The
+/// Broker API sends no expiry: it is read from the token's own claims.
+fn jwt_svids(response: FetchJwtsvidResponse, now: i64) -> Vec<JwtSvid> {
+    let mut out = Vec::with_capacity(response.svids.len());
+    for svid in response.svids {
+        let token = Zeroizing::new(svid.svid);
+        let spiffe_id = match SpiffeId::parse(&svid.spiffe_id) {
+            Ok(id) => id,
+            Err(error) => {
+                tracing::warn!(spiffe_id = %svid.spiffe_id, %error, "SPIRE broker endpoint sent a JWT-SVID with an invalid SPIFFE ID; ignored");
+                continue;
+            }
+        };
+        let (issued_at, expires_at) = match super::jwt::claimed_times(&token, now) {
+            Ok(times) => times,
+            Err(problem) => {
+                tracing::warn!(%spiffe_id, "SPIRE broker endpoint sent a JWT-SVID that {problem}; ignored");
+                continue;
+            }
+        };
+        match super::jwt::checked(spiffe_id, token, issued_at, expires_at, svid.hint) {
+            Ok(svid) => out.push(svid),
+            Err((spiffe_id, problem)) => {
+                tracing::warn!(%spiffe_id, "SPIRE broker endpoint sent a JWT-SVID that {problem}; ignored");
+            }
+        }
+    }
+    out
+}
+
+fn jwt_bundle_set(response: SubscribeToJwtBundlesResponse) -> Result<JwtBundleSet, SourceError> {
+    super::jwt::bundle_set(response.bundles)
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 fn not_after(leaf: &[u8]) -> Result<i64, String> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| e.to_string())?;
     Ok(cert.validity().not_after.timestamp())
@@ -507,6 +564,44 @@ fn uri_san(cert: &[u8]) -> Option<SpiffeId> {
         x509_parser::extensions::GeneralName::URI(uri) => SpiffeId::parse(uri).ok(),
         _ => None,
     })
+}
+
+/// Entry points for the fuzz targets in the repository's `fuzz/` crate (feature `fuzzing`): a
+/// broker endpoint's message as this source decodes and converts it. Not an API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use prost::Message as _;
+
+    use super::{
+        BundleSet, FetchJwtsvidResponse, JwtBundleSet, JwtSvid, SubscribeToJwtBundlesResponse,
+        SubscribeToX509BundlesResponse, SubscribeToX509svidResponse, SvidUpdate,
+    };
+
+    /// One `SubscribeToX509SVID` message: protobuf, then validation (the leaf's NotAfter read
+    /// from its DER, since the Broker API carries no expiry).
+    pub fn svid_message(bytes: &[u8]) -> Result<SvidUpdate, String> {
+        let response = SubscribeToX509svidResponse::decode(bytes).map_err(|e| e.to_string())?;
+        super::svid_update(response).map_err(|e| e.to_string())
+    }
+
+    /// One `SubscribeToX509Bundles` message: protobuf, then the DER split of each bundle.
+    pub fn bundle_message(bytes: &[u8]) -> Result<BundleSet, String> {
+        let response = SubscribeToX509BundlesResponse::decode(bytes).map_err(|e| e.to_string())?;
+        super::bundle_set(response).map_err(|e| e.to_string())
+    }
+
+    /// One `FetchJWTSVID` answer: protobuf, then the token's times and shape, at `now`.
+    pub fn jwt_message(bytes: &[u8], now: i64) -> Result<Vec<JwtSvid>, String> {
+        let response = FetchJwtsvidResponse::decode(bytes).map_err(|e| e.to_string())?;
+        Ok(super::jwt_svids(response, now))
+    }
+
+    /// One `SubscribeToJWTBundles` message: protobuf, then the JWKS check of each bundle.
+    pub fn jwt_bundle_message(bytes: &[u8]) -> Result<JwtBundleSet, String> {
+        let response = SubscribeToJwtBundlesResponse::decode(bytes).map_err(|e| e.to_string())?;
+        super::jwt_bundle_set(response).map_err(|e| e.to_string())
+    }
 }
 
 /// Why a connection to the broker endpoint could not be set up.
@@ -800,8 +895,53 @@ impl ServerCertVerifier for AgentVerifier {
 
 #[cfg(test)]
 mod tests {
+    use super::super::spiffe_proto::broker::Jwtsvid;
     use super::*;
     use crate::spire::Selector;
+
+    fn wire_jwt(id: &str, claims: &str) -> Jwtsvid {
+        use base64::Engine as _;
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        Jwtsvid {
+            spiffe_id: id.into(),
+            svid: format!(
+                "{}.{}.{}",
+                b64(r#"{"alg":"ES256"}"#),
+                b64(claims),
+                b64("sig")
+            ),
+            hint: String::new(),
+        }
+    }
+
+    #[test]
+    fn broker_jwt_svids_take_their_times_from_the_token_and_bad_ones_are_dropped() {
+        let response = FetchJwtsvidResponse {
+            svids: vec![
+                wire_jwt("spiffe://example.org/web", r#"{"exp":200,"iat":100}"#),
+                wire_jwt("spiffe://example.org/no-iat", r#"{"exp":200}"#),
+                wire_jwt("spiffe://example.org/no-exp", r#"{"iat":100}"#),
+                wire_jwt("spiffe://example.org/backwards", r#"{"exp":100,"iat":200}"#),
+                wire_jwt("not an id", r#"{"exp":200,"iat":100}"#),
+                Jwtsvid {
+                    svid: "aGVh.cGF5\n.c2ln".into(),
+                    ..wire_jwt("spiffe://example.org/newline", "{}")
+                },
+            ],
+        };
+        let svids = jwt_svids(response, 150);
+        let got: Vec<_> = svids
+            .iter()
+            .map(|s| (s.spiffe_id.as_str(), s.issued_at, s.expires_at))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("spiffe://example.org/web", 100, 200),
+                ("spiffe://example.org/no-iat", 150, 200)
+            ]
+        );
+    }
 
     fn decode_pod(workload: &Workload) -> KubernetesObjectReference {
         let any = reference(workload).unwrap().reference.unwrap();

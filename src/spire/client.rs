@@ -25,7 +25,7 @@ use crate::spiffe::{SpiffeId, TrustDomain};
 
 use super::{
     BundleSet, BundleStream, DecodeError, IdentitySource, JwtBundleSet, JwtBundleStream, JwtSvid,
-    MAX_JWT_BYTES, SourceError, SvidStream, SvidUpdate, Workload, X509Svid, split_der_certificates,
+    SourceError, SvidStream, SvidUpdate, Workload, X509Svid, split_der_certificates,
 };
 
 /// Tuning of [`DelegatedIdentityApi`].
@@ -273,62 +273,18 @@ fn jwt_svids(response: FetchJwtsviDsResponse) -> Vec<JwtSvid> {
                 continue;
             }
         };
-        if !compact_jws(&token) {
-            tracing::warn!(%spiffe_id, len = token.len(), "SPIRE agent sent a JWT-SVID that is not a compact JWS; ignored");
-            continue;
+        match super::jwt::checked(spiffe_id, token, svid.issued_at, svid.expires_at, svid.hint) {
+            Ok(svid) => out.push(svid),
+            Err((spiffe_id, problem)) => {
+                tracing::warn!(%spiffe_id, "SPIRE agent sent a JWT-SVID that {problem}; ignored");
+            }
         }
-        if svid.expires_at <= svid.issued_at {
-            tracing::warn!(%spiffe_id, "SPIRE agent sent a JWT-SVID that expires before it was issued; ignored");
-            continue;
-        }
-        out.push(JwtSvid {
-            spiffe_id,
-            token,
-            expires_at: svid.expires_at,
-            issued_at: svid.issued_at,
-            hint: svid.hint,
-        });
     }
     out
 }
 
-/// Three non-empty base64url parts separated by dots, within [`MAX_JWT_BYTES`]: what the file
-/// may hold, so that no byte of it can break the reader's line or the file's meaning.
-fn compact_jws(token: &str) -> bool {
-    let parts: Vec<&str> = token.split('.').collect();
-    token.len() <= MAX_JWT_BYTES
-        && parts.len() == 3
-        && parts.iter().all(|p| {
-            !p.is_empty()
-                && p.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
-}
-
 fn jwt_bundle_set(response: SubscribeToJwtBundlesResponse) -> Result<JwtBundleSet, SourceError> {
-    let mut bundles = std::collections::BTreeMap::new();
-    for (key, jwks) in response.bundles {
-        let Some(trust_domain) = trust_domain(&key, "a JWT bundle") else {
-            continue;
-        };
-        let problem = match serde_json::from_slice::<serde_json::Value>(&jwks) {
-            Ok(serde_json::Value::Object(doc)) => match doc.get("keys") {
-                Some(serde_json::Value::Array(_)) => None,
-                _ => Some("no `keys` array"),
-            },
-            Ok(_) => Some("not a JSON object"),
-            Err(_) => Some("not JSON"),
-        };
-        if let Some(problem) = problem {
-            return Err(DecodeError::JwtBundle {
-                trust_domain: key,
-                problem,
-            }
-            .into());
-        }
-        bundles.insert(trust_domain, jwks);
-    }
-    Ok(JwtBundleSet { bundles })
+    super::jwt::bundle_set(response.bundles)
 }
 
 /// Converts one SVID message. Unusable SVIDs are dropped rather than failing the message: the
@@ -495,8 +451,8 @@ impl<T, U> Stream for Updates<T, U> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spire::Selector;
     use crate::spire::proto::api::agent::delegatedidentity::v1::X509svidWithKey;
+    use crate::spire::{MAX_JWT_BYTES, Selector};
 
     fn wire_svid(td: &str, path: &str, chain: Vec<Vec<u8>>, key: &[u8]) -> X509svidWithKey {
         X509svidWithKey {

@@ -33,11 +33,15 @@ mod broker;
 mod client;
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
+mod jwt;
 
 #[cfg(test)]
 mod tests;
 
 pub use crate::der::{DerError, split_der_certificates};
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub use broker::fuzzing as broker_fuzzing;
 pub use broker::{BrokerApi, BrokerConfig};
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]

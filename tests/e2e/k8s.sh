@@ -199,7 +199,35 @@ scenario_kubelet_access() {
 	kubelet_daemon secure
 }
 
+# --- the Broker API source names the pod (E2E_BROKER=1, tests/e2e/broker.sh) --------------
+# Selectors mode on the Broker API: the daemon sends a KubernetesObjectReference of the pod
+# (namespace, name and UID, from the kubelet's list) and the agent's k8s attestor resolves it
+# itself. Pod-level entries match; a container-level entry (k8s:container-name) cannot, since
+# the reference names no container: every annotated container of the pod gets the pod's ID.
+scenario_broker_pod_reference() {
+	local uid e_pod e_ctr ann c0 c1 id
+	uid=$(bed_uuid)
+	e_pod=$(bed_entry /k8s/broker-pod "k8s:ns:$KUBELET_NS" "k8s:pod-uid:$uid")
+	e_ctr=$(bed_entry /k8s/broker-b1 "k8s:ns:$KUBELET_NS" k8s:container-name:b1)
+	bed_wait_entry "$e_pod" "$e_ctr"
+	ann=$(nii_annotations identity.noderesource.dev/pod "$(nii_identity /var/certs)")
+	static_pod brokered "$uid" "$KUBELET_NS" "$ann" b0 b1
+	c0=$(kubelet_wait_container brokered b0 60)
+	c1=$(kubelet_wait_container brokered b1 60)
+	for c in "$c0" "$c1"; do
+		bed_wait 10 "output of $c" bash -c "$CRICTL logs $c 2>&1 | grep -q svid"
+		[[ $("$CRICTL" logs "$c" 2>&1) == *"svid exists!"* ]] || fail "$c: $("$CRICTL" logs "$c" 2>&1)"
+		id=$(nii_spiffe_id "$(nii_dir "$uid" "$c")/svid.pem")
+		[[ $id == "spiffe://$E2E_TD/k8s/broker-pod" ]] || fail "container $c has $id"
+		nii_pair_matches "$(nii_dir "$uid" "$c")" || fail "key/certificate mismatch"
+	done
+	grep -q 'identities from the SPIFFE Broker API' "$E2E/logs/nii.log" || fail "the daemon does not use the Broker API"
+	note "b0 and b1 = /k8s/broker-pod by the pod's reference (the k8s:container-name entry of b1 is not matched), delivered at CreateContainer in $(nii_delivered_ms "$c0") ms (b0), $(nii_delivered_ms "$c1") ms (b1)"
+	rm -f "$KUBELET_MANIFESTS/brokered.yaml"
+}
+
 ALL=(proposal impersonation pid_mode kubelet_access)
+[[ ${E2E_BROKER:-0} != 1 ]] || ALL=(broker_pod_reference)
 declare -a K8S_DAEMON_ENV
 # Sourced: the caller runs the scenarios it wants.
 [[ ${BASH_SOURCE[0]} == "$0" ]] || return 0

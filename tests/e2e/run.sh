@@ -85,7 +85,7 @@ scenario_proposal() {
 	# c1 leaves out svid_file_name: the default svid.pem applies.
 	ann=$(nii_annotations \
 		identity.noderesource.dev/container.c0 "$(nii_identity /var/certs)" \
-		identity.noderesource.dev/container.c1 "$(printf 'spire_agent_address: %s\ncert_dir: /var/certs\nsvid_key_file_name: svid_key.pem\n' "$ADMIN_SOCK")")
+		identity.noderesource.dev/container.c1 "$(printf 'spire_agent_address: %s\ncert_dir: /var/certs\nsvid_key_file_name: svid_key.pem\n' "$NII_SOURCE_SOCK")")
 	pod=$(pod_json proposal "$pod_uid" "$ann")
 	pid=$("$CRICTL" runp "$pod")
 	start_ctr "$pid" "$(E2E_CTR_UID=1001 bed_ctr_json c0 sh -c "$CHECK; cat /var/certs/svid_key.pem >/dev/null && echo key-readable-by-\$(id -u)")" "$pod"
@@ -647,6 +647,40 @@ scenario_delegate_mistakes() {
 	bed_rmp "$pid"
 }
 
+# --- 14b. the broker endpoint refusing the daemon (E2E_BROKER=1) ------------
+# The Broker API's deployment mistake, through NRI on the bed: the daemon's SPIFFE ID missing
+# from the agent's experimental.broker.brokers (the agent rejects its certificate in the TLS
+# handshake) makes it unready and refuses starts by name, and is healed by fixing the agent
+# alone.
+scenario_broker_mistakes() {
+	local e pod_uid pod pid err t
+	e=$(bed_entry /broker-mistakes unix:uid:1013)
+	bed_wait_entry "$e"
+	pod_uid=$(bed_uuid)
+	pod=$(bed_pod_json broker-mistakes "$pod_uid" "$(nii_annotations identity.noderesource.dev/pod "$(nii_identity /var/certs)")")
+	pid=$("$CRICTL" runp "$pod")
+
+	sed -i "s|id = \"$E2E_DELEGATE_ID\"|id = \"spiffe://$E2E_TD/someone-else\"|" "$E2E/spire/agent.conf"
+	grep -q someone-else "$E2E/spire/agent.conf" || fail "agent.conf not rewritten"
+	bed_restart_agent
+	t=$(nii_ms)
+	bed_wait 30 "not ready: not a listed broker" unready_because broker_not_listed
+	note "not a listed broker: unready after $(($(nii_ms) - t)) ms: $(readyz | grep agent | cut -c1-160)..."
+	grep -q 'not ready: the SPIRE agent refuses the daemon.*experimental.broker.brokers.*reason="\?broker_not_listed' "$E2E/logs/nii.log" || fail "no log line naming the mistake"
+	err=$(refused_with "$pid" "$pod" broker-mistakes unlisted 1013)
+	[[ $err == *"refuses the daemon itself"*"experimental.broker.brokers"* ]] || fail "start refused with: $err"
+	note "start refused: ${err##*nri-identity-injector: }"
+	sed -i "s|spiffe://$E2E_TD/someone-else|$E2E_DELEGATE_ID|" "$E2E/spire/agent.conf"
+	bed_restart_agent
+	t=$(nii_ms)
+	bed_wait 30 "ready again" curl -fsS -o /dev/null "http://$NII_HTTP/readyz"
+	note "broker listed again: ready $(($(nii_ms) - t)) ms after the agent, without restarting the daemon"
+	start_ctr "$pid" "$(E2E_CTR_UID=1013 bed_ctr_json listed sh -c "$CHECK")" "$pod"
+	bed_wait_exited "$CID" 30
+	[[ $(logs_of "$CID") == *"svid exists!"* ]] || fail "after the fix: $(logs_of "$CID")"
+	bed_rmp "$pid"
+}
+
 # --- 15. JWT-SVIDs as files ---------------------------------------------------
 scenario_jwt() {
 	local e pod_uid pod pid cid dir tok0 out t want
@@ -686,7 +720,7 @@ scenario_spiffe_layout() {
 	bed_wait_entry "$e"
 	pod_uid=$(bed_uuid)
 	folder=/run/secrets/workload-spiffe-credentials
-	pod=$(pod_json fsd "$pod_uid" "$(nii_annotations identity.noderesource.dev/container.f "$(printf 'spire_agent_address: %s\nlayout: spiffe\n' "$ADMIN_SOCK")")")
+	pod=$(pod_json fsd "$pod_uid" "$(nii_annotations identity.noderesource.dev/container.f "$(printf 'spire_agent_address: %s\nlayout: spiffe\n' "$NII_SOURCE_SOCK")")")
 	pid=$("$CRICTL" runp "$pod")
 	start_ctr "$pid" "$(E2E_CTR_UID=1012 bed_ctr_json f sh -c "ls $folder; head -1 $folder/credential-bundle.private-key.pem")" "$pod"
 	cid=$CID
@@ -716,6 +750,12 @@ ALL=(proposal selectors rotation runtime_restart hostile agent_down labels)
 # The agent refusing the daemon, JWT-SVIDs and the SPIFFE layout: checked once, on the runtime
 # that enforces a failed start (what they prove does not depend on the runtime).
 [[ $MODE != pid || ${E2E_RUNTIME:-containerd} != containerd ]] || ALL+=(delegate_mistakes jwt spiffe_layout)
+# E2E_BROKER=1 (tests/e2e/broker.sh): the Broker API source, PID references, on containerd: the
+# PID-mode scenarios, with the broker's deployment mistake instead of the Delegated API's.
+if [[ ${E2E_BROKER:-0} == 1 ]]; then
+	[[ $MODE == pid ]] || { echo "E2E_BROKER=1 runs PID mode only" >&2 && exit 64; }
+	ALL=(proposal rotation runtime_restart hostile agent_down guard_restart guard_timeout scratch jwt spiffe_layout broker_mistakes)
+fi
 (($#)) || set -- "${ALL[@]}"
 
 trap 'nii_finish e2e' EXIT

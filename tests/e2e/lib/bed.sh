@@ -11,7 +11,7 @@
 #
 # Exported after bed_up (all single words, safe to quote and to hand to child
 # processes): E2E, E2E_RUNTIME, CRI_SOCK, E2E_RUNTIME_LOG, CRICTL, SPIRE_SERVER,
-# SPIRE_AGENT, SPIRE_SERVER_SOCK, AGENT_SOCK, ADMIN_SOCK, NRI_SOCK, E2E_RUN_ID,
+# SPIRE_AGENT, SPIRE_SERVER_SOCK, AGENT_SOCK, ADMIN_SOCK, BROKER_SOCK, NRI_SOCK, E2E_RUN_ID,
 # E2E_TD; on containerd also CONTAINERD_SOCK and CTR.
 #
 # CRI-O (E2E_RUNTIME=cri-o): its NRI settings are a drop-in of the directory it
@@ -518,13 +518,35 @@ EOF
 		# E2E_K8S_DISABLE_CONTAINER_SELECTORS=true: pod-level selectors only.
 		KUBELET_RO_PORT=${KUBELET_RO_PORT:-$(_bed_free_port)}
 		export KUBELET_RO_PORT
+		# With E2E_BROKER=1 the plugin resolves the broker's pod references too, for the
+		# daemon only, among the kubelet's pods (agent_node), without asking the API server
+		# whether the daemon may impersonate the pod (permissive: this bed has none).
+		local k8s_broker=""
+		if [[ ${E2E_BROKER:-0} == 1 ]]; then
+			k8s_broker="experimental {
+        broker {
+          access_policy = \"permissive\"
+          brokers = [{ id = \"$E2E_DELEGATE_ID\", pod_reference_scope = \"agent_node\" }]
+        }
+      }"
+		fi
 		k8s="WorkloadAttestor \"k8s\" {
     plugin_data {
       kubelet_read_only_port      = $KUBELET_RO_PORT
       use_new_container_locator   = true
       disable_container_selectors = ${E2E_K8S_DISABLE_CONTAINER_SELECTORS:-false}
+      $k8s_broker
     }
   }"
+	fi
+	# E2E_BROKER=1: the agent also serves the SPIFFE Broker API (SPIRE v1.15.2 and later) at
+	# BROKER_SOCK, to the daemon's SPIFFE ID only, for every reference type.
+	local broker=""
+	if [[ ${E2E_BROKER:-0} == 1 ]]; then
+		broker="broker {
+      socket_path = \"$BROKER_SOCK\"
+      brokers = [{ id = \"$E2E_DELEGATE_ID\", allowed_reference_types = [{ type_url = \"*\" }] }]
+    }"
 	fi
 	# The admin socket must not be in or below the public socket's directory
 	# (the agent refuses to start otherwise), hence spire/admin vs spire/public.
@@ -540,7 +562,10 @@ agent {
   trust_bundle_path    = "$E2E/spire/bundle.pem"
   authorized_delegates = ["$E2E_DELEGATE_ID"]
   # Default 5s; 1s makes new entries reach the agent quickly.
-  experimental { sync_interval = "1s" }
+  experimental {
+    sync_interval = "1s"
+    $broker
+  }
 }
 plugins {
   NodeAttestor "join_token" { plugin_data {} }
@@ -982,12 +1007,13 @@ bed_up() {
 	SPIRE_SERVER_SOCK=$E2E/spire/server/api.sock
 	AGENT_SOCK=$E2E/spire/public/api.sock
 	ADMIN_SOCK=$E2E/spire/admin/admin.sock
+	BROKER_SOCK=$E2E/spire/broker/broker.sock
 	CRICTL=$E2E/bin/crictl
 	SPIRE_SERVER=$E2E/bin/spire-server
 	SPIRE_AGENT=$NII_SPIRE_DIR/spire-agent
 	E2E_RUNTIME_LOG=$E2E/logs/$(_bed_runtime_proc).log
 	mkdir -p "$E2E"/{bin,pids,nri/plugins,nri/conf.d,logs/pods,specs,images,cni/bin,cni/net.d} \
-		"$E2E"/spire/{server/data,agent/data,public,admin}
+		"$E2E"/spire/{server/data,agent/data,public,admin,broker}
 	chmod 0755 "$E2E/spire" "$E2E/spire/public"
 	: >"$E2E/spire/entries"
 	case $E2E_RUNTIME in
@@ -1013,7 +1039,7 @@ bed_up() {
 		;;
 	esac
 	export E2E E2E_RUN_ID CRI_SOCK E2E_RUNTIME_LOG NRI_SOCK SPIRE_SERVER_SOCK AGENT_SOCK \
-		ADMIN_SOCK CRICTL SPIRE_SERVER SPIRE_AGENT
+		ADMIN_SOCK BROKER_SOCK CRICTL SPIRE_SERVER SPIRE_AGENT
 	_bed_write_crictl_config
 	_bed_write_wrappers
 	_bed_log "scratch $E2E (run $E2E_RUN_ID, $E2E_RUNTIME)"

@@ -34,7 +34,19 @@ nii_build_identity_check() {
 nii_places() {
 	NII_ARTIFACTS=${NII_ARTIFACTS:-$E2E/artifacts}
 	NII_HTTP=${NII_HTTP:-127.0.0.1:$(_bed_free_port)}
+	nii_source_sock
 	export NII_ARTIFACTS NII_HTTP
+}
+
+# nii_source_sock : NII_SOURCE_SOCK, the socket annotations name as spire_agent_address: the
+# agent's admin socket (Delegated Identity API), or with E2E_BROKER=1 its broker endpoint.
+nii_source_sock() {
+	if [[ ${E2E_BROKER:-0} == 1 ]]; then
+		NII_SOURCE_SOCK=$BROKER_SOCK
+	else
+		NII_SOURCE_SOCK=$ADMIN_SOCK
+	fi
+	export NII_SOURCE_SOCK
 }
 
 # nii_start [EXTRA-ARGS...] : start the daemon and wait until /readyz says ready
@@ -49,7 +61,14 @@ nii_start() {
 		mount -t tmpfs -o size=64m,mode=0700 nii-artifacts "$NII_ARTIFACTS"
 	fi
 	_bed_rotate_log nii
-	bed_spawn nii "$NII_BIN" run \
+	# E2E_BROKER=1: the Broker API source, the daemon's own SVID from the Workload API (its
+	# entry, unix:uid:0, serves both APIs).
+	local source=()
+	if [[ ${E2E_BROKER:-0} == 1 ]]; then
+		source=(env NRI_IDENTITY_IDENTITY_API=broker "NRI_IDENTITY_BROKER_SOCKET=$BROKER_SOCK"
+			"NRI_IDENTITY_WORKLOAD_API_SOCKET=$AGENT_SOCK")
+	fi
+	bed_spawn nii "${source[@]}" "$NII_BIN" run \
 		--nri-socket "$NRI_SOCK" \
 		--agent-socket "$ADMIN_SOCK" \
 		--artifact-root "$NII_ARTIFACTS" \
@@ -101,7 +120,7 @@ nii_annotations() {
 nii_identity() {
 	local dir=$1
 	shift
-	printf -- '- spire_agent_address: %s\n  cert_dir: %s\n  svid_file_name: svid.pem\n  svid_key_file_name: svid_key.pem\n  svid_bundle_file_name: svid_bundle.pem\n' "$ADMIN_SOCK" "$dir"
+	printf -- '- spire_agent_address: %s\n  cert_dir: %s\n  svid_file_name: svid.pem\n  svid_key_file_name: svid_key.pem\n  svid_bundle_file_name: svid_bundle.pem\n' "${NII_SOURCE_SOCK:-$ADMIN_SOCK}" "$dir"
 	local line
 	for line in "$@"; do printf '  %s\n' "$line"; done
 }

@@ -86,6 +86,46 @@ pub struct SubscribeToX509BundlesResponse {
         ::prost::alloc::vec::Vec<u8>,
     >,
 }
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct FetchJwtsvidRequest {
+    #[prost(message, optional, tag = "1")]
+    pub reference: ::core::option::Option<WorkloadReference>,
+    #[prost(string, repeated, tag = "2")]
+    pub audience: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Only this SPIFFE ID's token, when set.
+    #[prost(string, tag = "3")]
+    pub spiffe_id: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct FetchJwtsvidResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub svids: ::prost::alloc::vec::Vec<Jwtsvid>,
+}
+/// The token carries its own expiry (`exp`, `iat`): this message has none.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Jwtsvid {
+    #[prost(string, tag = "1")]
+    pub spiffe_id: ::prost::alloc::string::String,
+    /// The compact JWS.
+    #[prost(string, tag = "2")]
+    pub svid: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub hint: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SubscribeToJwtBundlesRequest {
+    #[prost(message, optional, tag = "1")]
+    pub reference: ::core::option::Option<WorkloadReference>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SubscribeToJwtBundlesResponse {
+    /// Keyed by `spiffe://<td>`, each a JWKS document.
+    #[prost(btree_map = "string, bytes", tag = "1")]
+    pub bundles: ::prost::alloc::collections::BTreeMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::vec::Vec<u8>,
+    >,
+}
 /// Generated client implementations.
 pub mod api_client {
     #![allow(
@@ -220,6 +260,58 @@ pub mod api_client {
                 .insert(GrpcMethod::new("spiffe.broker.API", "SubscribeToX509Bundles"));
             self.inner.server_streaming(req, path, codec).await
         }
+        /// JWT-SVIDs of the referenced workload for an audience (one per matching entry).
+        pub async fn fetch_jwtsvid(
+            &mut self,
+            request: impl tonic::IntoRequest<super::FetchJwtsvidRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::FetchJwtsvidResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/spiffe.broker.API/FetchJWTSVID",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("spiffe.broker.API", "FetchJWTSVID"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Streams the JWT bundles (JWKS documents) the referenced workload should trust.
+        pub async fn subscribe_to_jwt_bundles(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SubscribeToJwtBundlesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<
+                tonic::codec::Streaming<super::SubscribeToJwtBundlesResponse>,
+            >,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/spiffe.broker.API/SubscribeToJWTBundles",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("spiffe.broker.API", "SubscribeToJWTBundles"));
+            self.inner.server_streaming(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -268,6 +360,31 @@ pub mod api_server {
             request: tonic::Request<super::SubscribeToX509BundlesRequest>,
         ) -> std::result::Result<
             tonic::Response<Self::SubscribeToX509BundlesStream>,
+            tonic::Status,
+        >;
+        /// JWT-SVIDs of the referenced workload for an audience (one per matching entry).
+        async fn fetch_jwtsvid(
+            &self,
+            request: tonic::Request<super::FetchJwtsvidRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::FetchJwtsvidResponse>,
+            tonic::Status,
+        >;
+        /// Server streaming response type for the SubscribeToJWTBundles method.
+        type SubscribeToJWTBundlesStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<
+                    super::SubscribeToJwtBundlesResponse,
+                    tonic::Status,
+                >,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Streams the JWT bundles (JWKS documents) the referenced workload should trust.
+        async fn subscribe_to_jwt_bundles(
+            &self,
+            request: tonic::Request<super::SubscribeToJwtBundlesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<Self::SubscribeToJWTBundlesStream>,
             tonic::Status,
         >;
     }
@@ -427,6 +544,96 @@ pub mod api_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = SubscribeToX509BundlesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/spiffe.broker.API/FetchJWTSVID" => {
+                    #[allow(non_camel_case_types)]
+                    struct FetchJWTSVIDSvc<T: Api>(pub Arc<T>);
+                    impl<T: Api> tonic::server::UnaryService<super::FetchJwtsvidRequest>
+                    for FetchJWTSVIDSvc<T> {
+                        type Response = super::FetchJwtsvidResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::FetchJwtsvidRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Api>::fetch_jwtsvid(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = FetchJWTSVIDSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/spiffe.broker.API/SubscribeToJWTBundles" => {
+                    #[allow(non_camel_case_types)]
+                    struct SubscribeToJWTBundlesSvc<T: Api>(pub Arc<T>);
+                    impl<
+                        T: Api,
+                    > tonic::server::ServerStreamingService<
+                        super::SubscribeToJwtBundlesRequest,
+                    > for SubscribeToJWTBundlesSvc<T> {
+                        type Response = super::SubscribeToJwtBundlesResponse;
+                        type ResponseStream = T::SubscribeToJWTBundlesStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SubscribeToJwtBundlesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Api>::subscribe_to_jwt_bundles(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SubscribeToJWTBundlesSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
