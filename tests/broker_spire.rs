@@ -316,7 +316,10 @@ async fn a_listed_broker_gets_a_workloads_identity_and_others_are_refused() {
         .find(|(td, _)| td.name() == TD)
         .expect("the JWKS of the workload's trust domain");
     let doc: serde_json::Value = serde_json::from_slice(doc).unwrap();
-    assert!(doc["keys"].as_array().is_some_and(|k| !k.is_empty()), "{doc}");
+    assert!(
+        doc["keys"].as_array().is_some_and(|k| !k.is_empty()),
+        "{doc}"
+    );
 
     // A broker that is not listed: the agent rejects its certificate in the handshake.
     let intruder = source(&spire, INTRUDER);

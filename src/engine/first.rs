@@ -19,7 +19,9 @@ use crate::host::Owner;
 use crate::k8s;
 use crate::metrics::{Phase, PhaseTimes};
 use crate::spiffe::TrustDomain;
-use crate::spire::{BundleSet, IdentitySource, SourceError, SvidUpdate, Workload, X509Svid};
+use crate::spire::{
+    BundleSet, IdentitySource, JwtBundleSet, SourceError, SvidUpdate, Workload, X509Svid,
+};
 
 impl<S: IdentitySource> Engine<S> {
     /// The `k8s` selectors SPIRE's k8s attestor would produce for this container, and the

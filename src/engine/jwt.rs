@@ -7,21 +7,19 @@
 //! The files are written by the container's maintenance task, between its X.509 writes, so
 //! one task still writes each directory.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_stream::StreamExt;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{debug, info, warn};
 
 use super::maintain::WorkloadCtx;
-use super::{Engine, EngineError, Report, blocking, lock};
+use super::{Engine, EngineError, Report, blocking};
 use crate::annotation::{IdentityRequest, JwtRequest};
 use crate::artifacts::RenderedFiles;
 use crate::spiffe::{SpiffeId, TrustDomain};
-use crate::spire::{IdentitySource, JwtBundleSet, JwtSvid, SourceError};
+use crate::spire::{IdentitySource, JwtBundleSet, JwtSvid};
 
 /// Bound on one `FetchJWTSVIDs` call during maintenance (the first one has the event's
 /// deadline): minting is a signature on the agent, so this only covers a loaded agent.

@@ -1,7 +1,6 @@
 //! Keeping a container's identity fresh after its first delivery, and following each
 //! agent's trust bundles.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +9,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use super::first::{material, owner_of, pick};
 use super::jwt::JwtProgress;
@@ -20,7 +19,9 @@ use crate::annotation::IdentityRequest;
 use crate::artifacts::ArtifactDir;
 use crate::host::{Owner, Pidfd};
 use crate::spiffe::TrustDomain;
-use crate::spire::{BundleSet, IdentitySource, SourceError, SvidStream, Workload, X509Svid};
+use crate::spire::{
+    BundleSet, IdentitySource, JwtBundleSet, SourceError, SvidStream, Workload, X509Svid,
+};
 
 /// Everything one workload's maintenance task needs.
 pub(super) struct WorkloadCtx {
@@ -189,7 +190,9 @@ impl<S: IdentitySource> Engine<S> {
         // expired token must go even when the agent is away.
         let jwt = ctx.request.jwt.clone();
         let mut jwt_progress = ctx.jwt.take().unwrap_or_else(JwtProgress::resumed);
-        let mut jwt_bundles = jwt.as_ref().map(|_| self.bundles_for::<JwtBundleSet>(&agent));
+        let mut jwt_bundles = jwt
+            .as_ref()
+            .map(|_| self.bundles_for::<JwtBundleSet>(&agent));
         macro_rules! jwt_due {
             () => {
                 jwt_progress.due.unwrap_or_else(Instant::now)
