@@ -212,6 +212,7 @@ pub fn parse(value: &str, policy: &Policy) -> Result<IdentityRequest, Annotation
     if value.trim().is_empty() {
         return Err(AnnotationError::Empty);
     }
+    let value = yaml::without_blank_last_line(value);
     yaml::precheck_budget(value)?;
     let raw = yaml::deserialize(value)?;
     validate::validate(raw, policy)

@@ -24,3 +24,4 @@ pub mod nri;
 pub mod selinux;
 pub mod spiffe;
 pub mod spire;
+mod tls;

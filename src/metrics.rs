@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use crate::spire::DelegateRefusal;
 
-/// Every refusal, in the order its one-hot `reason` series is rendered.
-const REFUSALS: [DelegateRefusal; 2] = [DelegateRefusal::NoEntry, DelegateRefusal::NotAuthorized];
+const REFUSALS: [DelegateRefusal; 6] = DelegateRefusal::ALL;
 
 /// Upper bounds (seconds) of the time-to-first-SVID histogram.
 const BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0];
@@ -196,8 +195,12 @@ impl Metrics {
     }
     /// Why the agent refuses the daemon itself, as its last answer said.
     pub fn set_agent_refusal(&self, refusal: Option<DelegateRefusal>) {
+        // ALL holds every variant, so the position is always found.
         let v = refusal.map_or(0, |r| {
-            1 + REFUSALS.iter().position(|x| *x == r).unwrap_or(0) as u8
+            REFUSALS
+                .iter()
+                .position(|x| *x == r)
+                .map_or(0, |i| 1 + i as u8)
         });
         self.agent_refusal.store(v, Ordering::Relaxed);
     }
@@ -316,7 +319,7 @@ impl Metrics {
         let refusal = self.agent_refusal();
         let _ = writeln!(
             o,
-            "# HELP nri_identity_agent_refusal 1 while the SPIRE agent refuses the daemon itself, by reason (no_delegate_entry: no registration entry matches the daemon; not_authorized_delegate: its SPIFFE ID is not in authorized_delegates).\n# TYPE nri_identity_agent_refusal gauge"
+            "# HELP nri_identity_agent_refusal 1 while the SPIRE agent refuses the daemon itself, by reason (no_delegate_entry: no registration entry matches the daemon; not_authorized_delegate: its SPIFFE ID is not in authorized_delegates; no_broker_svid, broker_not_listed, reference_type_not_allowed, broker_not_in_attestor: the Broker API's counterparts).\n# TYPE nri_identity_agent_refusal gauge"
         );
         for r in REFUSALS {
             let _ = writeln!(
@@ -612,6 +615,20 @@ mod tests {
         assert!(text.contains("nri_identity_agent_reachable 1"));
         assert!(text.contains("nri_identity_agent_refusal{reason=\"no_delegate_entry\"} 0"));
         assert!(text.contains("nri_identity_agent_refusal{reason=\"not_authorized_delegate\"} 1"));
+        // Every refusal reads back as itself, and its series alone says 1.
+        for r in DelegateRefusal::ALL {
+            m.set_agent_refusal(Some(r));
+            assert_eq!(m.agent_refusal(), Some(r));
+            let text = m.render(0);
+            for other in DelegateRefusal::ALL {
+                let want = u8::from(other == r);
+                let series = format!(
+                    "nri_identity_agent_refusal{{reason=\"{}\"}} {want}",
+                    other.kind()
+                );
+                assert!(text.contains(&series), "{r:?}: missing {series}");
+            }
+        }
         m.set_agent_refusal(None);
         assert!(m.agent_ready());
 

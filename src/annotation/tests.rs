@@ -1261,3 +1261,26 @@ fn the_spiffe_layout_defaults_to_the_drafts_folder_and_fixed_names() {
         field(Field::CertDir, FieldProblem::Missing)
     );
 }
+
+#[test]
+fn a_blank_last_line_without_a_line_break_changes_nothing() {
+    use FieldProblem as P;
+    // fuzz/seeds/annotation_structured/blank-last-line-after-keep-chomped-scalar, found by that
+    // fuzz target: one value as a mapping and as a one-entry list. The list's
+    // trailing indentation made serde-saphyr read the empty keep-chomped scalar as "\n".
+    let mapping = parse("!!str spire_agent_address: >+\n", &policy());
+    let list = parse("- !!str spire_agent_address: >+\n  ", &policy());
+    assert_eq!(mapping, Err(field(Field::SpireAgentAddress, P::Empty)));
+    assert_eq!(list, mapping);
+    assert_eq!(parse("spire_agent_address: >+\n\t \t", &policy()), mapping);
+    // A line break before the blanks is kept: that line is part of the value.
+    assert_eq!(
+        parse("spire_agent_address: >+\n  \n", &policy()),
+        Err(field(Field::SpireAgentAddress, P::ContainsControl))
+    );
+    assert_eq!(ok("cert_dir: /certs\n   "), ok("cert_dir: /certs"));
+    assert_eq!(
+        ok("- cert_dir: /certs\n  hint: db\n  "),
+        ok("- cert_dir: /certs\n  hint: db")
+    );
+}

@@ -63,6 +63,17 @@ fn options() -> Options {
     o
 }
 
+/// The value without a last line that holds only spaces or tabs and no line break. YAML
+/// libraries disagree on whether such a line adds a line break to a keep-chomped block scalar
+/// that ends the document (libyaml: no; serde-saphyr: yes), and editors and `kubectl` add or
+/// drop trailing indentation freely: without this, one value would mean two things.
+pub(super) fn without_blank_last_line(value: &str) -> &str {
+    match value.rfind(['\n', '\r']) {
+        Some(i) if value[i + 1..].bytes().all(|b| b == b' ' || b == b'\t') => &value[..=i],
+        _ => value,
+    }
+}
+
 // The deserializer enforces the same budget while streaming, but only as far as it reads: a
 // type error early in the value would stop it before a bomb later on is seen. Scanning the
 // whole value first makes the refusal of hostile YAML not depend on where it sits.

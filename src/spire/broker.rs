@@ -18,16 +18,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use prost::Message as _;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
+use rustls::ClientConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 use tokio_stream::StreamExt;
@@ -51,15 +49,13 @@ use super::{
     split_der_certificates,
 };
 use crate::spiffe::{SpiffeId, TrustDomain};
+use crate::tls::{PROVIDER, ServerCertCheck, Verifier};
 
 /// Type URL of a `WorkloadPIDReference`, as the agent's `allowed_reference_types` name it.
 pub const PID_REFERENCE_TYPE: &str = "type.googleapis.com/spiffe.broker.WorkloadPIDReference";
 /// Type URL of a `KubernetesObjectReference`.
 pub const OBJECT_REFERENCE_TYPE: &str =
     "type.googleapis.com/spiffe.broker.KubernetesObjectReference";
-
-static PROVIDER: LazyLock<Arc<CryptoProvider>> =
-    LazyLock::new(|| Arc::new(rustls::crypto::ring::default_provider()));
 
 /// Tuning and identity of [`BrokerApi`].
 #[derive(Clone, Debug)]
@@ -721,7 +717,11 @@ async fn own_svid(config: &BrokerConfig) -> Result<OwnSvid, DialError> {
     };
     let channel = super::client::connect(path, config.connect_timeout)
         .await
-        .map_err(|e| api_error(e.to_string()))?;
+        .map_err(|e| match e {
+            // The path is in this error's own message already.
+            SourceError::Connect { error, .. } => api_error(super::root_cause(error.as_ref())),
+            other => api_error(other.to_string()),
+        })?;
     let interceptor = |mut request: tonic::Request<()>| {
         // The Workload API's own SSRF guard.
         request.metadata_mut().insert(
@@ -804,7 +804,7 @@ fn tls_config(own: &OwnSvid) -> Result<ClientConfig, DialError> {
         .with_safe_default_protocol_versions()
         .map_err(|e| DialError::BadSvid(e.to_string()))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_custom_certificate_verifier(Arc::new(Verifier(verifier)))
         .with_client_auth_cert(own.chain.clone(), key)
         .map_err(|e| DialError::BadSvid(format!("key or chain: {e}")))?;
     // gRPC over TLS negotiates HTTP/2 by ALPN; Go's gRPC server insists on it.
@@ -820,15 +820,13 @@ struct AgentVerifier {
     trust_domain: TrustDomain,
 }
 
-impl ServerCertVerifier for AgentVerifier {
-    fn verify_server_cert(
+impl ServerCertCheck for AgentVerifier {
+    fn check(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
         now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
+    ) -> Result<(), rustls::Error> {
         let invalid = |e: String| {
             rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
                 Arc::new(std::io::Error::other(e)),
@@ -847,49 +845,13 @@ impl ServerCertVerifier for AgentVerifier {
         )
         .map_err(|e| invalid(format!("the agent's certificate: {e}")))?;
         match uri_san(end_entity) {
-            Some(id) if id.trust_domain() == &self.trust_domain => {
-                Ok(ServerCertVerified::assertion())
-            }
+            Some(id) if id.trust_domain() == &self.trust_domain => Ok(()),
             Some(id) => Err(invalid(format!(
                 "the agent's SPIFFE ID {id} is not in trust domain {}",
                 self.trust_domain
             ))),
             None => Err(invalid("the agent's certificate names no SPIFFE ID".into())),
         }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &PROVIDER.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &PROVIDER.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        PROVIDER
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }
 

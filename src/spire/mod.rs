@@ -329,6 +329,16 @@ impl DelegateRefusal {
         }
     }
 
+    /// Every refusal, in the order the metrics render their one-hot `reason` series.
+    pub const ALL: [Self; 6] = [
+        Self::NoEntry,
+        Self::NotAuthorized,
+        Self::NoBrokerSvid,
+        Self::BrokerNotListed,
+        Self::ReferenceTypeNotAllowed,
+        Self::BrokerNotInAttestor,
+    ];
+
     /// A short stable label for metrics and logs.
     pub fn kind(self) -> &'static str {
         match self {
@@ -414,7 +424,7 @@ impl From<DecodeError> for SourceError {
 
 /// The innermost error of a chain: transport layers wrap the one worth reading (e.g.
 /// "connection refused") in several generic ones ("transport error").
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+pub(super) fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     let mut e = e;
     while let Some(next) = e.source() {
         e = next;
