@@ -1,5 +1,6 @@
 //! Reading DER: splitting the agent's bundle values into certificates, and walking the few
-//! structures the start guard looks into (certificates, PKCS#8 keys).
+//! structures the daemon looks into ([`x509`]: certificates and PKCS#8 keys, for the start
+//! guard and the Broker API source).
 //!
 //! `SubscribeToX509Bundles` sends each trust domain's CA certificates as raw DER certificates
 //! written back to back (not PEM, no count, no separators), so the only way to find where one
@@ -37,7 +38,11 @@ pub enum DerError {
     NonMinimalLength { offset: usize },
     #[error("at byte {offset}: a length of {bytes} bytes is beyond any certificate")]
     LengthTooLarge { offset: usize, bytes: usize },
+    #[error("at byte {offset}: not a UTCTime or GeneralizedTime as RFC 5280 writes them")]
+    BadTime { offset: usize },
 }
+
+pub mod x509;
 
 /// DER tag of a constructed SEQUENCE, the outer type of an X.509 certificate.
 pub const SEQUENCE: u8 = 0x30;
@@ -105,6 +110,11 @@ impl<'a> Reader<'a> {
             offset: 0,
             base: 0,
         }
+    }
+
+    /// Where the next element starts, counted from the start of the outermost value.
+    pub fn offset(&self) -> usize {
+        self.base + self.offset
     }
 
     /// Whether every element has been read.

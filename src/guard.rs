@@ -20,7 +20,7 @@
 //! carries it. It reads DER structure only ([`x509`]); it checks no signature. It starts no
 //! async runtime and loads no configuration: it runs on every start.
 
-mod x509;
+use crate::der::x509;
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -37,7 +37,7 @@ use zeroize::Zeroizing;
 use crate::annotation::{FileSet, IdentityRequest};
 use crate::der::DerError;
 
-pub use x509::KeyMatch;
+pub use crate::der::x509::KeyMatch;
 
 /// Where the guard binary appears in every guarded container: in the root directory, under a
 /// name no image uses.

@@ -3,18 +3,22 @@
 //! 1. `create`: CreateContainer through the real NRI wire path (fake runtime → unix socket →
 //!    nri_plugin::Runner → IdentityPlugin → Engine), timed from the runtime's side.
 //! 2. `start`: StartContainer time beyond the SPIRE agent's own answer time.
-//! 3. `memory`: resident memory of the release binary, idle and with 500 live identities.
+//! 3. `memory`: resident memory of the release binary, idle and with 500 live identities,
+//!    and how it grows on the way (a CSV and, with gnuplot, a plot in `NII_BENCH_OUT`).
+//! 4. `kubelet`: one kubelet pod list (fetch and parse) from 0 to 110 realistic pods.
 //!
 //! ```sh
 //! make bench-daemon
-//! cargo bench -p nri-identity-injector --features testing --bench daemon [-- create|start|memory]
+//! cargo bench -p nri-identity-injector --features testing --bench daemon [-- create|start|memory|kubelet]
 //! ```
 //!
 //! Knobs: `NII_BENCH_CREATE_N` (5000), `NII_BENCH_START_M` (300), `NII_BENCH_MEMORY_N` (500),
 //! `NII_BENCH_DAEMON_BIN` (the release binary for `memory`), `NII_BENCH_MEMORY_VARIANTS`
-//! (a comma-separated subset of `as shipped`, `MALLOC_ARENA_MAX=1`, `ulimit -n 1024`).
+//! (a comma-separated subset of `as shipped`, `MALLOC_ARENA_MAX=1`, `ulimit -n 1024`),
+//! `NII_BENCH_KUBELET_REPS` (200), `NII_BENCH_OUT` (where data and plots go).
 
 mod bed;
+mod kubelet;
 mod memory;
 mod phases;
 mod wire;
@@ -249,6 +253,7 @@ fn main() -> ExitCode {
                     }
                 }
                 if let Some(shipped) = figures.iter().find(|f| f.variant == "as shipped") {
+                    growth(shipped);
                     missed += verdict(
                         &format!("idle VmRSS <= 5 MiB (as shipped: {} KiB)", shipped.idle.rss),
                         shipped.idle.rss <= 5 * 1024,
@@ -269,8 +274,109 @@ fn main() -> ExitCode {
         }
     }
 
+    if want("kubelet") {
+        let reps = knob("NII_BENCH_KUBELET_REPS", 200);
+        println!(
+            "\n== 4. One kubelet pod list (read-only port: connect, GET /pods, parse), {reps} lists per size =="
+        );
+        println!("reproduce: {COMMAND} kubelet");
+        let load = loadavg();
+        let counts = [0, 1, 10, 20, 30, 50, 70, 90, 110];
+        let points = bench_rt.block_on(kubelet::cost(&counts, reps));
+        println!("load average before: {load}");
+        println!(
+            "{:>5} {:>10} {:>10} {:>10} {:>10} {:>12}",
+            "pods", "bytes", "p50 µs", "p99 µs", "mean µs", "µs per pod"
+        );
+        let base = points[0].list.p50;
+        let mut csv = String::from("pods,bytes,p50_us,p99_us,mean_us\n");
+        for p in &points {
+            let per = if p.pods == 0 {
+                String::from("-")
+            } else {
+                format!("{:.1}", (p.list.p50 - base) / p.pods as f64)
+            };
+            println!(
+                "{:>5} {:>10} {:>10.0} {:>10.0} {:>10.0} {per:>12}",
+                p.pods, p.bytes, p.list.p50, p.list.p99, p.list.mean
+            );
+            csv.push_str(&format!(
+                "{},{},{:.1},{:.1},{:.1}\n",
+                p.pods, p.bytes, p.list.p50, p.list.p99, p.list.mean
+            ));
+        }
+        let full = &points[points.len() - 1];
+        println!(
+            "a full node (110 pods, {} KiB): p50 {:.2} ms, p99 {:.2} ms per list",
+            full.bytes / 1024,
+            full.list.p50 / 1e3,
+            full.list.p99 / 1e3
+        );
+        plot(&csv, "kubelet-pod-list", "kubelet.gnuplot");
+    }
+
     drop(daemon_rt);
     println!("\n{missed} target(s) missed");
     // Figures, not a test: a missed target is reported, not a failure of the run.
     ExitCode::SUCCESS
+}
+
+/// How the shipped daemon's memory and descriptors grow with live identities: a table, a CSV
+/// and (with gnuplot) a PNG in NII_BENCH_OUT (default: a directory under the temporary one).
+fn growth(f: &memory::MemFigures) {
+    println!("growth, as shipped (RSS and descriptors sampled as identities went live):");
+    println!(
+        "{:>10} {:>10} {:>10} {:>6} {:>14}",
+        "identities", "VmRSS KiB", "RssAnon", "fds", "KiB/identity"
+    );
+    let (_, base) = f.curve[0];
+    let mut csv = String::from("identities,rss_kib,anon_kib,fds\n");
+    for (n, s) in &f.curve {
+        let per = if *n == 0 {
+            String::from("-")
+        } else {
+            format!("{:.1}", (s.rss as f64 - base.rss as f64) / *n as f64)
+        };
+        println!(
+            "{n:>10} {:>10} {:>10} {:>6} {per:>14}",
+            s.rss, s.anon, s.fds
+        );
+        csv.push_str(&format!("{n},{},{},{}\n", s.rss, s.anon, s.fds));
+    }
+    plot(&csv, "memory-growth", "memory.gnuplot");
+}
+
+/// Writes `csv` to NII_BENCH_OUT (default: a directory under the temporary one) as
+/// `<name>.csv` and draws `<name>.png` with the gnuplot script `benches/daemon/<script>`.
+fn plot(csv: &str, name: &str, script: &str) {
+    let out = std::env::var_os("NII_BENCH_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("nii-bench-daemon"));
+    let csv_path = out.join(format!("{name}.csv"));
+    if let Err(e) = std::fs::create_dir_all(&out).and_then(|()| std::fs::write(&csv_path, csv)) {
+        println!("cannot write {}: {e}", csv_path.display());
+        return;
+    }
+    let png = out.join(format!("{name}.png"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("benches/daemon")
+        .join(script);
+    let drawn = std::process::Command::new("gnuplot")
+        .arg("-e")
+        .arg(format!(
+            "csv='{}'; png='{}'",
+            csv_path.display(),
+            png.display()
+        ))
+        .arg(&script)
+        .status()
+        .is_ok_and(|s| s.success());
+    if drawn {
+        println!("data: {}; plot: {}", csv_path.display(), png.display());
+    } else {
+        println!(
+            "data: {} (no plot: gnuplot missing or failed)",
+            csv_path.display()
+        );
+    }
 }

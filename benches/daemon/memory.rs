@@ -51,6 +51,9 @@ pub struct MemFigures {
     pub failed: usize,
     pub first_error: Option<String>,
     pub open_streams: usize,
+    /// (live identities, sample) from idle to `loaded`, every tenth of the run: how memory and
+    /// descriptors grow with identities.
+    pub curve: Vec<(usize, Sample)>,
     /// CreateContainer + StartContainer round trips of the real binary (µs).
     pub create_start: Option<crate::bed::Summary>,
 }
@@ -356,6 +359,8 @@ fn run_variant(
         let annotation = identity_annotation(agent.path());
         let (mut started, mut failed, mut first_error) = (0, 0, None);
         let mut times = Vec::with_capacity(workloads.len());
+        let step = (workloads.len() / 10).max(1);
+        let mut curve = vec![(0, probed)];
         let t = Instant::now();
         for (i, (id, cpid, _)) in workloads.iter().enumerate() {
             let pod = annotated_pod(&format!("pod-mem-{i:04}"), &annotation);
@@ -375,10 +380,14 @@ fn run_variant(
                     first_error.get_or_insert_with(|| format!("container #{i}: {e}"));
                 }
             }
+            if (i + 1) % step == 0 && i + 1 < workloads.len() {
+                curve.push((started, sample(pid)));
+            }
         }
         let took = t.elapsed();
         tokio::time::sleep(Duration::from_millis(1000)).await;
         let loaded = sample(pid);
+        curve.push((started, loaded));
         let open_streams = agent.stats().open_svid_streams;
         eprintln!(
             "  [{}] {started} started, {failed} failed in {took:.1?}; {open_streams} SVID streams open",
@@ -393,6 +402,7 @@ fn run_variant(
             failed,
             first_error,
             open_streams,
+            curve,
             create_start: (!times.is_empty()).then(|| crate::bed::summarize(&times)),
         }
     });

@@ -48,6 +48,7 @@ use super::{
     JwtBundleStream, JwtSvid, SourceError, SvidStream, SvidUpdate, Workload, X509Svid,
     split_der_certificates,
 };
+use crate::der::x509;
 use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::tls::{PROVIDER, ServerCertCheck, Verifier};
 
@@ -548,18 +549,17 @@ fn unix_now() -> i64 {
 }
 
 fn not_after(leaf: &[u8]) -> Result<i64, String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| e.to_string())?;
-    Ok(cert.validity().not_after.timestamp())
+    x509::leaf(leaf)
+        .map(|l| l.not_after)
+        .map_err(|e| e.to_string())
 }
 
 /// The SPIFFE ID in a certificate's URI SAN.
 fn uri_san(cert: &[u8]) -> Option<SpiffeId> {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|name| match name {
-        x509_parser::extensions::GeneralName::URI(uri) => SpiffeId::parse(uri).ok(),
-        _ => None,
-    })
+    let leaf = x509::leaf(cert).ok()?;
+    leaf.uris
+        .iter()
+        .find_map(|uri| SpiffeId::parse(std::str::from_utf8(uri).ok()?).ok())
 }
 
 /// Entry points for the fuzz targets in the repository's `fuzz/` crate (feature `fuzzing`): a
