@@ -598,8 +598,36 @@ refused_with() {
 	echo "$err"
 }
 
+# refused_by_agent REASON LOG_RE ERR_GLOB POD_ID POD_JSON POD_NAME NAME UID : the agent was
+# just set up wrongly: the daemon turns unready naming REASON, logs a line matching LOG_RE, and
+# refuses a start with a message matching the pattern ERR_GLOB.
+refused_by_agent() {
+	local reason=$1 log_re=$2 err_glob=$3 t err
+	t=$(nii_ms)
+	bed_wait 30 "not ready: $reason" unready_because "$reason"
+	note "$reason: unready after $(($(nii_ms) - t)) ms: $(readyz | grep agent | cut -c1-160)..."
+	grep -q "not ready: the SPIRE agent refuses the daemon.*$log_re.*reason=\"\\?$reason" "$E2E/logs/nii.log" ||
+		fail "no log line naming the mistake"
+	err=$(refused_with "$4" "$5" "$6" "$7" "$8")
+	# shellcheck disable=SC2053 # ERR_GLOB is a pattern
+	[[ $err == $err_glob ]] || fail "start refused with: $err"
+	note "start refused: ${err##*nri-identity-injector: }"
+}
+
+# served_again WHAT POD_ID POD_JSON NAME UID : the mistake was just mended: the daemon turns
+# ready again by itself and a new container of the pod gets its identity.
+served_again() {
+	local t
+	t=$(nii_ms)
+	bed_wait 30 "ready again" curl -fsS -o /dev/null "http://$NII_HTTP/readyz"
+	note "$1: ready again $(($(nii_ms) - t)) ms after, without restarting the daemon"
+	start_ctr "$2" "$(E2E_CTR_UID=$5 bed_ctr_json "$4" sh -c "$CHECK")" "$3"
+	bed_wait_exited "$CID" 30
+	[[ $(logs_of "$CID") == *"svid exists!"* ]] || fail "after the fix: $(logs_of "$CID")"
+}
+
 scenario_delegate_mistakes() {
-	local e pod_uid pod pid err t own
+	local e pod_uid pod pid own
 	e=$(bed_entry /mistakes unix:uid:1010)
 	bed_wait_entry "$e"
 	pod_uid=$(bed_uuid)
@@ -610,40 +638,22 @@ scenario_delegate_mistakes() {
 	sed -i "s|authorized_delegates = \[\"$E2E_DELEGATE_ID\"\]|authorized_delegates = [\"spiffe://$E2E_TD/someone-else\"]|" "$E2E/spire/agent.conf"
 	grep -q someone-else "$E2E/spire/agent.conf" || fail "agent.conf not rewritten"
 	bed_restart_agent
-	t=$(nii_ms)
-	bed_wait 30 "not ready: not an authorized delegate" unready_because not_authorized_delegate
-	note "not an authorized delegate: unready after $(($(nii_ms) - t)) ms: $(readyz | grep agent | cut -c1-160)..."
-	grep -q 'not ready: the SPIRE agent refuses the daemon.*authorized_delegates.*reason="\?not_authorized_delegate' "$E2E/logs/nii.log" || fail "no log line naming the mistake"
-	err=$(refused_with "$pid" "$pod" mistakes notdelegate 1010)
-	[[ $err == *"refuses the daemon itself"*"caller not configured as an authorized delegate"*"authorized_delegates"* ]] || fail "start refused with: $err"
-	note "start refused: ${err##*nri-identity-injector: }"
+	refused_by_agent not_authorized_delegate authorized_delegates \
+		'*refuses the daemon itself*caller not configured as an authorized delegate*authorized_delegates*' \
+		"$pid" "$pod" mistakes notdelegate 1010
 	sed -i "s|spiffe://$E2E_TD/someone-else|$E2E_DELEGATE_ID|" "$E2E/spire/agent.conf"
 	bed_restart_agent
-	t=$(nii_ms)
-	bed_wait 30 "ready again" curl -fsS -o /dev/null "http://$NII_HTTP/readyz"
-	note "authorized_delegates fixed: ready again $(($(nii_ms) - t)) ms after the agent, without restarting the daemon"
-	start_ctr "$pid" "$(E2E_CTR_UID=1010 bed_ctr_json delegate-ok sh -c "$CHECK")" "$pod"
-	bed_wait_exited "$CID" 30
-	[[ $(logs_of "$CID") == *"svid exists!"* ]] || fail "after the fix: $(logs_of "$CID")"
+	served_again "authorized_delegates fixed" "$pid" "$pod" delegate-ok 1010
 
 	# The daemon without a registration entry of its own.
 	own=$("$SPIRE_SERVER" entry show -spiffeID "$E2E_DELEGATE_ID" | sed -n 's/^Entry ID *: *//p')
 	[[ -n $own ]] || fail "no entry for $E2E_DELEGATE_ID"
 	"$SPIRE_SERVER" entry delete -entryID "$own" >/dev/null
-	t=$(nii_ms)
-	bed_wait 30 "not ready: no entry of its own" unready_because no_delegate_entry
-	note "no entry of its own: unready after $(($(nii_ms) - t)) ms: $(readyz | grep agent | cut -c1-160)..."
-	grep -q 'not ready: the SPIRE agent refuses the daemon.*registration entry.*reason="\?no_delegate_entry' "$E2E/logs/nii.log" || fail "no log line naming the mistake"
-	err=$(refused_with "$pid" "$pod" mistakes noentry 1010)
-	[[ $err == *"refuses the daemon itself"*"no identity issued"*"registration entry"* ]] || fail "start refused with: $err"
-	note "start refused: ${err##*nri-identity-injector: }"
+	refused_by_agent no_delegate_entry "registration entry" \
+		'*refuses the daemon itself*no identity issued*registration entry*' \
+		"$pid" "$pod" mistakes noentry 1010
 	own=$(bed_entry "$E2E_DELEGATE_ID" unix:uid:0)
-	t=$(nii_ms)
-	bed_wait 30 "ready again" curl -fsS -o /dev/null "http://$NII_HTTP/readyz"
-	note "entry created again: ready after $(($(nii_ms) - t)) ms, without restarting the daemon"
-	start_ctr "$pid" "$(E2E_CTR_UID=1010 bed_ctr_json entry-ok sh -c "$CHECK")" "$pod"
-	bed_wait_exited "$CID" 30
-	[[ $(logs_of "$CID") == *"svid exists!"* ]] || fail "after the fix: $(logs_of "$CID")"
+	served_again "entry created again" "$pid" "$pod" entry-ok 1010
 	bed_rmp "$pid"
 }
 
@@ -653,7 +663,7 @@ scenario_delegate_mistakes() {
 # handshake) makes it unready and refuses starts by name, and is healed by fixing the agent
 # alone.
 scenario_broker_mistakes() {
-	local e pod_uid pod pid err t
+	local e pod_uid pod pid
 	e=$(bed_entry /broker-mistakes unix:uid:1013)
 	bed_wait_entry "$e"
 	pod_uid=$(bed_uuid)
@@ -663,21 +673,12 @@ scenario_broker_mistakes() {
 	sed -i "s|id = \"$E2E_DELEGATE_ID\"|id = \"spiffe://$E2E_TD/someone-else\"|" "$E2E/spire/agent.conf"
 	grep -q someone-else "$E2E/spire/agent.conf" || fail "agent.conf not rewritten"
 	bed_restart_agent
-	t=$(nii_ms)
-	bed_wait 30 "not ready: not a listed broker" unready_because broker_not_listed
-	note "not a listed broker: unready after $(($(nii_ms) - t)) ms: $(readyz | grep agent | cut -c1-160)..."
-	grep -q 'not ready: the SPIRE agent refuses the daemon.*experimental.broker.brokers.*reason="\?broker_not_listed' "$E2E/logs/nii.log" || fail "no log line naming the mistake"
-	err=$(refused_with "$pid" "$pod" broker-mistakes unlisted 1013)
-	[[ $err == *"refuses the daemon itself"*"experimental.broker.brokers"* ]] || fail "start refused with: $err"
-	note "start refused: ${err##*nri-identity-injector: }"
+	refused_by_agent broker_not_listed experimental.broker.brokers \
+		'*refuses the daemon itself*experimental.broker.brokers*' \
+		"$pid" "$pod" broker-mistakes unlisted 1013
 	sed -i "s|spiffe://$E2E_TD/someone-else|$E2E_DELEGATE_ID|" "$E2E/spire/agent.conf"
 	bed_restart_agent
-	t=$(nii_ms)
-	bed_wait 30 "ready again" curl -fsS -o /dev/null "http://$NII_HTTP/readyz"
-	note "broker listed again: ready $(($(nii_ms) - t)) ms after the agent, without restarting the daemon"
-	start_ctr "$pid" "$(E2E_CTR_UID=1013 bed_ctr_json listed sh -c "$CHECK")" "$pod"
-	bed_wait_exited "$CID" 30
-	[[ $(logs_of "$CID") == *"svid exists!"* ]] || fail "after the fix: $(logs_of "$CID")"
+	served_again "broker listed again" "$pid" "$pod" listed 1013
 	bed_rmp "$pid"
 }
 
