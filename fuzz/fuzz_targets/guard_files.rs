@@ -101,6 +101,7 @@ fn offset(e: &DerError) -> usize {
         | DerError::Truncated { offset, .. }
         | DerError::BadLengthForm { offset }
         | DerError::NonMinimalLength { offset }
-        | DerError::LengthTooLarge { offset, .. } => offset,
+        | DerError::LengthTooLarge { offset, .. }
+        | DerError::BadTime { offset } => offset,
     }
 }
