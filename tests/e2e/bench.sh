@@ -155,9 +155,15 @@ else
 	bed_stop bare
 fi
 
-python3 - "$E2E" "$n" "$E2E_RUNTIME" "$MODE" <<'EOF'
+# With discover_workload_path the agent hashes the executable of every process it attests on
+# every call, the caller's (the daemon or the bare client) as well as the workload's: the
+# difference in size between the two callers is a difference in the agent's answer time.
+hashing=${E2E_UNIX_DISCOVER_WORKLOAD_PATH:-true}
+sizes="daemon $(stat -c %s "$NII_BIN") bytes, bare client $(stat -c %s "${BARE_BIN:-/dev/null}") bytes"
+
+python3 - "$E2E" "$n" "$E2E_RUNTIME" "$MODE" "$hashing" "$sizes" <<'EOF'
 import re, sys
-e2e, n, runtime, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+e2e, n, runtime, mode, hashing, sizes = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
 FIELD = re.compile(r"\b(\w+)_ms=([0-9.]+)")
 def phases(path):
     """The `<name>_ms=` fields of each line, one dict per delivery."""
@@ -212,6 +218,10 @@ for k in names + ["elapsed"]:
     print(f"  {label:<37}{cells(dp, k)} | {cells(bp, k)}")
 gap = max(abs(sum(r.get(k, 0) for k in names) - r["elapsed"]) for r in dp)
 print(f"  phases vs total: largest difference {gap:.3f} ms (rounding of the logged values)")
+if hashing == "true":
+    print(f"  the agent's unix attestor hashes each caller's executable per call (discover_workload_path): {sizes}")
+else:
+    print(f"  the agent's unix attestor hashes no executable (E2E_UNIX_DISCOVER_WORKLOAD_PATH=false)")
 for line in open(f"{e2e}/load.txt"):
     print(f"  load average (1, 5, 15 min), {line.strip()}")
 

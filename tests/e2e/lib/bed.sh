@@ -574,8 +574,11 @@ plugins {
     plugin_data { directory = "$E2E/spire/agent/data" }
   }
   WorkloadAttestor "unix" {
-    # Enables unix:path/sha256 selectors (resolved from /proc/<pid>/exe).
-    plugin_data { discover_workload_path = true }
+    # Enables unix:path/sha256 selectors (resolved from /proc/<pid>/exe). The agent then hashes
+    # the executable of every process it attests, the Delegated Identity API's caller
+    # included, on every call; E2E_UNIX_DISCOVER_WORKLOAD_PATH=false (the plugin's default)
+    # measures without that (tests/e2e/bench.sh).
+    plugin_data { discover_workload_path = ${E2E_UNIX_DISCOVER_WORKLOAD_PATH:-true} }
   }
   $k8s
 }
