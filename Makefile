@@ -11,7 +11,7 @@ export PATH := $(HOME)/.cargo/bin:/usr/local/go/bin:$(PATH)
 export GOTOOLCHAIN := local
 export CARGO_TERM_COLOR := never
 
-.PHONY: release demo test check lint lint-rust lint-deny lint-shell unit fuzz-smoke fuzz conformance e2e e2e-broker e2e-churn chaos soak e2e-crio e2e-k8s e2e-k8s-api e2e-deploy e2e-openshift e2e-openshift-crio e2e-kata e2e-vm e2e-selinux manifests bench bench-nri bench-e2e bench-e2e-crio bench-k8s bench-daemon codegen build
+.PHONY: release demo test check lint lint-rust lint-deny lint-shell unit fuzz-smoke fuzz conformance e2e e2e-broker e2e-churn chaos soak e2e-crio e2e-k8s e2e-k8s-api e2e-deploy e2e-openshift e2e-openshift-crio e2e-kata e2e-vm e2e-selinux manifests bench bench-nri bench-e2e bench-burst bench-e2e-crio bench-k8s bench-daemon codegen build
 
 # The shipped binary: statically linked (no shared libc pages: idle RSS about 1.3 MiB below a
 # dynamically linked build) and built for an explicit target, so the static flag reaches only the
@@ -177,6 +177,10 @@ bench-nri:
 
 bench-e2e:
 	tests/e2e/bench.sh 50
+
+# 100 annotated pods created together, then started together, on containerd (PID mode).
+bench-burst:
+	tests/e2e/burst.sh 100
 
 # On CRI-O: PID mode (behind the start guard), then selectors mode (OpenShift's).
 bench-e2e-crio:

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# A burst on the real bed (containerd + runc + SPIRE, PID mode): N annotated pods (default
+# 100), one container each, run, created and started all at once. Every container must start
+# and its first instruction (the FROM scratch idcheck) must find its identity; every NRI event
+# must be answered within containerd's plugin request timeout (2 s). Prints p50/p99/max of
+# crictl's create and start as the burst saw them, of the daemon's StartContainer handling
+# (its `identity delivered` elapsed_ms), and the daemon's CPU time for the whole burst.
+#
+#   tests/e2e/burst.sh [N]          (make bench-burst)
+#
+# The agent hashes no executable here (E2E_UNIX_DISCOVER_WORKLOAD_PATH=false, the unix
+# attestor's default): with hashing the agent's own cost dominates; see tests/e2e/bench.sh.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+export E2E_UNIX_DISCOVER_WORKLOAD_PATH=${E2E_UNIX_DISCOVER_WORKLOAD_PATH:-false}
+# shellcheck source=tests/e2e/lib/bed.sh
+. "$here/lib/bed.sh"
+# shellcheck source=tests/e2e/lib/nii.sh
+. "$here/lib/nii.sh"
+
+bed_runtime_only containerd "the burst measures containerd's NRI deadline"
+n=${1:-100}
+trap 'nii_stop 2>/dev/null || true; bed_down $?' EXIT
+nii_build
+bed_up
+ns() { date +%s%N; }
+# The daemon's user + system CPU time, in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$(bed_pid nii)/stat"; }
+
+bed_wait_entry "$(bed_entry /burst unix:uid:1001)"
+nii_start
+mkdir -p "$E2E/burst"
+
+# One background crictl per pod and step; each records its own latency.
+for ((i = 0; i < n; i++)); do
+	bed_pod_json "burst-$i" "$(bed_uuid)" "$(nii_annotations identity.noderesource.dev/pod "$(nii_identity /var/certs)")" >"$E2E/burst/$i.pod"
+done
+for ((i = 0; i < n; i++)); do
+	"$CRICTL" runp "$E2E/burst/$i.pod" >"$E2E/burst/$i.pid" &
+done
+wait
+ticks0=$(cpu_ticks)
+t0=$(ns)
+for ((i = 0; i < n; i++)); do
+	(
+		t=$(ns)
+		"$CRICTL" create "$(cat "$E2E/burst/$i.pid")" "$(E2E_CTR_IMAGE=$E2E_SCRATCH_IMAGE bed_ctr_json c /idcheck /var/certs)" "$E2E/burst/$i.pod" >"$E2E/burst/$i.cid"
+		echo "$((($(ns) - t) / 1000))" >"$E2E/burst/$i.create"
+	) &
+done
+wait
+t1=$(ns)
+for ((i = 0; i < n; i++)); do
+	(
+		t=$(ns)
+		"$CRICTL" start "$(cat "$E2E/burst/$i.cid")" >/dev/null
+		echo "$((($(ns) - t) / 1000))" >"$E2E/burst/$i.start"
+	) &
+done
+wait
+t2=$(ns)
+fails=0
+for ((i = 0; i < n; i++)); do
+	cid=$(cat "$E2E/burst/$i.cid")
+	bed_wait_exited "$cid" 60
+	out=$("$CRICTL" logs "$cid" 2>&1)
+	[[ $out == *"svid exists!"* ]] || { echo "burst: pod $i ran without its identity: $out" >&2 && fails=$((fails + 1)); }
+done
+ticks1=$(cpu_ticks)
+grep 'identity{pod=burst-' "$E2E/logs/nii.log" | grep 'identity delivered' | grep -o 'elapsed_ms=[0-9.]*' | cut -d= -f2 >"$E2E/burst/delivered.ms"
+[[ $(wc -l <"$E2E/burst/delivered.ms") == "$n" ]] || { echo "burst: $(wc -l <"$E2E/burst/delivered.ms") deliveries logged, not $n" >&2 && fails=$((fails + 1)); }
+
+python3 - "$E2E/burst" "$n" "$(((t1 - t0) / 1000000))" "$(((t2 - t1) / 1000000))" "$((ticks1 - ticks0))" "$(getconf CLK_TCK)" "$fails" <<'EOF'
+import glob, sys
+d, n, create_ms, start_ms, ticks, hz, fails = sys.argv[1], int(sys.argv[2]), *map(int, sys.argv[3:])
+def read(suffix, scale):
+    return sorted(float(open(f).read()) / scale for f in glob.glob(f"{d}/*.{suffix}"))
+def pct(v, p):
+    return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
+rows = [("crictl create (all at once)", read("create", 1000)),
+        ("crictl start (all at once)", read("start", 1000)),
+        ("daemon: StartContainer handling", sorted(float(x) for x in open(f"{d}/delivered.ms")))]
+print(f"burst: {n} annotated pods, created together then started together (ms)   p50      p99      max")
+for label, v in rows:
+    print(f"  {label:<62}{pct(v,50):8.2f} {pct(v,99):8.2f} {v[-1]:8.2f}")
+print(f"  wall: all creates {create_ms} ms, all starts {start_ms} ms")
+print(f"  daemon CPU for the burst (creates, starts, first deliveries): {ticks * 1000 // hz} ms, {ticks * 1000 / hz / n:.2f} ms per container")
+slow = [x for x in rows[2][1] if x >= 2000]
+print(f"  StartContainer handling over containerd's 2 s plugin timeout: {len(slow)}")
+print(f"  containers that ran without their identity: {fails}")
+sys.exit(1 if fails or slow else 0)
+EOF
