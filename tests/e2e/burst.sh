@@ -32,24 +32,35 @@ bed_wait_entry "$(bed_entry /burst unix:uid:1001)"
 nii_start
 mkdir -p "$E2E/burst"
 
-# One background crictl per pod and step; each records its own latency.
+# One background crictl per pod and step; each records its own latency. A bare `wait` would
+# also wait for the bed's own processes (bed_spawn starts them from this shell).
+jobs_=()
+wait_jobs() {
+	wait "${jobs_[@]}"
+	jobs_=()
+}
 for ((i = 0; i < n; i++)); do
-	bed_pod_json "burst-$i" "$(bed_uuid)" "$(nii_annotations identity.noderesource.dev/pod "$(nii_identity /var/certs)")" >"$E2E/burst/$i.pod"
+	# bed_pod_json writes the spec to a file and prints its path.
+	bed_pod_json "burst-$i" "$(bed_uuid)" "$(nii_annotations identity.noderesource.dev/pod "$(nii_identity /var/certs)")" >"$E2E/burst/$i.podpath"
 done
 for ((i = 0; i < n; i++)); do
-	"$CRICTL" runp "$E2E/burst/$i.pod" >"$E2E/burst/$i.pid" &
+	"$CRICTL" runp "$(cat "$E2E/burst/$i.podpath")" >"$E2E/burst/$i.pid" &
+	jobs_+=($!)
 done
-wait
+wait_jobs
+# One container spec for all: bed_ctr_json writes a file named after the container.
+ctr=$(E2E_CTR_IMAGE=$E2E_SCRATCH_IMAGE bed_ctr_json c /idcheck /var/certs)
 ticks0=$(cpu_ticks)
 t0=$(ns)
 for ((i = 0; i < n; i++)); do
 	(
 		t=$(ns)
-		"$CRICTL" create "$(cat "$E2E/burst/$i.pid")" "$(E2E_CTR_IMAGE=$E2E_SCRATCH_IMAGE bed_ctr_json c /idcheck /var/certs)" "$E2E/burst/$i.pod" >"$E2E/burst/$i.cid"
+		"$CRICTL" create "$(cat "$E2E/burst/$i.pid")" "$ctr" "$(cat "$E2E/burst/$i.podpath")" >"$E2E/burst/$i.cid"
 		echo "$((($(ns) - t) / 1000))" >"$E2E/burst/$i.create"
 	) &
+	jobs_+=($!)
 done
-wait
+wait_jobs
 t1=$(ns)
 for ((i = 0; i < n; i++)); do
 	(
@@ -57,8 +68,9 @@ for ((i = 0; i < n; i++)); do
 		"$CRICTL" start "$(cat "$E2E/burst/$i.cid")" >/dev/null
 		echo "$((($(ns) - t) / 1000))" >"$E2E/burst/$i.start"
 	) &
+	jobs_+=($!)
 done
-wait
+wait_jobs
 t2=$(ns)
 fails=0
 for ((i = 0; i < n; i++)); do
