@@ -295,7 +295,9 @@ fn jwt(dir: &Path) {
         format!(
             "{}.{}.{}",
             b64(r#"{"alg":"ES256","kid":"k1","typ":"JWT"}"#),
-            b64(&format!(r#"{{"aud":["a"],"exp":1900000000,"iat":1800000000,"sub":"{sub}"}}"#)),
+            b64(&format!(
+                r#"{{"aud":["a"],"exp":1900000000,"iat":1800000000,"sub":"{sub}"}}"#
+            )),
             b64("not a real signature, 64 bytes long......................!")
         )
     };
@@ -334,8 +336,15 @@ fn jwt(dir: &Path) {
     .encode_to_vec();
     let mut jwks_by_td = std::collections::BTreeMap::new();
     jwks_by_td.insert("spiffe://example.org".to_string(), jwks.to_vec());
-    let bundles = broker::SubscribeToJwtBundlesResponse { bundles: jwks_by_td }.encode_to_vec();
-    write(dir, "broker-two-svids", &two_messages(0x80, &svids, &bundles));
+    let bundles = broker::SubscribeToJwtBundlesResponse {
+        bundles: jwks_by_td,
+    }
+    .encode_to_vec();
+    write(
+        dir,
+        "broker-two-svids",
+        &two_messages(0x80, &svids, &bundles),
+    );
 }
 
 fn broker(dir: &Path) {

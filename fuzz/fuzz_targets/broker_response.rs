@@ -17,16 +17,4 @@ use nri_identity_injector::spire::broker_fuzzing::{bundle_message, svid_message}
 #[path = "common/x509_files.rs"]
 mod x509_files;
 
-use x509_files::{Input, check_converted, check_rendered};
-
-fuzz_target!(|data: &[u8]| {
-    let Some(input) = Input::from_bytes(data) else {
-        return;
-    };
-    let update = svid_message(input.svids);
-    let bundles = bundle_message(input.bundles);
-    check_converted(update.as_ref().ok(), bundles.as_ref().ok());
-    if let (Ok(update), Ok(set)) = (update, bundles) {
-        check_rendered(&update, &set, input.files);
-    }
-});
+fuzz_target!(|data: &[u8]| x509_files::run(data, svid_message, bundle_message));

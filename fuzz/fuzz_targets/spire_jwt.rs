@@ -106,7 +106,10 @@ fuzz_target!(|data: &[u8]| {
     let policy = Policy::new("/run/spire/admin/admin.sock");
     let text = ANNOTATIONS[usize::from(input.files & 0x7f) % ANNOTATIONS.len()];
     let request = annotation::parse(text, &policy).expect("fixed annotation");
-    let jwt = request.jwt.as_ref().expect("the annotation asks for a JWT-SVID");
+    let jwt = request
+        .jwt
+        .as_ref()
+        .expect("the annotation asks for a JWT-SVID");
     for svid in &svids {
         let jwks = set.bundles.get(svid.spiffe_id.trust_domain());
         let files = RenderedFiles::jwt(

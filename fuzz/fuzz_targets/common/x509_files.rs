@@ -46,6 +46,24 @@ fn pem_items(pem: &[u8]) -> Vec<(SectionKind, Vec<u8>)> {
         .expect("our PEM parses")
 }
 
+/// One input through a source's two decoders (SVID message, bundle message), then the checks
+/// every source's answers must pass.
+pub fn run(
+    data: &[u8],
+    svid_message: fn(&[u8]) -> Result<SvidUpdate, String>,
+    bundle_message: fn(&[u8]) -> Result<BundleSet, String>,
+) {
+    let Some(input) = Input::from_bytes(data) else {
+        return;
+    };
+    let update = svid_message(input.svids);
+    let bundles = bundle_message(input.bundles);
+    check_converted(update.as_ref().ok(), bundles.as_ref().ok());
+    if let (Ok(update), Ok(set)) = (update, bundles) {
+        check_rendered(&update, &set, input.files);
+    }
+}
+
 /// Every SVID kept has a parsed ID that parses again to itself, a chain of non-empty
 /// certificates and a key; every trust domain named parses again to itself; every bundle
 /// certificate starts as a DER SEQUENCE.
