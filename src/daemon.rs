@@ -65,7 +65,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     );
     engine_cfg.kubelet = config
         .kubelet_endpoint()
-        .map(|e| Arc::new(crate::k8s::KubeletPods::new(e)));
+        .map(|e| Arc::new(crate::k8s::KubeletPods::new(e).with_metrics(metrics.clone())));
     match config.identity_api {
         IdentityApi::Delegated => {
             let source = DelegatedIdentityApi::new(ApiConfig::default());

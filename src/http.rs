@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -74,13 +74,7 @@ pub fn respond(path: &str, metrics: &Metrics) -> (&'static str, String) {
                 ("503 Service Unavailable", body)
             }
         }
-        "/metrics" => {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
-                .unwrap_or(0);
-            ("200 OK", metrics.render(now))
-        }
+        "/metrics" => ("200 OK", metrics.render(crate::spire::unix_now())),
         _ => ("404 Not Found", "not found\n".into()),
     }
 }

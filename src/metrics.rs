@@ -9,8 +9,6 @@ use std::time::Duration;
 
 use crate::spire::DelegateRefusal;
 
-const REFUSALS: [DelegateRefusal; 6] = DelegateRefusal::ALL;
-
 /// Upper bounds (seconds) of the time-to-first-SVID histogram.
 const BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0];
 
@@ -94,10 +92,12 @@ impl PhaseTimes {
 pub struct Metrics {
     nri_ready: AtomicU64,
     agent_ready: AtomicU64,
-    /// 0: the agent does not refuse the daemon; else 1 + the index in [`REFUSALS`].
+    /// 0: the agent does not refuse the daemon; else 1 + the index in [`DelegateRefusal::ALL`].
     agent_refusal: AtomicU8,
     /// 0: no kubelet configured; 1: it answers; 2: it does not.
     kubelet: AtomicU64,
+    kubelet_lists: AtomicU64,
+    kubelet_list_bytes: AtomicU64,
     identities_served: AtomicU64,
     rotations: AtomicU64,
     jwt_refreshes: AtomicU64,
@@ -179,6 +179,12 @@ impl Metrics {
         self.kubelet
             .store(if ready { 1 } else { 2 }, Ordering::Relaxed);
     }
+    /// One pod list read from the kubelet, `bytes` long.
+    pub fn kubelet_list_fetched(&self, bytes: usize) {
+        self.kubelet_lists.fetch_add(1, Ordering::Relaxed);
+        self.kubelet_list_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
     /// `None` when the daemon does not use a kubelet.
     pub fn kubelet_ready(&self) -> Option<bool> {
         match self.kubelet.load(Ordering::Relaxed) {
@@ -197,7 +203,7 @@ impl Metrics {
     pub fn set_agent_refusal(&self, refusal: Option<DelegateRefusal>) {
         // ALL holds every variant, so the position is always found.
         let v = refusal.map_or(0, |r| {
-            REFUSALS
+            DelegateRefusal::ALL
                 .iter()
                 .position(|x| *x == r)
                 .map_or(0, |i| 1 + i as u8)
@@ -207,7 +213,7 @@ impl Metrics {
     pub fn agent_refusal(&self) -> Option<DelegateRefusal> {
         match self.agent_refusal.load(Ordering::Relaxed) {
             0 => None,
-            v => REFUSALS.get(usize::from(v) - 1).copied(),
+            v => DelegateRefusal::ALL.get(usize::from(v) - 1).copied(),
         }
     }
 
@@ -321,7 +327,7 @@ impl Metrics {
             o,
             "# HELP nri_identity_agent_refusal 1 while the SPIRE agent refuses the daemon itself, by reason (no_delegate_entry: no registration entry matches the daemon; not_authorized_delegate: its SPIFFE ID is not in authorized_delegates; no_broker_svid, broker_not_listed, reference_type_not_allowed, broker_not_in_attestor: the Broker API's counterparts).\n# TYPE nri_identity_agent_refusal gauge"
         );
-        for r in REFUSALS {
+        for r in DelegateRefusal::ALL {
             let _ = writeln!(
                 o,
                 "nri_identity_agent_refusal{{reason=\"{}\"}} {}",
@@ -341,6 +347,16 @@ impl Metrics {
                 "nri_identity_kubelet_reachable",
                 "1 while the kubelet lists the node's pods for the daemon.",
                 (ok as u8).to_string(),
+            );
+            let _ = writeln!(
+                o,
+                "# HELP nri_identity_kubelet_pod_lists_total Pod lists read from the kubelet (cache misses and readiness probes).\n# TYPE nri_identity_kubelet_pod_lists_total counter\nnri_identity_kubelet_pod_lists_total {}",
+                self.kubelet_lists.load(Ordering::Relaxed)
+            );
+            let _ = writeln!(
+                o,
+                "# HELP nri_identity_kubelet_pod_list_bytes_total Bytes of the pod lists read from the kubelet and parsed.\n# TYPE nri_identity_kubelet_pod_list_bytes_total counter\nnri_identity_kubelet_pod_list_bytes_total {}",
+                self.kubelet_list_bytes.load(Ordering::Relaxed)
             );
         }
         gauge(
@@ -585,6 +601,17 @@ mod tests {
         assert!(
             text.lines()
                 .any(|l| l == "nri_identity_kubelet_reachable 1")
+        );
+        m.kubelet_list_fetched(7000);
+        m.kubelet_list_fetched(500);
+        let text = m.render(0);
+        assert!(
+            text.lines()
+                .any(|l| l == "nri_identity_kubelet_pod_lists_total 2")
+        );
+        assert!(
+            text.lines()
+                .any(|l| l == "nri_identity_kubelet_pod_list_bytes_total 7500")
         );
         assert!(
             text.lines()

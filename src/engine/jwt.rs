@@ -8,7 +8,7 @@
 //! one task still writes each directory.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -19,22 +19,15 @@ use super::{Engine, EngineError, Report, blocking};
 use crate::annotation::{IdentityRequest, JwtRequest};
 use crate::artifacts::RenderedFiles;
 use crate::spiffe::{SpiffeId, TrustDomain};
-use crate::spire::{IdentitySource, JwtBundleSet, JwtSvid};
+use crate::spire::{IdentitySource, JwtBundleSet, JwtSvid, unix_now};
 
 /// Bound on one `FetchJWTSVIDs` call during maintenance (the first one has the event's
 /// deadline): minting is a signature on the agent, so this only covers a loaded agent.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Seconds since the Unix epoch.
-pub(super) fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
 /// The moment a Unix time (seconds) comes, on the tokio clock.
 fn instant_at(unix: i64) -> Instant {
-    let ahead = unix.saturating_sub(now_unix()).max(0) as u64;
+    let ahead = unix.saturating_sub(unix_now()).max(0) as u64;
     Instant::now() + Duration::from_secs(ahead)
 }
 
@@ -210,7 +203,7 @@ impl<S: IdentitySource> Engine<S> {
                 let mut due = Instant::now() + inner.retry.backoff(progress.failures);
                 progress.failures = progress.failures.saturating_add(1);
                 match progress.expires_at {
-                    Some(exp) if exp <= now_unix() => {
+                    Some(exp) if exp <= unix_now() => {
                         // Never leave a token the workload would present after its `exp`.
                         match inner.writer.remove_file(&ctx.dir, &jwt.token.name) {
                             Ok(()) => {

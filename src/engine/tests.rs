@@ -111,7 +111,7 @@ impl IdentitySource for ScriptedSource {
                 message: "refused by the script".into(),
             });
         }
-        let now = jwt::now_unix();
+        let now = crate::spire::unix_now();
         let ttl = s.jwt_ttl;
         let minted = s.svids.get(workload).map(|u| {
             u.svids

@@ -9,10 +9,11 @@
 mod transport;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::attestor::OwnerReference;
+use crate::metrics::Metrics;
 use serde::Deserialize;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -197,6 +198,8 @@ pub struct KubeletPods {
     max_body: usize,
     cache: Mutex<Cache>,
     refresh: tokio::sync::Mutex<()>,
+    /// Where each pod list read is counted, when the daemon exports metrics.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl std::fmt::Debug for KubeletPods {
@@ -219,7 +222,13 @@ impl KubeletPods {
                 fetched: None,
             }),
             refresh: tokio::sync::Mutex::new(()),
+            metrics: None,
         }
+    }
+
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     pub fn url(&self) -> &KubeletUrl {
@@ -268,14 +277,17 @@ impl KubeletPods {
 
     async fn fetch_into_cache(&self) -> Result<usize, LookupError> {
         let asked = Instant::now();
-        let pods = tokio::time::timeout(self.timeout, self.fetch())
+        let (pods, bytes) = tokio::time::timeout(self.timeout, self.fetch())
             .await
             .map_err(|_| LookupError::Timeout {
                 url: self.endpoint.url.to_string(),
                 timeout: self.timeout,
             })??;
         let n = pods.len();
-        tracing::debug!(url = %self.endpoint.url, pods = n, elapsed_ms = asked.elapsed().as_secs_f64() * 1e3, "kubelet pod list fetched");
+        if let Some(m) = &self.metrics {
+            m.kubelet_list_fetched(bytes);
+        }
+        tracing::debug!(url = %self.endpoint.url, pods = n, bytes, elapsed_ms = asked.elapsed().as_secs_f64() * 1e3, "kubelet pod list fetched");
         let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         c.pods = pods;
         c.fetched = Some(Instant::now());
@@ -291,7 +303,8 @@ impl KubeletPods {
             .remove(uid);
     }
 
-    async fn fetch(&self) -> Result<HashMap<String, PodFacts>, LookupError> {
+    /// The node's pods and the length of the list they came in.
+    async fn fetch(&self) -> Result<(HashMap<String, PodFacts>, usize), LookupError> {
         let url = &self.endpoint.url;
         let authority = url.authority();
         let connect = |error| LookupError::Connect {
@@ -351,7 +364,8 @@ impl KubeletPods {
                 });
             }
         }
-        parse_pod_list(&response.body).map_err(|e| malformed(e.to_string()))
+        let pods = parse_pod_list(&response.body).map_err(|e| malformed(e.to_string()))?;
+        Ok((pods, response.body.len()))
     }
 }
 

@@ -237,7 +237,7 @@ impl IdentitySource for BrokerApi {
             .await
             .map_err(|status| self.call_failed(agent, status))?
             .into_inner();
-        Ok(jwt_svids(response, unix_now()))
+        Ok(jwt_svids(response, super::unix_now()))
     }
 
     /// Like [`Self::subscribe_bundles`]: the daemon names itself, the answer is every JWKS.
@@ -511,41 +511,29 @@ fn bundle_set(response: SubscribeToX509BundlesResponse) -> Result<BundleSet, Sou
 /// Converts a JWT-SVID answer, dropping unusable tokens as [`svid_update`] drops SVIDs. The
 /// Broker API sends no expiry: it is read from the token's own claims.
 fn jwt_svids(response: FetchJwtsvidResponse, now: i64) -> Vec<JwtSvid> {
-    let mut out = Vec::with_capacity(response.svids.len());
-    for svid in response.svids {
+    super::jwt::usable("SPIRE broker endpoint", response.svids, |svid| {
         let token = Zeroizing::new(svid.svid);
-        let spiffe_id = match SpiffeId::parse(&svid.spiffe_id) {
-            Ok(id) => id,
-            Err(error) => {
-                tracing::warn!(spiffe_id = %svid.spiffe_id, %error, "SPIRE broker endpoint sent a JWT-SVID with an invalid SPIFFE ID; ignored");
-                continue;
-            }
-        };
-        let (issued_at, expires_at) = match super::jwt::claimed_times(&token, now) {
-            Ok(times) => times,
-            Err(problem) => {
-                tracing::warn!(%spiffe_id, "SPIRE broker endpoint sent a JWT-SVID that {problem}; ignored");
-                continue;
-            }
-        };
-        match super::jwt::checked(spiffe_id, token, issued_at, expires_at, svid.hint) {
-            Ok(svid) => out.push(svid),
-            Err((spiffe_id, problem)) => {
-                tracing::warn!(%spiffe_id, "SPIRE broker endpoint sent a JWT-SVID that {problem}; ignored");
-            }
-        }
-    }
-    out
+        let spiffe_id = SpiffeId::parse(&svid.spiffe_id).map_err(|error| {
+            let shown = &svid.spiffe_id;
+            (
+                None,
+                format!("with an invalid SPIFFE ID ({shown:?}: {error})"),
+            )
+        })?;
+        let (issued_at, expires_at) = super::jwt::claimed_times(&token, now)
+            .map_err(|problem| (Some(spiffe_id.clone()), problem.to_owned()))?;
+        Ok(super::jwt::Sent {
+            spiffe_id,
+            token,
+            issued_at,
+            expires_at,
+            hint: svid.hint,
+        })
+    })
 }
 
 fn jwt_bundle_set(response: SubscribeToJwtBundlesResponse) -> Result<JwtBundleSet, SourceError> {
     super::jwt::bundle_set(response.bundles)
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn not_after(leaf: &[u8]) -> Result<i64, String> {

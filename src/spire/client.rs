@@ -258,29 +258,24 @@ fn jwt_request(
 /// Converts a JWT-SVID answer, dropping tokens that cannot be used (the agent never sends
 /// them) like [`svid_update`] does.
 fn jwt_svids(response: FetchJwtsviDsResponse) -> Vec<JwtSvid> {
-    let mut out = Vec::with_capacity(response.svids.len());
-    for svid in response.svids {
+    super::jwt::usable("SPIRE agent", response.svids, |svid| {
         let token = Zeroizing::new(svid.token);
-        let Some(id) = svid.id else {
-            tracing::warn!("SPIRE agent sent a JWT-SVID without a SPIFFE ID; ignored");
-            continue;
-        };
-        let spiffe_id = match SpiffeId::from_parts(&id.trust_domain, &id.path) {
-            Ok(id) => id,
-            Err(error) => {
-                tracing::warn!(trust_domain = %id.trust_domain, path = %id.path, %error,
-                    "SPIRE agent sent a JWT-SVID with an invalid SPIFFE ID; ignored");
-                continue;
-            }
-        };
-        match super::jwt::checked(spiffe_id, token, svid.issued_at, svid.expires_at, svid.hint) {
-            Ok(svid) => out.push(svid),
-            Err((spiffe_id, problem)) => {
-                tracing::warn!(%spiffe_id, "SPIRE agent sent a JWT-SVID that {problem}; ignored");
-            }
-        }
-    }
-    out
+        let id = svid.id.ok_or((None, "without a SPIFFE ID".to_owned()))?;
+        let spiffe_id = SpiffeId::from_parts(&id.trust_domain, &id.path).map_err(|error| {
+            let shown = format!("{}{}", id.trust_domain, id.path);
+            (
+                None,
+                format!("with an invalid SPIFFE ID ({shown:?}: {error})"),
+            )
+        })?;
+        Ok(super::jwt::Sent {
+            spiffe_id,
+            token,
+            issued_at: svid.issued_at,
+            expires_at: svid.expires_at,
+            hint: svid.hint,
+        })
+    })
 }
 
 fn jwt_bundle_set(response: SubscribeToJwtBundlesResponse) -> Result<JwtBundleSet, SourceError> {

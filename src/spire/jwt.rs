@@ -25,15 +25,60 @@ fn compact_jws(token: &str) -> bool {
         })
 }
 
-/// A token as an agent sent it, or why it cannot be used (the agent never sends such tokens,
-/// so the caller logs and drops it rather than failing the others).
-pub(super) fn checked(
-    spiffe_id: SpiffeId,
-    token: Zeroizing<String>,
-    issued_at: i64,
-    expires_at: i64,
-    hint: String,
-) -> Result<JwtSvid, (SpiffeId, &'static str)> {
+/// Seconds since the Unix epoch: the clock JWT claims and the metrics' expiry gauges use.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// A token as a source read it off its wire: the SPIFFE ID and times are read differently by
+/// each API, the checks after that are the same.
+pub(super) struct Sent {
+    pub spiffe_id: SpiffeId,
+    pub token: Zeroizing<String>,
+    pub issued_at: i64,
+    pub expires_at: i64,
+    pub hint: String,
+}
+
+/// Why a wire entry cannot be used: a sentence after "sent a JWT-SVID", and the SPIFFE ID when
+/// it could be read.
+pub(super) type Unusable = (Option<SpiffeId>, String);
+
+/// The usable tokens of one message. `read` takes an entry apart the sender's way; an entry it
+/// cannot read, or that [`checked`] refuses, is logged and dropped rather than failing the
+/// others (the agent never sends such tokens).
+pub(super) fn usable<W>(
+    sender: &str,
+    entries: Vec<W>,
+    read: impl Fn(W) -> Result<Sent, Unusable>,
+) -> Vec<JwtSvid> {
+    let mut out = Vec::with_capacity(entries.len());
+    for entry in entries {
+        match read(entry).and_then(|sent| checked(sent).map_err(|(id, p)| (Some(id), p.to_owned())))
+        {
+            Ok(svid) => out.push(svid),
+            Err((Some(spiffe_id), problem)) => {
+                tracing::warn!(%spiffe_id, "{sender} sent a JWT-SVID that {problem}; ignored");
+            }
+            Err((None, problem)) => {
+                tracing::warn!("{sender} sent a JWT-SVID {problem}; ignored");
+            }
+        }
+    }
+    out
+}
+
+/// A token that may be passed on, or why it cannot be.
+fn checked(sent: Sent) -> Result<JwtSvid, (SpiffeId, &'static str)> {
+    let Sent {
+        spiffe_id,
+        token,
+        issued_at,
+        expires_at,
+        hint,
+    } = sent;
     if !compact_jws(&token) {
         return Err((spiffe_id, "is not a compact JWS"));
     }

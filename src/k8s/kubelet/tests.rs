@@ -303,6 +303,32 @@ async fn hits_are_cached_and_a_stale_cache_is_refreshed_on_a_miss() {
     assert_eq!(fake.hits.load(Ordering::SeqCst), 2);
 }
 
+#[tokio::test]
+async fn every_pod_list_read_is_counted_with_its_bytes() {
+    let first = pods(&[("u1", "web")]);
+    let fake = FakeKubelet::start(Answer::ok(first.clone()), Duration::ZERO, None).await;
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let k = fake.read_only().with_metrics(metrics.clone());
+    k.pod("u1").await.unwrap();
+    k.pod("u1").await.unwrap();
+    let second = pods(&[("u1", "web"), ("u3", "new")]);
+    fake.set(Answer::ok(second.clone()));
+    k.pod("u3").await.unwrap();
+    metrics.set_kubelet_ready(true);
+    let text = metrics.render(0);
+    assert!(
+        text.lines()
+            .any(|l| l == "nri_identity_kubelet_pod_lists_total 2"),
+        "a cache hit reads no list\n{text}"
+    );
+    let bytes = first.len() + second.len();
+    assert!(
+        text.lines()
+            .any(|l| l == format!("nri_identity_kubelet_pod_list_bytes_total {bytes}")),
+        "{text}"
+    );
+}
+
 #[test]
 fn chunked_bodies_decode_and_truncated_or_oversized_ones_are_refused() {
     assert_eq!(
