@@ -178,9 +178,12 @@ bench-nri:
 bench-e2e:
 	tests/e2e/bench.sh 50
 
-# 100 annotated pods created together, then started together, on containerd (PID mode).
+# Bursts of 1 to 100 annotated pods created together, then started together, on containerd
+# (PID mode): start latency vs concurrent starts. Then 100 static pods handed to a real
+# kubelet together (selectors mode): pod lists fetched and bytes parsed.
 bench-burst:
-	tests/e2e/burst.sh 100
+	tests/e2e/burst.sh 1 10 25 50 100
+	tests/e2e/k8s_burst.sh 100
 
 # On CRI-O: PID mode (behind the start guard), then selectors mode (OpenShift's).
 bench-e2e-crio:

@@ -307,10 +307,10 @@ impl Config {
                 "must be at least max_identities_per_pod",
             ));
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
+        if let Err(error) = self.log_filter() {
             return Err(invalid(
                 "log_level",
-                format!("{:?} is not a valid filter", self.log_level),
+                format!("{:?} is not a valid filter: {error}", self.log_level),
             ));
         }
         for (field, path) in [
@@ -361,6 +361,37 @@ impl Config {
 
     /// The naming mode for pods that do not choose one: the configured one, else selectors
     /// where the kubelet is known (Kubernetes), else PID.
+    /// Which logs are written: a level (`info`) or levels by target
+    /// (`nri_identity_injector=debug,info`). Each directive must name a level: a bare word
+    /// would be read as a target to log at every level, so a misspelt level would silence the
+    /// daemon instead of failing. No regular expressions or span filters: the daemon carries
+    /// no regex engine for its log filter.
+    pub fn log_filter(&self) -> Result<tracing_subscriber::filter::Targets, String> {
+        for directive in self.log_level.split(',').map(str::trim) {
+            let (target, level) = match directive.split_once('=') {
+                Some((t, l)) => (Some(t), l),
+                None => (None, directive),
+            };
+            if let Some(t) = target
+                && (t.is_empty()
+                    || !t
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            {
+                return Err(format!("{t:?} is not a target (a Rust module path)"));
+            }
+            if level
+                .parse::<tracing_subscriber::filter::LevelFilter>()
+                .is_err()
+            {
+                return Err(format!(
+                    "{level:?} is not a level (off, error, warn, info, debug, trace)"
+                ));
+            }
+        }
+        self.log_level.parse().map_err(|e| format!("{e}"))
+    }
+
     pub fn default_attestation(&self) -> Attestation {
         self.attestation.unwrap_or(if self.kubelet_url.is_some() {
             Attestation::Selectors
@@ -731,6 +762,22 @@ mod tests {
     }
 
     #[test]
+    fn log_levels_alone_or_by_target_are_accepted() {
+        for level in [
+            "info",
+            "OFF",
+            "nri_identity_injector=debug,nri_plugin=info,info",
+            "nri_identity_injector::engine=trace, warn",
+        ] {
+            let c = Config {
+                log_level: level.into(),
+                ..Config::default()
+            };
+            assert!(c.log_filter().is_ok(), "{level}");
+        }
+    }
+
+    #[test]
     fn bad_configuration_is_refused_with_the_field_named() {
         let cases: &[(&str, &str)] = &[
             ("plugin_index = \"1\"", "plugin_index"),
@@ -739,6 +786,9 @@ mod tests {
             ("artifact_root = \"/\"", "artifact_root"),
             ("first_svid_timeout_ms = 5", "first_svid_timeout_ms"),
             ("log_level = \"[\"", "log_level"),
+            ("log_level = \"infoo\"", "log_level"),
+            ("log_level = \"nri_identity_injector\"", "log_level"),
+            ("log_level = \"a b=debug\"", "log_level"),
             ("no_such_key = 1", "no_such_key"),
             ("first_svid_timeout_ms = \"soon\"", "first_svid_timeout_ms"),
             ("runtime = \"docker\"", "runtime"),

@@ -403,7 +403,8 @@ pub trait HostOps: Send + Sync + fmt::Debug {
     ) -> Result<(), HostError>;
 
     /// A pidfd for host PID `pid`. Open it **before** asking SPIRE about the PID: if the
-    /// pidfd is still alive after the answer, the answer was about this process.
+    /// pidfd is still alive after the answer, the answer was about this process. Called
+    /// on a tokio runtime with IO enabled: the real pidfd is registered with its reactor.
     fn open_pidfd(&self, pid: u32) -> Result<Pidfd, HostError>;
 
     /// The contents of `/proc/<pid>/cgroup`, to check that `pid` is in the expected container
@@ -502,13 +503,32 @@ pub struct Pidfd {
 
 #[derive(Debug)]
 enum PidfdInner {
-    Real(OwnedFd),
+    /// Registered with the tokio reactor once, when opened: every waiter shares the one
+    /// registration, so a container costs one descriptor however often its exit is awaited.
+    Real(AsyncFd<OwnedFd>),
     /// `true` once the fake process has exited.
     #[cfg(any(test, feature = "testing"))]
     Fake(watch::Receiver<bool>),
 }
 
 impl Pidfd {
+    /// A real pidfd, registered with the current tokio runtime's reactor (which must have IO
+    /// enabled).
+    fn real(pid: u32, fd: OwnedFd) -> Result<Pidfd, HostError> {
+        let registering = |error| HostError::Process {
+            op: "registering pidfd",
+            pid,
+            error,
+        };
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(registering(io::Error::other("no tokio runtime")));
+        }
+        Ok(Pidfd {
+            pid,
+            inner: PidfdInner::Real(register_readable(fd).map_err(registering)?),
+        })
+    }
+
     /// The PID it was opened for (meaningless once the process has exited).
     pub fn pid(&self) -> u32 {
         self.pid
@@ -517,7 +537,7 @@ impl Pidfd {
     /// The pidfd, for a real process.
     pub fn fd(&self) -> Option<BorrowedFd<'_>> {
         match &self.inner {
-            PidfdInner::Real(fd) => Some(fd.as_fd()),
+            PidfdInner::Real(fd) => Some(fd.get_ref().as_fd()),
             #[cfg(any(test, feature = "testing"))]
             PidfdInner::Fake(_) => None,
         }
@@ -527,38 +547,23 @@ impl Pidfd {
     /// (zombie or reaped), so this polls it with a zero timeout.
     pub fn is_alive(&self) -> Result<bool, HostError> {
         match &self.inner {
-            PidfdInner::Real(fd) => real::pidfd_is_alive(fd, self.pid),
+            PidfdInner::Real(fd) => real::pidfd_is_alive(fd.get_ref(), self.pid),
             #[cfg(any(test, feature = "testing"))]
             PidfdInner::Fake(rx) => Ok(!*rx.borrow()),
         }
     }
 
     /// Resolves when the process exits (at once if it already has). Cancel-safe; may be
-    /// awaited repeatedly. Needs a tokio runtime with IO enabled.
+    /// awaited repeatedly and by several waiters at once: the readiness is never cleared, as
+    /// an exited process stays exited.
     pub async fn exited(&self) -> Result<(), HostError> {
         match &self.inner {
             PidfdInner::Real(fd) => {
-                // AsyncFd registers the fd with the reactor, which refuses the same open file
-                // twice under one fd number; a duplicate per call keeps concurrent waiters and
-                // repeated calls independent.
-                let fd = fd.try_clone().map_err(|error| HostError::Process {
-                    op: "duplicating pidfd",
+                let _ready = fd.readable().await.map_err(|error| HostError::Process {
+                    op: "waiting on pidfd",
                     pid: self.pid,
                     error,
                 })?;
-                let async_fd = register_readable(fd).map_err(|error| HostError::Process {
-                    op: "registering pidfd",
-                    pid: self.pid,
-                    error,
-                })?;
-                let _ready = async_fd
-                    .readable()
-                    .await
-                    .map_err(|error| HostError::Process {
-                        op: "waiting on pidfd",
-                        pid: self.pid,
-                        error,
-                    })?;
                 Ok(())
             }
             #[cfg(any(test, feature = "testing"))]

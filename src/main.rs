@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use nri_identity_injector::annotation;
 use nri_identity_injector::config::{Config, LogFormat, Overrides};
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::filter::Targets;
 
 /// sysexits EX_USAGE / EX_CONFIG.
 const EXIT_USAGE: u8 = 64;
@@ -64,19 +65,20 @@ impl RunArgs {
 }
 
 fn init_tracing(config: &Config) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    // Validated with the rest of the configuration, so the default is never used in practice.
+    let filter = config
+        .log_filter()
+        .unwrap_or_else(|_| Targets::new().with_default(tracing::Level::INFO));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     match config.log_format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
+        LogFormat::Json => registry
+            .with(fmt.json().flatten_event(true).with_current_span(true))
             .init(),
-        LogFormat::Text => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        LogFormat::Text => registry
+            .with(fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())))
             .init(),
     }
 }

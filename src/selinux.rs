@@ -32,6 +32,15 @@ const CONTAINER_FILE_PREFIX: &str = "system_u:object_r:container_file_t:";
 /// A sandbox's OCI configuration is a few kilobytes; anything near this is not one.
 const MAX_SPEC_BYTES: usize = 4 << 20;
 
+/// The part of a sandbox's OCI runtime spec the label is read from. Only `linux` is parsed:
+/// the rest (the process, hooks) is the runtime's business, and a field there the daemon never
+/// reads cannot fail the lookup (nor bring `oci_spec`'s process validation, and its regular
+/// expression engine, into the binary).
+#[derive(Deserialize)]
+struct SandboxSpec {
+    linux: Option<oci_spec::runtime::Linux>,
+}
+
 /// Which label the identity files get (configuration).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -172,13 +181,13 @@ impl LabelSource {
                             path: path.clone(),
                             source,
                         })?;
-                let spec: oci_spec::runtime::Spec =
+                let spec: SandboxSpec =
                     serde_json::from_slice(&bytes).map_err(|source| LabelError::Parse {
                         path: path.clone(),
                         source,
                     })?;
                 let mount_label = spec
-                    .linux()
+                    .linux
                     .as_ref()
                     .and_then(|l| l.mount_label().as_deref())
                     .filter(|l| !l.is_empty());

@@ -83,7 +83,7 @@ fn main() -> ExitCode {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::sink)
-                .with_filter(tracing_subscriber::EnvFilter::new("info")),
+                .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
         )
         .with(phases::Capture.with_filter(tracing_subscriber::filter::LevelFilter::INFO))
         .init();

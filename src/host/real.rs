@@ -16,8 +16,8 @@ use rustix::io::Errno;
 use rustix::process::{Gid, Pid, PidfdFlags, Uid, geteuid, pidfd_open};
 
 use super::{
-    DirHandle, FileAttrs, HostError, HostOps, Owner, Pidfd, PidfdInner, TEMP_PREFIX, check_attrs,
-    split_root, validate_component,
+    DirHandle, FileAttrs, HostError, HostOps, Owner, Pidfd, TEMP_PREFIX, check_attrs, split_root,
+    validate_component,
 };
 
 /// Directory depth [`RealHost::remove_all`] descends to. The daemon only creates flat
@@ -504,10 +504,7 @@ impl HostOps for RealHost {
         let raw = i32::try_from(pid).map_err(|_| HostError::InvalidPid { pid })?;
         let target = Pid::from_raw(raw).ok_or(HostError::InvalidPid { pid })?;
         match pidfd_open(target, PidfdFlags::empty()) {
-            Ok(fd) => Ok(Pidfd {
-                pid,
-                inner: PidfdInner::Real(fd),
-            }),
+            Ok(fd) => Pidfd::real(pid, fd),
             Err(Errno::SRCH) => Err(HostError::NoSuchProcess { pid }),
             Err(e) => Err(HostError::Process {
                 op: "pidfd_open",
