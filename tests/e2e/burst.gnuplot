@@ -9,8 +9,9 @@ set key top left
 set grid
 set title "nri-identity-injector on containerd + SPIRE (PID mode): start latency vs concurrent starts"
 set xlabel "containers started at once"
-set ylabel "ms"
-set yrange [0:*]
+set ylabel "ms (log scale)"
+set logscale y
+set yrange [1:*]
 plot csv using 1:2 skip 1 with linespoints lw 2 title "daemon: StartContainer handling p50", \
      '' using 1:3 skip 1 with linespoints lw 2 title "daemon: StartContainer handling p99", \
      '' using 1:5 skip 1 with linespoints dt 2 title "crictl start p50 (runc, NRI, daemon)", \
