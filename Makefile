@@ -170,7 +170,7 @@ e2e-selinux:
 e2e-vm:
 	tests/e2e/vm_smoke.sh
 
-bench: bench-nri bench-daemon
+bench: bench-nri bench-daemon bench-burst
 
 bench-nri:
 	tests/conformance/bench.sh

@@ -216,6 +216,12 @@ def cells(rows, k):
 for k in names + ["elapsed"]:
     label = "total (event to answer)" if k == "elapsed" else k
     print(f"  {label:<37}{cells(dp, k)} | {cells(bp, k)}")
+# The tail: the slowest deliveries (those at and above the p99), phase by phase, so that a
+# missed p99 shows whether the agent's answer or the daemon's own work was slow.
+slowest = sorted(dp, key=lambda r: r["elapsed"])[-max(2, n - int(round(0.99 * (n - 1)))):]
+print(f"  slowest {len(slowest)}: " + "; ".join(
+    f"{r['elapsed']:.2f} = " + " + ".join(f"{k} {r[k]:.2f}" for k in names if r.get(k, 0) >= 0.1)
+    for r in reversed(slowest)))
 gap = max(abs(sum(r.get(k, 0) for k in names) - r["elapsed"]) for r in dp)
 print(f"  phases vs total: largest difference {gap:.3f} ms (rounding of the logged values)")
 if hashing == "true":

@@ -6,7 +6,7 @@
 # Per burst: p50/p99/max of crictl's create and start as the burst saw them, of the daemon's
 # StartContainer handling (its `identity delivered` elapsed_ms), and the daemon's CPU time.
 # Several sizes make the start latency vs concurrent starts curve: a CSV and (with gnuplot)
-# a plot in NII_BENCH_OUT (default $E2E/burst-out, removed with the bed).
+# a plot in NII_BENCH_OUT (default /tmp/nii-bench-burst).
 #
 #   tests/e2e/burst.sh [N...]          (make bench-burst: 1 10 25 50 100)
 #
@@ -30,7 +30,7 @@ done
 trap 'nii_stop 2>/dev/null || true; bed_down $?' EXIT
 nii_build
 bed_up
-out=${NII_BENCH_OUT:-$E2E/burst-out}
+out=${NII_BENCH_OUT:-/tmp/nii-bench-burst}
 mkdir -p "$out"
 ns() { date +%s%N; }
 # The daemon's user + system CPU time, in clock ticks.
