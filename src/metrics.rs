@@ -310,6 +310,10 @@ impl Metrics {
         let gauge = |o: &mut String, name: &str, help: &str, v: String| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         };
+        let counter = |o: &mut String, name: &str, help: &str, v: &AtomicU64| {
+            let v = v.load(Ordering::Relaxed);
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        };
         gauge(
             &mut o,
             "nri_identity_nri_registered",
@@ -348,15 +352,17 @@ impl Metrics {
                 "1 while the kubelet lists the node's pods for the daemon.",
                 (ok as u8).to_string(),
             );
-            let _ = writeln!(
-                o,
-                "# HELP nri_identity_kubelet_pod_lists_total Pod lists read from the kubelet (cache misses and readiness probes).\n# TYPE nri_identity_kubelet_pod_lists_total counter\nnri_identity_kubelet_pod_lists_total {}",
-                self.kubelet_lists.load(Ordering::Relaxed)
+            counter(
+                &mut o,
+                "nri_identity_kubelet_pod_lists_total",
+                "Pod lists read from the kubelet (cache misses and readiness probes).",
+                &self.kubelet_lists,
             );
-            let _ = writeln!(
-                o,
-                "# HELP nri_identity_kubelet_pod_list_bytes_total Bytes of the pod lists read from the kubelet and parsed.\n# TYPE nri_identity_kubelet_pod_list_bytes_total counter\nnri_identity_kubelet_pod_list_bytes_total {}",
-                self.kubelet_list_bytes.load(Ordering::Relaxed)
+            counter(
+                &mut o,
+                "nri_identity_kubelet_pod_list_bytes_total",
+                "Bytes of the pod lists read from the kubelet and parsed.",
+                &self.kubelet_list_bytes,
             );
         }
         gauge(
@@ -380,25 +386,29 @@ impl Metrics {
                 (exp - now_unix).to_string(),
             );
         }
-        let _ = writeln!(
-            o,
-            "# HELP nri_identity_served_total Identities delivered for the first time.\n# TYPE nri_identity_served_total counter\nnri_identity_served_total {}",
-            self.identities_served.load(Ordering::Relaxed)
+        counter(
+            &mut o,
+            "nri_identity_served_total",
+            "Identities delivered for the first time.",
+            &self.identities_served,
         );
-        let _ = writeln!(
-            o,
-            "# HELP nri_identity_rotations_total Identity files rewritten after a rotation or bundle change.\n# TYPE nri_identity_rotations_total counter\nnri_identity_rotations_total {}",
-            self.rotations.load(Ordering::Relaxed)
+        counter(
+            &mut o,
+            "nri_identity_rotations_total",
+            "Identity files rewritten after a rotation or bundle change.",
+            &self.rotations,
         );
-        let _ = writeln!(
-            o,
-            "# HELP nri_identity_jwt_refreshes_total JWT-SVID files written with a fresh token.\n# TYPE nri_identity_jwt_refreshes_total counter\nnri_identity_jwt_refreshes_total {}",
-            self.jwt_refreshes.load(Ordering::Relaxed)
+        counter(
+            &mut o,
+            "nri_identity_jwt_refreshes_total",
+            "JWT-SVID files written with a fresh token.",
+            &self.jwt_refreshes,
         );
-        let _ = writeln!(
-            o,
-            "# HELP nri_identity_jwt_expired_removed_total JWT-SVID files removed because the token expired before a refresh succeeded.\n# TYPE nri_identity_jwt_expired_removed_total counter\nnri_identity_jwt_expired_removed_total {}",
-            self.jwt_expired_removed.load(Ordering::Relaxed)
+        counter(
+            &mut o,
+            "nri_identity_jwt_expired_removed_total",
+            "JWT-SVID files removed because the token expired before a refresh succeeded.",
+            &self.jwt_expired_removed,
         );
         let _ = writeln!(
             o,
