@@ -3,7 +3,9 @@
 //! Identity API and waits for the first SVID — no files, no checks, no pidfd. The daemon's
 //! time is compared with this one's for the same kind of container on the same bed.
 //!
-//! Usage: bare_fetch --socket NRI_SOCKET --agent ADMIN_SOCKET
+//! Usage: bare_fetch --socket NRI_SOCKET --agent ADMIN_SOCKET [--pod-prefix PREFIX]
+//! With `--pod-prefix`, only containers of pods whose name starts with PREFIX are served, so
+//! that the daemon and this client can take turns in one pass.
 //! Logs one line per container: `bare-fetch container=<id> elapsed_ms=<ms>
 //! stream_open_ms=<ms> first_svid_ms=<ms> svids=<n>`, the two phases named as the daemon's
 //! (the subscription accepted, then its first update carrying an SVID).
@@ -21,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 struct BareFetch {
     agent: PathBuf,
     api: DelegatedIdentityApi,
+    pod_prefix: String,
 }
 
 #[nri_plugin::plugin]
@@ -28,9 +31,12 @@ impl Plugin for BareFetch {
     async fn start_container(
         &self,
         _: &Context,
-        _: PodSandbox,
+        pod: PodSandbox,
         c: Container,
     ) -> Result<(), Status> {
+        if !pod.name.starts_with(&self.pod_prefix) {
+            return Ok(());
+        }
         let t = Instant::now();
         let mut stream = self
             .api
@@ -61,12 +67,14 @@ impl Plugin for BareFetch {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut socket = PathBuf::from(nri_plugin::DEFAULT_SOCKET_PATH);
     let mut agent = PathBuf::from("/run/spire/admin/admin.sock");
+    let mut pod_prefix = String::new();
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().ok_or("missing value")?;
         match flag.as_str() {
             "--socket" => socket = value.into(),
             "--agent" => agent = value.into(),
+            "--pod-prefix" => pod_prefix = value,
             other => return Err(format!("unknown flag {other}").into()),
         }
     }
@@ -78,6 +86,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let plugin = Arc::new(BareFetch {
             agent,
             api: DelegatedIdentityApi::new(ApiConfig::default()),
+            pod_prefix,
         });
         let runner = Runner::new(plugin, Options::new("bare-fetch", "10").socket_path(socket))?;
         let shutdown = CancellationToken::new();

@@ -47,6 +47,18 @@ wait_jobs() {
 	wait "${jobs_[@]}"
 	jobs_=()
 }
+# timed LATENCY_FILE OUT_FILE CMD... : CMD in the background, its output into OUT_FILE and its
+# latency (µs) into LATENCY_FILE.
+timed() {
+	local latency=$1 out=$2
+	shift 2
+	(
+		t=$(ns)
+		"$@" >"$out"
+		echo "$((($(ns) - t) / 1000))" >"$latency"
+	) &
+	jobs_+=($!)
+}
 
 # burst N : one burst of N pods; prints its table, appends its row to the CSV, removes its pods.
 burst() {
@@ -66,22 +78,12 @@ burst() {
 	ticks0=$(cpu_ticks)
 	t0=$(ns)
 	for ((i = 0; i < n; i++)); do
-		(
-			t=$(ns)
-			"$CRICTL" create "$(cat "$d/$i.pid")" "$ctr" "$(cat "$d/$i.podpath")" >"$d/$i.cid"
-			echo "$((($(ns) - t) / 1000))" >"$d/$i.create"
-		) &
-		jobs_+=($!)
+		timed "$d/$i.create" "$d/$i.cid" "$CRICTL" create "$(cat "$d/$i.pid")" "$ctr" "$(cat "$d/$i.podpath")"
 	done
 	wait_jobs
 	t1=$(ns)
 	for ((i = 0; i < n; i++)); do
-		(
-			t=$(ns)
-			"$CRICTL" start "$(cat "$d/$i.cid")" >/dev/null
-			echo "$((($(ns) - t) / 1000))" >"$d/$i.start"
-		) &
-		jobs_+=($!)
+		timed "$d/$i.start" /dev/null "$CRICTL" start "$(cat "$d/$i.cid")"
 	done
 	wait_jobs
 	t2=$(ns)
