@@ -359,8 +359,6 @@ impl Config {
         Ok(())
     }
 
-    /// The naming mode for pods that do not choose one: the configured one, else selectors
-    /// where the kubelet is known (Kubernetes), else PID.
     /// Which logs are written: a level (`info`) or levels by target
     /// (`nri_identity_injector=debug,info`). Each directive must name a level: a bare word
     /// would be read as a target to log at every level, so a misspelt level would silence the
@@ -389,9 +387,13 @@ impl Config {
                 ));
             }
         }
-        self.log_level.parse().map_err(|e| format!("{e}"))
+        self.log_level
+            .parse()
+            .map_err(|e: tracing_subscriber::filter::ParseError| e.to_string())
     }
 
+    /// The naming mode for pods that do not choose one: the configured one, else selectors
+    /// where the kubelet is known (Kubernetes), else PID.
     pub fn default_attestation(&self) -> Attestation {
         self.attestation.unwrap_or(if self.kubelet_url.is_some() {
             Attestation::Selectors
