@@ -3,19 +3,27 @@
 //! Identity API and waits for the first SVID — no files, no checks, no pidfd. The daemon's
 //! time is compared with this one's for the same kind of container on the same bed.
 //!
-//! Usage: bare_fetch --socket NRI_SOCKET --agent ADMIN_SOCKET [--pod-prefix PREFIX]
+//! Usage: bare_fetch --socket NRI_SOCKET --agent ADMIN_SOCKET [--pod-prefix PREFIX] [--hold]
+//!        [--connection-per-call]
 //! With `--pod-prefix`, only containers of pods whose name starts with PREFIX are served, so
-//! that the daemon and this client can take turns in one pass.
+//! that the daemon and this client can take turns in one pass. With `--hold`, each container's
+//! subscription stays open until the container stops, as the daemon's does (it keeps the
+//! files rotated), instead of being dropped after the first SVID: the agent then serves as
+//! many live subscriptions for this client as for the daemon. With `--connection-per-call`,
+//! each subscription gets a connection of its own instead of sharing one, as the daemon's do.
 //! Logs one line per container: `bare-fetch container=<id> elapsed_ms=<ms>
 //! stream_open_ms=<ms> first_svid_ms=<ms> svids=<n>`, the two phases named as the daemon's
 //! (the subscription accepted, then its first update carrying an SVID).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use nri_identity_injector::spire::{ApiConfig, DelegatedIdentityApi, IdentitySource, Workload};
-use nri_plugin::api::{Container, PodSandbox};
+use nri_identity_injector::spire::{
+    ApiConfig, DelegatedIdentityApi, IdentitySource, SvidStream, Workload,
+};
+use nri_plugin::api::{Container, ContainerUpdate, PodSandbox};
 use nri_plugin::{Context, Options, Plugin, Runner, Status};
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +32,9 @@ struct BareFetch {
     agent: PathBuf,
     api: DelegatedIdentityApi,
     pod_prefix: String,
+    connection_per_call: bool,
+    /// With `--hold`: the open subscription of each started container, by container ID.
+    held: Option<Mutex<HashMap<String, SvidStream>>>,
 }
 
 #[nri_plugin::plugin]
@@ -38,8 +49,14 @@ impl Plugin for BareFetch {
             return Ok(());
         }
         let t = Instant::now();
-        let mut stream = self
-            .api
+        let own;
+        let api = if self.connection_per_call {
+            own = DelegatedIdentityApi::new(ApiConfig::default());
+            &own
+        } else {
+            &self.api
+        };
+        let mut stream = api
             .subscribe_svids(&self.agent, &Workload::Pid(c.pid as i32))
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
@@ -60,7 +77,22 @@ impl Plugin for BareFetch {
             opened.as_secs_f64() * 1e3,
             (took - opened).as_secs_f64() * 1e3
         );
+        if let Some(held) = &self.held {
+            held.lock().unwrap().insert(c.id, stream);
+        }
         Ok(())
+    }
+
+    async fn stop_container(
+        &self,
+        _: &Context,
+        _pod: PodSandbox,
+        c: Container,
+    ) -> Result<Vec<ContainerUpdate>, Status> {
+        if let Some(held) = &self.held {
+            held.lock().unwrap().remove(&c.id);
+        }
+        Ok(Vec::new())
     }
 }
 
@@ -68,8 +100,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut socket = PathBuf::from(nri_plugin::DEFAULT_SOCKET_PATH);
     let mut agent = PathBuf::from("/run/spire/admin/admin.sock");
     let mut pod_prefix = String::new();
+    let mut held = None;
+    let mut connection_per_call = false;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
+        match flag.as_str() {
+            "--hold" => {
+                held = Some(Mutex::default());
+                continue;
+            }
+            "--connection-per-call" => {
+                connection_per_call = true;
+                continue;
+            }
+            _ => {}
+        }
         let value = args.next().ok_or("missing value")?;
         match flag.as_str() {
             "--socket" => socket = value.into(),
@@ -87,6 +132,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             agent,
             api: DelegatedIdentityApi::new(ApiConfig::default()),
             pod_prefix,
+            connection_per_call,
+            held,
         });
         let runner = Runner::new(plugin, Options::new("bare-fetch", "10").socket_path(socket))?;
         let shutdown = CancellationToken::new();
