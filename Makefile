@@ -188,10 +188,11 @@ bench-burst:
 	tests/e2e/burst.sh 1 10 25 50 100
 	tests/e2e/k8s_burst.sh 100
 
-# On CRI-O: PID mode (behind the start guard), then selectors mode (OpenShift's).
+# On CRI-O: PID mode (behind the start guard), then selectors mode (OpenShift's); three runs
+# each, the agent hashing no executable unless asked, as in bench-e2e.
 bench-e2e-crio:
-	E2E_RUNTIME=cri-o tests/e2e/bench.sh 50
-	E2E_RUNTIME=cri-o NII_E2E_ATTESTATION=selectors tests/e2e/bench.sh 50
+	E2E_RUNTIME=cri-o E2E_UNIX_DISCOVER_WORKLOAD_PATH=$${E2E_UNIX_DISCOVER_WORKLOAD_PATH:-false} tests/e2e/bench.sh 100 3
+	E2E_RUNTIME=cri-o NII_E2E_ATTESTATION=selectors E2E_UNIX_DISCOVER_WORKLOAD_PATH=$${E2E_UNIX_DISCOVER_WORKLOAD_PATH:-false} tests/e2e/bench.sh 50 3
 
 bench-k8s:
 	tests/e2e/k8s_bench.sh 20
