@@ -104,22 +104,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut connection_per_call = false;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or("missing value");
         match flag.as_str() {
-            "--hold" => {
-                held = Some(Mutex::default());
-                continue;
-            }
-            "--connection-per-call" => {
-                connection_per_call = true;
-                continue;
-            }
-            _ => {}
-        }
-        let value = args.next().ok_or("missing value")?;
-        match flag.as_str() {
-            "--socket" => socket = value.into(),
-            "--agent" => agent = value.into(),
-            "--pod-prefix" => pod_prefix = value,
+            "--hold" => held = Some(Mutex::default()),
+            "--connection-per-call" => connection_per_call = true,
+            "--socket" => socket = value()?.into(),
+            "--agent" => agent = value()?.into(),
+            "--pod-prefix" => pod_prefix = value()?,
             other => return Err(format!("unknown flag {other}").into()),
         }
     }

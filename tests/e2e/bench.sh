@@ -318,14 +318,13 @@ if runs > 1:
           f" {pct(d,50)-pct(b,50):+7.2f} {pct(d,99)/pct(b,99):10.2f} | {word(p50_ok):<4} {word(p99_ok)}")
     print(f"  pooled p99 ratio, 95 % bootstrap interval (1,000 resamples): {pct(boot,2.5):.2f}..{pct(boot,97.5):.2f}")
     if mode != "selectors":
-        for k, what in (("answer", "agent answer"), ("own", "daemon's own work")):
-            dv = [r[k] for run in results for r in run[2]]
-            bv = [r[k] for run in results for r in run[3]] if k == "answer" else None
-            line = f"  {'pooled, ' + what:<32}{pct(dv,50):10.2f} {pct(dv,99):7.2f}"
-            print(line + (f" | {pct(bv,50):9.2f} {pct(bv,99):7.2f}" if bv else ""))
+        def pooled(side, k):
+            return [r[k] for run in results for r in run[side]]
+        da, ba, own = pooled(2, "answer"), pooled(3, "answer"), pooled(2, "own")
+        print(f"  {'pooled, agent answer':<32}{pct(da,50):10.2f} {pct(da,99):7.2f} | {pct(ba,50):9.2f} {pct(ba,99):7.2f}")
+        label = "pooled, daemon's own work"
+        print(f"  {label:<32}{pct(own,50):10.2f} {pct(own,99):7.2f}")
         # A p99 rests on a handful of deliveries; how often the agent is slow does not.
-        da = [r["answer"] for run in results for r in run[2]]
-        ba = [r["answer"] for run in results for r in run[3]]
         slow = 2 * pct(ba, 50)
         print(f"  agent answers slower than {slow:.2f} ms (2 x bare p50): daemon {sum(x > slow for x in da)}"
               f" of {len(da)}, bare {sum(x > slow for x in ba)} of {len(ba)}")
